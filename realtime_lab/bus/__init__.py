@@ -1,0 +1,62 @@
+"""The event bus: one interface, backends chosen by URL.
+
+``memory://`` (default, embedded) and ``redis://host:port/db`` (several server processes share
+one feed; needs the ``redis`` extra). Backends are imported only when their URL is used.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
+
+from realtime_lab.bus.base import (
+    After,
+    Attachment,
+    Bus,
+    ChannelInfo,
+    Replay,
+    Sink,
+    Subscription,
+)
+from realtime_lab.errors import UnknownBusBackend
+
+__all__ = [
+    "After",
+    "Attachment",
+    "Bus",
+    "ChannelInfo",
+    "Replay",
+    "Sink",
+    "Subscription",
+    "create_bus",
+]
+
+
+def create_bus(url: str, *, history: int = 1000, ttl: float = 300.0) -> Bus:
+    """Build the bus a URL names; ``history`` and ``ttl`` are defaults the URL query may override.
+
+    Then ``await bus.start()`` before use and ``await bus.close()`` at shutdown.
+
+    Raises:
+        UnknownBusBackend: the scheme is not ``memory`` or ``redis``/``rediss``, or the backend's
+            optional dependency is not installed.
+    """
+    parts = urlsplit(url)
+    query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+    try:
+        history = int(query.get("history", history))
+        ttl = float(query.get("ttl", ttl))
+    except ValueError as exc:
+        raise UnknownBusBackend(f"bad history/ttl in bus URL {url!r}") from exc
+    if parts.scheme == "memory":
+        from realtime_lab.bus.memory import MemoryBus
+
+        return MemoryBus(history=history, ttl=ttl, url=url)
+    if parts.scheme in ("redis", "rediss"):
+        try:
+            from realtime_lab.bus.redis import RedisBus
+        except ImportError as exc:
+            raise UnknownBusBackend(
+                "the redis bus needs the 'redis' package: pip install 'realtime-lab[redis]'"
+            ) from exc
+        return RedisBus(url, history=history, ttl=ttl)
+    raise UnknownBusBackend(f"no bus backend for {url!r}: use memory:// or redis://host:port/db")

@@ -1,0 +1,116 @@
+"""The ``realtime-lab`` command: ``serve`` (and the client and benchmark tools)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+
+from realtime_lab.config import ENV_PREFIX, Settings
+
+_HELP = {
+    "host": "interface to listen on",
+    "port": "TCP port to listen on",
+    "bus": "event bus URL: memory:// (embedded) or redis://host:port/db",
+    "history": "events kept per channel for resuming",
+    "channel_ttl": "seconds a finished channel (a chat) is kept before it expires",
+    "heartbeat": "seconds between SSE heartbeat comments and WebSocket pings",
+    "retry_ms": "SSE retry: field, the browser's reconnection delay",
+    "ticker_rate": "tokens per second on the never-ending 'ticker' channel (0 pauses it)",
+    "ttft_ms": "default time to first token of a chat",
+    "token_ms": "default delay between a chat's tokens (jittered by 33%%)",
+    "max_tokens": "upper bound of a chat answer's length",
+    "longpoll_timeout": "default seconds a long-poll waits before answering empty",
+    "longpoll_max_timeout": "largest long-poll timeout a client may ask for",
+    "poll_limit": "default events per poll answer",
+    "poll_max_limit": "largest limit a poller may ask for",
+    "max_body": "largest JSON request body, in bytes",
+    "ws_max_message": "largest WebSocket message a client may send, in bytes",
+    "send_buffer": "unsent bytes per connection before a slow client is ended (overflow)",
+    "coalesce_ms": "write-coalescing window when the server falls behind (0: off)",
+    "shutdown_timeout": "seconds to end streams on SIGINT/SIGTERM",
+    "chaos": "enable fault injection under /api/chaos/",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+}
+
+
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "serve",
+        help="serve the dashboard and the four transports",
+        description="Serve the token feed over short polling, long polling, SSE and WebSocket, "
+        f"and the dashboard. Every option can also be set with {ENV_PREFIX}<OPTION> "
+        f"(e.g. {ENV_PREFIX}PORT=9000); a flag wins over the environment.",
+    )
+    defaults = Settings()
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        env = ENV_PREFIX + f.name.upper()
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            parser.add_argument(
+                flag, action="store_true", default=None, help=f"{_HELP[f.name]} (env {env})"
+            )
+        else:
+            parser.add_argument(
+                flag,
+                type=type(default),
+                default=None,
+                metavar=f.name.upper(),
+                help=f"{_HELP[f.name]} (default {default}; env {env})",
+            )
+    parser.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    overrides = {f.name: getattr(args, f.name) for f in fields(Settings)}
+    try:
+        settings = Settings.from_env(**overrides)
+    except ValueError as exc:
+        print(f"realtime-lab serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from realtime_lab.app import run
+
+    run(settings)
+    return 0
+
+
+#: Other modules add their subcommands here: (name, function that adds the subparser).
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``realtime-lab``."""
+    parser = argparse.ArgumentParser(
+        prog="realtime-lab",
+        description="Compare short polling, long polling, SSE and WebSocket on one token feed.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _serve_parser(sub)
+    _load_extra_commands()
+    for add in EXTRA_COMMANDS:
+        add(sub)
+    return parser
+
+
+def _load_extra_commands() -> None:
+    import importlib
+
+    for module in ("realtime_lab.clients.cli", "realtime_lab.bench.cli"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result

@@ -1,0 +1,64 @@
+"""Server settings: one dataclass, filled from defaults, ``REALTIME_LAB_*`` variables and flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+ENV_PREFIX = "REALTIME_LAB_"
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(slots=True)
+class Settings:
+    """Everything ``realtime-lab serve`` can be told. Field ``x`` reads ``REALTIME_LAB_X``."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    bus: str = "memory://"
+    history: int = 1000  # events kept per channel
+    channel_ttl: float = 300.0  # seconds a finished channel (and chat) is kept
+    heartbeat: float = 15.0  # seconds between SSE comments / WebSocket pings
+    retry_ms: int = 1000  # the SSE ``retry:`` sent at the start of each stream
+    ticker_rate: float = 10.0  # ticker tokens per second (0 pauses it)
+    ttft_ms: float = 100.0  # default time to first token of a chat
+    token_ms: float = 15.0  # default per-token delay of a chat (jittered ±33%)
+    max_tokens: int = 120  # upper bound of a chat's answer length
+    longpoll_timeout: float = 30.0  # default long-poll wait
+    longpoll_max_timeout: float = 60.0  # largest ``timeout`` a client may ask for
+    poll_limit: int = 100  # default events per (long-)poll answer
+    poll_max_limit: int = 1000  # largest ``limit`` a client may ask for
+    max_body: int = 64 * 1024  # request body limit (bytes) for the JSON API
+    ws_max_message: int = 4 * 1024  # largest WebSocket message a client may send (bytes)
+    send_buffer: int = 256 * 1024  # per-connection unsent bytes before it is ended (overflow)
+    coalesce_ms: float = 0.0  # SSE/WebSocket write coalescing window when behind (0: off)
+    shutdown_timeout: float = 5.0  # seconds to end streams on SIGINT/SIGTERM
+    chaos: bool = False  # enable /api/chaos fault injection
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then ``REALTIME_LAB_*`` variables, then non-``None`` ``overrides``."""
+        env = os.environ if environ is None else environ
+        settings = cls()
+        for f in fields(cls):
+            raw = env.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                setattr(settings, f.name, _coerce(f.name, type(getattr(settings, f.name)), raw))
+        for name, value in overrides.items():
+            if value is not None:
+                setattr(settings, name, value)
+        return settings
+
+
+def _coerce(name: str, kind: type, raw: str) -> Any:
+    try:
+        if kind is bool:
+            return raw.strip().lower() in _TRUE
+        return kind(raw)
+    except ValueError as exc:
+        raise ValueError(
+            f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}"
+        ) from exc

@@ -1,0 +1,111 @@
+"""The one JSON envelope every transport carries.
+
+``{"channel": "ticker", "id": "k3x9-42", "type": "token", "data": {...}, "ts": 1732170000123.4}``
+
+An :class:`Event` is created once by the bus and shared by every subscriber; its encodings (JSON
+here, SSE and WebSocket frames in their transports) are computed once and cached on it, so fan-out
+writes the same bytes to every subscriber without re-encoding.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from realtime_lab.errors import InvalidCursor, InvalidEnvelope
+from realtime_lab.protocol.cursor import parse_id
+
+#: Event types with a meaning for every transport; anything else is an application type.
+TOKEN: Final = "token"
+END: Final = "end"
+ERROR: Final = "error"
+RESET: Final = "reset"
+CONTROL_TYPES: Final = frozenset({END, ERROR, RESET})
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def dumps(value: Any) -> bytes:
+    """Compact UTF-8 JSON, the encoding used on every wire."""
+    return _dumps(value).encode()
+
+
+@dataclass(slots=True, eq=False)
+class Event:
+    """One event on one channel.
+
+    Attributes:
+        channel: the channel name.
+        id: ``<epoch>-<seq>``; strictly increasing per channel life.
+        type: ``token``, ``end``, ``error``, ``reset`` or an application type.
+        data: a JSON object.
+        ts: server time in milliseconds when the event was published.
+        seq: the sequence number inside ``id`` (kept parsed for O(1) comparisons).
+        cache: per-encoding byte strings, filled lazily by the transports.
+    """
+
+    channel: str
+    id: str
+    type: str
+    data: dict[str, Any]
+    ts: float
+    seq: int
+    cache: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+    @property
+    def json(self) -> bytes:
+        """The envelope as compact UTF-8 JSON, encoded on first use and then reused."""
+        encoded = self.cache.get("json")
+        if encoded is None:
+            encoded = self.cache["json"] = dumps(self.to_dict())
+        return encoded
+
+    def to_dict(self) -> dict[str, Any]:
+        """The envelope as a plain dict (``seq`` and the cache are not part of it)."""
+        return {
+            "channel": self.channel,
+            "id": self.id,
+            "type": self.type,
+            "data": self.data,
+            "ts": self.ts,
+        }
+
+    @classmethod
+    def from_dict(cls, value: Any) -> Event:
+        """Build an event from a decoded envelope.
+
+        Raises:
+            InvalidEnvelope: a field is missing or of the wrong type.
+        """
+        if not isinstance(value, dict):
+            raise InvalidEnvelope("an envelope is a JSON object")
+        try:
+            channel, event_id, kind = value["channel"], value["id"], value["type"]
+            data, ts = value.get("data", {}), value["ts"]
+        except KeyError as exc:
+            raise InvalidEnvelope(f"envelope lacks field {exc.args[0]!r}") from exc
+        if not (isinstance(channel, str) and isinstance(event_id, str) and isinstance(kind, str)):
+            raise InvalidEnvelope("channel, id and type are strings")
+        if not isinstance(data, dict):
+            raise InvalidEnvelope("data is a JSON object")
+        if not isinstance(ts, int | float) or isinstance(ts, bool):
+            raise InvalidEnvelope("ts is a number")
+        try:
+            seq = parse_id(event_id).seq
+        except InvalidCursor as exc:
+            raise InvalidEnvelope(str(exc)) from exc
+        return cls(channel, event_id, kind, data, float(ts), seq)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Event:
+        """Decode one JSON envelope.
+
+        Raises:
+            InvalidEnvelope: not JSON, or not an envelope.
+        """
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:
+            raise InvalidEnvelope(f"not JSON: {exc}") from exc
+        return cls.from_dict(value)

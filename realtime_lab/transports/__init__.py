@@ -1,0 +1,7 @@
+"""One module per transport: thin aiohttp glue between the bus and the protocol encoders."""
+
+from __future__ import annotations
+
+TRANSPORTS = ("poll", "longpoll", "sse", "ws")
+
+__all__ = ["TRANSPORTS"]

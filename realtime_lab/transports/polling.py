@@ -1,0 +1,154 @@
+"""Short polling (``GET /poll/{channel}``) and long polling (``GET /longpoll/{channel}``).
+
+Both answer ``{"events": [...], "cursor": "ID", "more": false}``; the client sends ``cursor`` back
+as ``after``. The body is assembled from each event's cached JSON, so an event is JSON-encoded
+once however many pollers fetch it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from realtime_lab.bus.base import After, Replay
+from realtime_lab.errors import InvalidCursor
+from realtime_lab.protocol.cursor import parse_id
+from realtime_lab.protocol.envelope import Event, dumps
+from realtime_lab.transports.common import (
+    BUS_KEY,
+    HUB_KEY,
+    SETTINGS_KEY,
+    Counters,
+    HTTPProblem,
+    LiveConnection,
+    MeteredResponse,
+    after_param,
+    client_tag,
+    cursor_or_none,
+    existing_channel,
+    number_param,
+)
+from realtime_lab.transports.faults import CHAOS_KEY
+
+
+def render(replay: Replay) -> bytes:
+    """The poll answer body, from the events' cached JSON."""
+    events = b",".join(event.json for event in replay.events)
+    return b'{"events":[%s],"cursor":%s,"more":%s}' % (
+        events,
+        dumps(replay.cursor),
+        b"true" if replay.more else b"false",
+    )
+
+
+async def _begin(
+    request: web.Request, transport: str
+) -> tuple[str, After, int, str | None, Counters]:
+    settings = request.app[SETTINGS_KEY]
+    counters = Counters(requests=1)
+    client = client_tag(request)
+    try:
+        request.app[CHAOS_KEY].maybe_fail(transport)
+        channel = await existing_channel(request)
+        after = after_param(request.query.get("after"))
+        limit = int(request.app[SETTINGS_KEY].poll_limit)
+        limit = int(number_param(request, "limit", limit, 1, settings.poll_max_limit, integer=True))
+    except (HTTPProblem, web.HTTPException):
+        counters.errors += 1
+        request.app[HUB_KEY].record(transport, client, counters)
+        raise
+    if cursor_or_none(after) is not None:
+        counters.reconnects += 1
+    return channel, after, limit, client, counters
+
+
+async def poll(request: web.Request) -> web.StreamResponse:
+    """``GET /poll/{channel}?after=ID&limit=N``: whatever is new, at once."""
+    channel, after, limit, client, counters = await _begin(request, "poll")
+    if request.app[CHAOS_KEY].paused:
+        replay = Replay([], str(after) if cursor_or_none(after) else None)
+    else:
+        replay = await request.app[BUS_KEY].replay(channel, after, limit)
+    counters.events += len(replay.events)
+    return MeteredResponse(render(replay), "poll", client, counters, request.app)
+
+
+class _Waiter(LiveConnection):
+    """A waiting long-poll: the first event (or shutdown, or a chaos drop) wakes it."""
+
+    transport = "longpoll"
+
+    def __init__(self, channel: str, client: str | None, counters: Counters) -> None:
+        super().__init__(channel, client)
+        self.counters = counters
+        self.woken: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def deliver(self, event: Event) -> None:
+        if not self.woken.done():
+            self.woken.set_result("event")
+
+    def close(self, reason: str) -> None:
+        if not self.woken.done():
+            self.woken.set_result("closed")
+
+    def shutdown(self) -> None:
+        self.close("shutdown")
+
+    def drop(self) -> None:
+        if not self.woken.done():
+            self.woken.set_result("drop")
+
+
+async def longpoll(request: web.Request) -> web.StreamResponse:
+    """``GET /longpoll/{channel}?after=ID&timeout=S&limit=N``: wait for news, then answer.
+
+    Answers as soon as at least one event is available, with every available event up to
+    ``limit``; with an empty list when ``timeout`` passes first. Waiters are woken by the
+    publish itself (they are bus sinks), never by a timer that re-checks.
+    """
+    channel, after, limit, client, counters = await _begin(request, "longpoll")
+    settings = request.app[SETTINGS_KEY]
+    try:
+        timeout = number_param(
+            request, "timeout", settings.longpoll_timeout, 0, settings.longpoll_max_timeout
+        )
+    except HTTPProblem:
+        counters.errors += 1
+        request.app[HUB_KEY].record("longpoll", client, counters)
+        raise
+    bus, hub, chaos = request.app[BUS_KEY], request.app[HUB_KEY], request.app[CHAOS_KEY]
+    replay = await bus.replay(channel, after, limit)
+    if (not replay.events or chaos.paused) and timeout > 0 and not hub.shutting_down:
+        waiter = _Waiter(channel, client, counters)
+        hub.register(waiter)
+        try:
+            position: After = after
+            if replay.cursor is not None:
+                try:
+                    position = parse_id(replay.cursor)
+                except InvalidCursor:
+                    position = after
+            attachment = await bus.attach(channel, position, waiter)
+            try:
+                async with asyncio.timeout(timeout):
+                    woke = await asyncio.shield(waiter.woken)
+                    await chaos.wait_unpaused()
+            except TimeoutError:
+                woke = "timeout"
+            finally:
+                attachment.detach()
+        finally:
+            # The answer's bytes are not known yet: the response records the counters once sent.
+            hub.stats["longpoll"].live.pop(waiter.id, None)
+        if woke == "drop" and request.transport is not None:
+            # A network cut: no answer at all. aiohttp's write then fails with the
+            # ConnectionError it expects, and the bytes it could not send count as zero.
+            request.transport.abort()
+        replay = (
+            await bus.replay(channel, position, limit)
+            if woke == "event"
+            else Replay([], replay.cursor)
+        )
+    counters.events += len(replay.events)
+    return MeteredResponse(render(replay), "longpoll", client, counters, request.app)

@@ -1,0 +1,168 @@
+"""Server-Sent Events: ``GET /sse/{channel}``, resuming from ``Last-Event-ID`` or ``?after=ID``.
+
+Each event is one SSE message: ``id:`` and the JSON envelope in ``data:``. ``token`` events carry
+no ``event:`` field so a browser's ``onmessage`` receives them; every other type is a named event
+(``end``, ``error``, ``reset``, application types) for ``addEventListener``. The stream opens
+with ``retry:``, carries a ``: ping`` comment every heartbeat interval, and is closed by the server
+after ``end``. A client that comes back after the end (``Last-Event-ID`` = the end's id) gets
+``204 No Content``, which the WHATWG spec defines as "stop reconnecting".
+
+Why not ``aiohttp_sse.EventSourceResponse`` here: its ``send()`` formats every message per
+subscriber and awaits a drain per write, i.e. one coroutine per subscriber per event. This
+handler writes bytes that are SSE-formatted and chunk-framed once per event, for all subscribers,
+directly to each socket. (``aiohttp-sse`` serves the one-subscriber OpenAI-compatible endpoint,
+where its API is the right fit: see :mod:`realtime_lab.api`.)
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from aiohttp import web
+
+from realtime_lab.protocol.cursor import Cursor
+from realtime_lab.protocol.envelope import TOKEN, Event, dumps
+from realtime_lab.protocol.sse import encode_comment, encode_event, encode_retry
+from realtime_lab.transports.common import (
+    BUS_KEY,
+    HUB_KEY,
+    SETTINGS_KEY,
+    Counters,
+    HTTPProblem,
+    MeteredResponse,
+    after_param,
+    client_tag,
+    existing_channel,
+)
+from realtime_lab.transports.faults import CHAOS_KEY
+from realtime_lab.transports.stream import (
+    END_OF_STREAM,
+    SHUTDOWN,
+    StreamConnection,
+)
+
+SSE_HEADERS: Final = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx: pass each write through, do not buffer the stream
+}
+
+
+def chunked(payload: bytes) -> bytes:
+    """One HTTP/1.1 chunk carrying ``payload``."""
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+def sse_frame(event: Event) -> bytes:
+    """``event`` as one SSE message (cached on the event)."""
+    frame = event.cache.get("sse")
+    if frame is None:
+        name = None if event.type == TOKEN else event.type
+        frame = event.cache["sse"] = encode_event(event.json.decode(), event=name, id=event.id)
+    return frame
+
+
+def sse_chunk(event: Event) -> bytes:
+    """``event`` as one SSE message inside one HTTP chunk (cached on the event)."""
+    frame = event.cache.get("sse.c")
+    if frame is None:
+        frame = event.cache["sse.c"] = chunked(sse_frame(event))
+    return frame
+
+
+PING: Final = encode_comment("ping")
+PING_CHUNK: Final = chunked(PING)
+
+
+class SSEConnection(StreamConnection):
+    """One open event stream."""
+
+    transport = "sse"
+
+    def __init__(self, request: web.Request, *args: object, **kwargs: object) -> None:
+        super().__init__(request, *args, **kwargs)  # type: ignore[arg-type]
+        # HTTP/1.0 clients get a close-delimited body, everyone else chunked encoding.
+        self.is_chunked = request.version >= (1, 1)
+
+    def frame(self, event: Event) -> bytes:
+        return sse_chunk(event) if self.is_chunked else sse_frame(event)
+
+    def raw(self, payload: bytes) -> bytes:
+        return chunked(payload) if self.is_chunked else payload
+
+    def heartbeat(self) -> None:
+        if not self.done.done():
+            self.counters.heartbeats += 1
+            self.write(PING_CHUNK if self.is_chunked else PING)
+
+    def overflow_signal(self) -> bytes:
+        body = dumps(
+            {
+                "code": "overflow",
+                "message": "this client fell too far behind; "
+                "reconnect with Last-Event-ID to resume",
+                "last_id": self.last_id,
+            }
+        )
+        return self.raw(encode_event(body.decode(), event="error"))
+
+
+async def sse(request: web.Request) -> web.StreamResponse:
+    """``GET /sse/{channel}``: the event stream (see the module docstring)."""
+    app = request.app
+    hub, bus, settings, chaos = app[HUB_KEY], app[BUS_KEY], app[SETTINGS_KEY], app[CHAOS_KEY]
+    client = client_tag(request)
+    counters = Counters(requests=1)
+    try:
+        chaos.maybe_fail("sse")
+        channel = await existing_channel(request)
+        # The browser sends Last-Event-ID when it reconnects; it wins over the URL's ?after,
+        # which still holds the position the stream was first opened at.
+        header = request.headers.get("Last-Event-ID")
+        after = (
+            after_param(header, "Last-Event-ID")
+            if header is not None
+            else after_param(request.query.get("after"))
+        )
+        if isinstance(after, Cursor):
+            counters.reconnects += 1
+            info = await bus.info(channel)
+            if (
+                info is not None
+                and info.finished
+                and after.epoch == info.epoch
+                and after.seq >= info.last_seq
+            ):
+                # 204 tells an EventSource to stop reconnecting: the stream is over.
+                return MeteredResponse(
+                    b"", "sse", client, counters, app, status=204, content_type=None
+                )
+    except (HTTPProblem, web.HTTPException):
+        counters.errors += 1
+        hub.record("sse", client, counters)
+        raise
+
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    conn = SSEConnection(request, channel, client, hub, chaos, settings.send_buffer)
+    conn.counters = counters
+    writer = request._payload_writer  # headers as aiohttp wrote them
+    counters.bytes += writer.output_size
+    hub.register(conn)
+    attachment = None
+    try:
+        conn.write(conn.raw(encode_retry(settings.retry_ms)))
+        attachment = await bus.attach(channel, after, conn)
+        reason = await conn.done
+    finally:
+        if attachment is not None:
+            attachment.detach()
+        hub.unregister(conn)
+    transport = request.transport
+    if reason in (END_OF_STREAM, SHUTDOWN) and transport is not None and not transport.is_closing():
+        before = writer.output_size
+        await response.write_eof()
+        hub.record("sse", client, Counters(bytes=writer.output_size - before))
+    # After an overflow, a chaos drop or a lost client the socket is already closing: aiohttp's
+    # own write_eof then fails quietly with a ConnectionError it expects.
+    return response
