@@ -16,7 +16,7 @@ from aiohttp_sse import sse_response
 from realtime_lab.errors import UnknownChat
 from realtime_lab.feed.chats import CHAT_PREFIX, Chat
 from realtime_lab.feed.ticker import TICKER_CHANNEL
-from realtime_lab.protocol.envelope import CONTROL_TYPES, TOKEN
+from realtime_lab.protocol.envelope import CONTROL_TYPES, TOKEN, dumps
 from realtime_lab.transports.common import (
     BUS_KEY,
     CHATS_KEY,
@@ -45,10 +45,14 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     try:
         value = json.loads(raw or b"{}")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise HTTPProblem(400, "invalid-json", f"body is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise HTTPProblem(400, "invalid-json", "body must be a JSON object")
+    try:
+        dumps(value)  # NaN, Infinity and lone surrogates parse but could never be sent on
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise HTTPProblem(400, "invalid-json", f"body is not strict JSON: {exc}") from exc
     return value
 
 
@@ -107,6 +111,7 @@ async def create_chat(request: web.Request) -> web.Response:
         token_ms=_number(body, "token_ms", settings.token_ms, 0, 10_000),
         max_tokens=int(_number(body, "max_tokens", settings.max_tokens, 1, 5000, integer=True)),
     )
+    await request.app[BUS_KEY].declare(chat.channel)
     return json_response(_chat_json(request, chat), 201, Location=f"/api/chats/{chat.id}")
 
 
@@ -296,7 +301,11 @@ async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
             separators=(",", ":"),
         )
 
-    async with sse_response(request, headers={"X-Accel-Buffering": "no"}) as stream:
+    # allow_all_methods: aiohttp-sse answers anything but GET with 405 by default, and OpenAI's
+    # API is a POST.
+    async with sse_response(
+        request, headers={"X-Accel-Buffering": "no"}, allow_all_methods=True
+    ) as stream:
         await stream.send(chunk({"role": "assistant", "content": ""}))
         try:
             async with bus.subscribe(chat.channel) as events:

@@ -11,12 +11,12 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from realtime_lab import api
+from realtime_lab import api, dashboard, metrics
 from realtime_lab.bus import create_bus
 from realtime_lab.config import Settings
 from realtime_lab.feed.chats import ChatRegistry
 from realtime_lab.feed.ticker import Ticker
-from realtime_lab.transports import TRANSPORTS, polling, sse, ws
+from realtime_lab.transports import TRANSPORTS, faults, polling, sse, ws
 from realtime_lab.transports.common import (
     BUS_KEY,
     CHATS_KEY,
@@ -74,6 +74,9 @@ def make_app(settings: Settings | None = None) -> web.Application:
     r.add_patch("/api/config", api.patch_config)
     r.add_get("/api/health", api.health)
     r.add_post("/v1/chat/completions", api.openai_chat_completions)
+    faults.setup_routes(app)
+    dashboard.setup(app)
+    metrics.setup(app)
     return app
 
 

@@ -12,7 +12,9 @@ RealtimeLabError
 ├── FeedError               the simulated LLM / chat registry
 │   └── UnknownChat
 └── ClientError             the Python clients (reconnect budget spent, server refused, ...)
-    └── StreamEnded         raised by helpers that expected more events after ``end``
+    ├── StreamEnded         raised by helpers that expected more events after ``end``
+    ├── ServerRefused       a 4xx answer (other than 408/429): retrying cannot help
+    └── ReconnectsExhausted ``max_reconnects`` attempts in a row failed
 """
 
 from __future__ import annotations
@@ -76,3 +78,21 @@ class ClientError(RealtimeLabError):
 
 class StreamEnded(ClientError):
     """The stream already delivered its ``end`` event."""
+
+
+class ServerRefused(ClientError):
+    """The server answered a 4xx (other than 408/429): retrying the same request cannot help.
+
+    Attributes:
+        status: the HTTP status (the WebSocket handshake's, for WebSocket).
+        code: the ``error.code`` of the JSON body (``"http-error"`` when there was none).
+    """
+
+    def __init__(self, message: str, status: int, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class ReconnectsExhausted(ClientError):
+    """A client failed ``max_reconnects`` reconnection attempts in a row and gave up."""

@@ -166,6 +166,14 @@ class Bus(ABC):
         Call ``detach()`` on the result when done.
         """
 
+    async def declare(self, channel: str) -> None:  # noqa: B027 - optional hook
+        """Make the channel known to every process before its first event.
+
+        A chat is announced (201) before its first token; a subscriber that reaches another
+        server process first must still find the channel. The memory bus lives in one process,
+        where the chat registry already knows it, so this is a no-op there.
+        """
+
     @abstractmethod
     async def info(self, channel: str) -> ChannelInfo | None:
         """The channel's state, or ``None`` when the bus has never seen it (or it expired)."""

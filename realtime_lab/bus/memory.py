@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from typing import Any
+from collections import OrderedDict
+from typing import Any, Final
 
 from realtime_lab.bus.base import (
     After,
@@ -32,6 +33,8 @@ from realtime_lab.protocol.envelope import END, Event
 
 log = logging.getLogger(__name__)
 
+MAX_EXPIRED_NAMES: Final = 100_000
+
 
 def new_epoch() -> str:
     """A fresh channel-life tag: 8 base-36-safe hex digits."""
@@ -43,9 +46,9 @@ class _Channel:
 
     __slots__ = ("_events", "_start", "epoch", "fanout", "finished", "last_seq", "maxlen", "name")
 
-    def __init__(self, name: str, maxlen: int) -> None:
+    def __init__(self, name: str, maxlen: int, epoch: str) -> None:
         self.name = name
-        self.epoch = new_epoch()
+        self.epoch = epoch
         self.maxlen = maxlen
         # A list with a moving start index: O(1) append, O(1) trim (amortised) and O(1)
         # lookup by seq, because seqs are consecutive.
@@ -132,13 +135,20 @@ class MemoryBus(Bus):
         self._channels: dict[str, _Channel] = {}
         self._expiry: dict[str, asyncio.TimerHandle] = {}
         self._closed = False
+        # A channel's first life in this bus takes the bus's epoch, so that a position taken on
+        # a channel nobody has published to yet (``<epoch>-0``) stays valid when its first event
+        # comes. Only a channel that expired and comes back needs a fresh epoch; those names are
+        # remembered (a bounded set: chat channels, the ones that expire, are never reused).
+        self.epoch = new_epoch()
+        self._expired: OrderedDict[str, None] = OrderedDict()
 
     def _channel(self, name: str) -> _Channel:
         if self._closed:
             raise BusClosed("the bus is closed")
         channel = self._channels.get(name)
         if channel is None:
-            channel = self._channels[name] = _Channel(name, self.history)
+            epoch = new_epoch() if name in self._expired else self.epoch
+            channel = self._channels[name] = _Channel(name, self.history, epoch)
         return channel
 
     def _forget_if_idle(self, channel: _Channel) -> None:
@@ -168,6 +178,9 @@ class MemoryBus(Bus):
         self._expiry.pop(chan.name, None)
         if self._channels.get(chan.name) is chan:
             del self._channels[chan.name]
+        self._expired[chan.name] = None
+        if len(self._expired) > MAX_EXPIRED_NAMES:
+            self._expired.popitem(last=False)
         chan.fanout.close_all("channel expired")
 
     async def replay(self, channel: str, after: After, limit: int | None = None) -> Replay:

@@ -71,7 +71,7 @@ def parse_after(text: str | None) -> Cursor | str | None:
     """
     if text is None:
         return None
-    text = text.strip()
+    text = text.strip(" \t")  # HTTP optional whitespace only
     if not text:
         return None
     if text == LIVE:

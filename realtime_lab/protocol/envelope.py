@@ -10,6 +10,7 @@ writes the same bytes to every subscriber without re-encoding.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -23,7 +24,7 @@ ERROR: Final = "error"
 RESET: Final = "reset"
 CONTROL_TYPES: Final = frozenset({END, ERROR, RESET})
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 
 
 def dumps(value: Any) -> bytes:
@@ -92,10 +93,16 @@ class Event:
         if not isinstance(ts, int | float) or isinstance(ts, bool):
             raise InvalidEnvelope("ts is a number")
         try:
+            ts = float(ts)
+        except OverflowError as exc:
+            raise InvalidEnvelope("ts is out of range") from exc
+        if not math.isfinite(ts):
+            raise InvalidEnvelope("ts is a finite number")
+        try:
             seq = parse_id(event_id).seq
         except InvalidCursor as exc:
             raise InvalidEnvelope(str(exc)) from exc
-        return cls(channel, event_id, kind, data, float(ts), seq)
+        return cls(channel, event_id, kind, data, ts, seq)
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Event:
@@ -106,6 +113,11 @@ class Event:
         """
         try:
             value = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise InvalidEnvelope(f"not JSON: {exc}") from exc
-        return cls.from_dict(value)
+        event = cls.from_dict(value)
+        try:
+            event.json  # noqa: B018 - refuse what could not be sent on again (NaN, lone surrogates)
+        except (ValueError, UnicodeEncodeError) as exc:
+            raise InvalidEnvelope(f"not representable as JSON: {exc}") from exc
+        return event

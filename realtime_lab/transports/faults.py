@@ -15,7 +15,9 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from realtime_lab.api import json_body
 from realtime_lab.transports import TRANSPORTS
+from realtime_lab.transports.common import HUB_KEY, HTTPProblem, json_response
 
 log = logging.getLogger("realtime_lab.chaos")
 
@@ -43,8 +45,6 @@ class Chaos:
         """Raise a 503 if a fault asked this transport's next request to fail."""
         if self.fail_next.get(transport, 0) > 0:
             self.fail_next[transport] -= 1
-            from realtime_lab.transports.common import HTTPProblem
-
             raise HTTPProblem(
                 503, "chaos-unavailable", "injected failure (chaos)", retry_after_ms=100
             )
@@ -72,10 +72,20 @@ class Chaos:
         for callback in self.on_resume:
             callback()
 
+    def unpaused(self) -> asyncio.Future[None]:
+        """A future done when no pause is in force (at once when none is).
+
+        Wait on it with ``asyncio.wait`` or ``asyncio.shield``: it is shared, never cancel it.
+        """
+        if self._unpaused is None or self._unpaused.done():
+            done = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return done
+        return self._unpaused
+
     async def wait_unpaused(self) -> None:
         """Return when no pause is in force."""
-        if self._unpaused is not None and not self._unpaused.done():
-            await asyncio.shield(self._unpaused)
+        await asyncio.shield(self.unpaused())
 
     def set_delay(self, ms: float) -> None:
         """Delay every streaming write by ``ms`` milliseconds (0 turns it off)."""
@@ -105,3 +115,146 @@ class Chaos:
 
 
 CHAOS_KEY: Final = web.AppKey("chaos", Chaos)
+
+
+# HTTP endpoints ----------------------------------------------------------------------------------
+
+#: What ``drop`` and ``fail`` accept as their ``transport``.
+TARGETS: Final = (*TRANSPORTS, "all")
+MAX_PAUSE_S: Final = 60.0
+MAX_DELAY_MS: Final = 10_000.0
+MAX_FAIL_COUNT: Final = 1000
+
+
+def _chaos(request: web.Request) -> Chaos:
+    chaos = request.app[CHAOS_KEY]
+    if not chaos.enabled:
+        raise HTTPProblem(404, "not-found", "fault injection is off; start the server with --chaos")
+    return chaos
+
+
+def _transport(body: dict[str, Any]) -> str:
+    value = body.get("transport")
+    if not isinstance(value, str) or value not in TARGETS:
+        raise HTTPProblem(
+            400, "invalid-parameter", f"transport must be one of: {', '.join(TARGETS)}"
+        )
+    return value
+
+
+def _number(
+    body: dict[str, Any],
+    name: str,
+    low: float,
+    high: float,
+    *,
+    low_inclusive: bool = True,
+    integer: bool = False,
+) -> float:
+    value = body.get(name)
+    kind = "an integer" if integer else "a number"
+    # bool is an int subclass; NaN fails every comparison and so the range check too.
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int if integer else int | float)
+        or not low <= value <= high
+    ):
+        raise HTTPProblem(
+            400, "invalid-parameter", f"{name} must be {kind} between {low:g} and {high:g}"
+        )
+    if not low_inclusive and value == low:
+        raise HTTPProblem(
+            400, "invalid-parameter", f"{name} must be more than {low:g} and at most {high:g}"
+        )
+    return float(value)
+
+
+async def get_state(request: web.Request) -> web.Response:
+    """``GET /api/chaos``: the current switches."""
+    return json_response(_chaos(request).state())
+
+
+async def drop(request: web.Request) -> web.Response:
+    """``POST /api/chaos/drop {"transport"}``: abort every open connection of a transport.
+
+    The sockets are aborted with no ``end`` event, close frame or final chunk, as a network cut
+    would leave them; clients are expected to notice and resume from their last event id.
+    """
+    _chaos(request)
+    transport = _transport(await json_body(request))
+    conns = request.app[HUB_KEY].connections(None if transport == "all" else transport)
+    for conn in conns:
+        conn.drop()
+    log.warning("chaos: dropped %d open %s connection(s)", len(conns), transport)
+    return json_response({"dropped": len(conns), "transport": transport})
+
+
+async def pause(request: web.Request) -> web.Response:
+    """``POST /api/chaos/pause {"seconds"}``: hold every delivery back, then send it all."""
+    chaos = _chaos(request)
+    seconds = _number(await json_body(request), "seconds", 0, MAX_PAUSE_S, low_inclusive=False)
+    chaos.pause(seconds)
+    log.warning("chaos: delivery paused for %gs", seconds)
+    return json_response({"paused_for_s": seconds})
+
+
+async def delay(request: web.Request) -> web.Response:
+    """``POST /api/chaos/delay {"ms"}``: delay every streaming write (``0`` turns it off)."""
+    chaos = _chaos(request)
+    ms = _number(await json_body(request), "ms", 0, MAX_DELAY_MS)
+    chaos.set_delay(ms)
+    log.warning("chaos: streaming writes delayed by %gms", ms)
+    return json_response({"write_delay_ms": ms})
+
+
+async def fail(request: web.Request) -> web.Response:
+    """``POST /api/chaos/fail {"transport", "count"}``: the next requests answer 503.
+
+    With ``"all"`` each transport fails its own next ``count`` requests. ``count`` replaces
+    what was left of an earlier request's count; ``0`` cancels it.
+    """
+    chaos = _chaos(request)
+    body = await json_body(request)
+    transport = _transport(body)
+    count = int(_number(body, "count", 0, MAX_FAIL_COUNT, integer=True))
+    for name in TRANSPORTS if transport == "all" else (transport,):
+        chaos.fail_next[name] = count
+    log.warning("chaos: the next %d %s request(s) will fail with 503", count, transport)
+    return json_response(
+        {"transport": transport, "count": count, "fail_next": dict(chaos.fail_next)}
+    )
+
+
+async def heartbeats(request: web.Request) -> web.Response:
+    """``POST /api/chaos/heartbeats {"enabled"}``: silence (or restore) SSE comments and pings."""
+    chaos = _chaos(request)
+    enabled = (await json_body(request)).get("enabled")
+    if not isinstance(enabled, bool):
+        raise HTTPProblem(400, "invalid-parameter", "enabled must be true or false")
+    chaos.heartbeats = enabled
+    log.warning("chaos: heartbeats %s", "on" if enabled else "off")
+    return json_response({"heartbeats": enabled})
+
+
+async def reset(request: web.Request) -> web.Response:
+    """``POST /api/chaos/reset``: every fault off; a pause ends and releases what it held."""
+    chaos = _chaos(request)
+    chaos.reset()
+    log.warning("chaos: reset")
+    return json_response(chaos.state())
+
+
+def setup_routes(app: web.Application) -> None:
+    """Add ``/api/chaos`` and its actions to ``app``.
+
+    They are always routed, so a server without ``--chaos`` answers them with an explicit 404
+    rather than a bare "no such route".
+    """
+    r = app.router
+    r.add_get("/api/chaos", get_state)
+    r.add_post("/api/chaos/drop", drop)
+    r.add_post("/api/chaos/pause", pause)
+    r.add_post("/api/chaos/delay", delay)
+    r.add_post("/api/chaos/fail", fail)
+    r.add_post("/api/chaos/heartbeats", heartbeats)
+    r.add_post("/api/chaos/reset", reset)

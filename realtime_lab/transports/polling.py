@@ -66,12 +66,16 @@ async def _begin(
 async def poll(request: web.Request) -> web.StreamResponse:
     """``GET /poll/{channel}?after=ID&limit=N``: whatever is new, at once."""
     channel, after, limit, client, counters = await _begin(request, "poll")
-    if request.app[CHAOS_KEY].paused:
-        replay = Replay([], str(after) if cursor_or_none(after) else None)
-    else:
-        replay = await request.app[BUS_KEY].replay(channel, after, limit)
+    replay = await request.app[BUS_KEY].replay(channel, after, limit)
+    if request.app[CHAOS_KEY].paused and replay.events:
+        replay = _held(after)
     counters.events += len(replay.events)
     return MeteredResponse(render(replay), "poll", client, counters, request.app)
+
+
+def _held(after: After) -> Replay:
+    """The answer while a chaos pause holds events back: none, and a cursor that skips none."""
+    return Replay([], str(after) if cursor_or_none(after) else None)
 
 
 class _Waiter(LiveConnection):
@@ -82,22 +86,28 @@ class _Waiter(LiveConnection):
     def __init__(self, channel: str, client: str | None, counters: Counters) -> None:
         super().__init__(channel, client)
         self.counters = counters
-        self.woken: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.woken: asyncio.Future[str] = loop.create_future()
+        # Also set after an event woke it: a waiter held by a chaos pause still ends at once.
+        self.interrupted: asyncio.Future[str] = loop.create_future()
 
     def deliver(self, event: Event) -> None:
         if not self.woken.done():
             self.woken.set_result("event")
 
+    def _interrupt(self, why: str) -> None:
+        for future in (self.woken, self.interrupted):
+            if not future.done():
+                future.set_result(why)
+
     def close(self, reason: str) -> None:
-        if not self.woken.done():
-            self.woken.set_result("closed")
+        self._interrupt("closed")
 
     def shutdown(self) -> None:
         self.close("shutdown")
 
     def drop(self) -> None:
-        if not self.woken.done():
-            self.woken.set_result("drop")
+        self._interrupt("drop")
 
 
 async def longpoll(request: web.Request) -> web.StreamResponse:
@@ -119,7 +129,10 @@ async def longpoll(request: web.Request) -> web.StreamResponse:
         raise
     bus, hub, chaos = request.app[BUS_KEY], request.app[HUB_KEY], request.app[CHAOS_KEY]
     replay = await bus.replay(channel, after, limit)
-    if (not replay.events or chaos.paused) and timeout > 0 and not hub.shutting_down:
+    if chaos.paused and replay.events:
+        # Wait from ``after`` itself, so neither the answer nor a timeout skips held events.
+        replay = _held(after)
+    if not replay.events and timeout > 0 and not hub.shutting_down:
         waiter = _Waiter(channel, client, counters)
         hub.register(waiter)
         try:
@@ -133,7 +146,13 @@ async def longpoll(request: web.Request) -> web.StreamResponse:
             try:
                 async with asyncio.timeout(timeout):
                     woke = await asyncio.shield(waiter.woken)
-                    await chaos.wait_unpaused()
+                    if woke == "event" and chaos.paused:
+                        await asyncio.wait(
+                            (chaos.unpaused(), waiter.interrupted),
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                        if waiter.interrupted.done():
+                            woke = waiter.interrupted.result()
             except TimeoutError:
                 woke = "timeout"
             finally:

@@ -131,9 +131,10 @@ async def sse(request: web.Request) -> web.StreamResponse:
                 info is not None
                 and info.finished
                 and after.epoch == info.epoch
-                and after.seq >= info.last_seq
+                and after.seq == info.last_seq
             ):
-                # 204 tells an EventSource to stop reconnecting: the stream is over.
+                # 204 tells an EventSource to stop reconnecting: the stream is over. Only for the
+                # end's own id: a later seq was never issued and is answered with a reset.
                 return MeteredResponse(
                     b"", "sse", client, counters, app, status=204, content_type=None
                 )
@@ -152,9 +153,14 @@ async def sse(request: web.Request) -> web.StreamResponse:
     attachment = None
     try:
         conn.write(conn.raw(encode_retry(settings.retry_ms)))
-        attachment = await bus.attach(channel, after, conn)
+        conn.start_replay()
+        try:
+            attachment = await bus.attach(channel, after, conn)
+        finally:
+            conn.end_replay()
         reason = await conn.done
     finally:
+        conn.discard()
         if attachment is not None:
             attachment.detach()
         hub.unregister(conn)

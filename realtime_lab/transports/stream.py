@@ -9,12 +9,20 @@ Overflow policy: asyncio buffers what the kernel will not take yet. When that bu
 signal (an SSE ``error`` event / WebSocket close 1013, both naming the id to resume from) and the
 socket is closed, and aborted after a short grace if the client never reads it. Memory per
 subscriber is therefore bounded by ``send_buffer`` plus one event, whatever the client does.
+
+Catching up: the history a resuming client asks for is not its fault, and may be far larger than
+``send_buffer``. The replay that ``bus.attach`` delivers (between :meth:`start_replay` and
+:meth:`end_replay`) is written only as fast as the client takes it: what does not fit under half
+of ``send_buffer`` waits as references to the bus's own events and is written by a short-lived
+task as the socket drains. Live events that arrive meanwhile queue behind it, and it is their
+lag, not the replay's size, that ``send_buffer`` bounds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import Final
 
 from aiohttp import web
@@ -51,12 +59,27 @@ class StreamConnection(LiveConnection):
         if transport is None:
             raise ConnectionResetError("client went away before the stream started")
         self._transport: asyncio.Transport = transport
+        # Pause (and so wake the catch-up writer's drain) at half the overflow limit.
+        transport.set_write_buffer_limits(high=max(send_buffer // 2, 1))
+        self._drain = request._payload_writer.drain
         self._hub = hub
         self._chaos = chaos
         self._limit = send_buffer
-        self._held: list[tuple[bytes, bool]] = []  # writes held back by a chaos pause
+        # Writes held back by a chaos pause: (bytes, event id, is_end).
+        self._held: list[tuple[bytes, str, bool]] = []
         self._held_bytes = 0
-        self.last_id: str | None = None
+        # Writes a chaos delay holds, oldest first: (due time, bytes, event id, is_end). One
+        # timer drains them in order, so changing the delay never lets a newer write overtake.
+        self._delayed: deque[tuple[float, bytes, str, bool]] = deque()
+        self._delay_timer: asyncio.TimerHandle | None = None
+        self._delayed_bytes = 0
+        # Events accepted while catching up and not written yet, oldest first.
+        self._backlog: deque[Event] = deque()
+        self._backlog_replay = 0  # how many at the head of the backlog came from the replay
+        self._backlog_live = 0  # frame bytes of the live events in the backlog
+        self._replaying = False
+        self._catch_up: asyncio.Task[None] | None = None
+        self.last_id: str | None = None  # of the last event written: where to resume from
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     # Framing, per transport -------------------------------------------------------------------
@@ -72,19 +95,83 @@ class StreamConnection(LiveConnection):
     def deliver(self, event: Event) -> None:
         if self.done.done():
             return
-        self.last_id = event.id
+        if self._backlog or (
+            self._replaying and self._transport.get_write_buffer_size() > self._limit // 2
+        ):
+            self._queue(event)
+        else:
+            self._send(event)
+
+    def _send(self, event: Event) -> None:
         self.counters.events += 1
         data = self.frame(event)
         is_end = event.type == END
-        if self._chaos.active:
-            self._slow_send(data, is_end)
+        if self._chaos.active or self._delayed:
+            self._slow_send(data, event.id, is_end)
             return
+        self.last_id = event.id
         self.write(data)
         if is_end:
             self.finish(END_OF_STREAM)
 
     def close(self, reason: str) -> None:
         self.finish(SHUTDOWN)
+
+    # Catching up -------------------------------------------------------------------------------
+    def start_replay(self) -> None:
+        """Call right before ``bus.attach``; then :meth:`end_replay` once it returns.
+
+        What the bus replays in between is written as the client reads it rather than all at
+        once. A new replay (a WebSocket ``resume``) supersedes whatever was still queued.
+        """
+        self._backlog.clear()
+        self._backlog_replay = self._backlog_live = 0
+        self._replaying = True
+
+    def end_replay(self) -> None:
+        """The attach returned: events from now on are live (see :meth:`start_replay`)."""
+        self._replaying = False
+
+    def discard(self) -> None:
+        """Stop writing queued events (the handler is leaving). Idempotent."""
+        self._backlog.clear()
+        if self._catch_up is not None:
+            self._catch_up.cancel()
+
+    def _queue(self, event: Event) -> None:
+        self._backlog.append(event)
+        if self._replaying:
+            self._backlog_replay += 1
+        else:
+            self._backlog_live += len(self.frame(event))
+            if self._backlog_live > self._limit:
+                self._backlog.clear()
+                self.overflow()
+                return
+        if self._catch_up is None:
+            self._catch_up = asyncio.create_task(
+                self._write_backlog(), name=f"{self.transport}-catch-up-{self.id}"
+            )
+
+    async def _write_backlog(self) -> None:
+        backlog = self._backlog
+        try:
+            while backlog and not self.done.done():
+                if self._transport.is_closing():
+                    self.finish(LOST)
+                elif self._transport.get_write_buffer_size() > self._limit // 2:
+                    await self._drain()  # the transport paused above that mark: wait for room
+                else:
+                    event = backlog.popleft()
+                    if self._backlog_replay:
+                        self._backlog_replay -= 1
+                    else:
+                        self._backlog_live -= len(self.frame(event))
+                    self._send(event)
+        except ConnectionError:
+            self.finish(LOST)
+        finally:
+            self._catch_up = None
 
     # Writing -----------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -133,23 +220,43 @@ class StreamConnection(LiveConnection):
         self._transport.abort()
 
     # Chaos slow path ---------------------------------------------------------------------------
-    def _slow_send(self, data: bytes, is_end: bool) -> None:
+    def _slow_send(self, data: bytes, event_id: str, is_end: bool) -> None:
         if self._chaos.paused:
-            self._held.append((data, is_end))
+            self._held.append((data, event_id, is_end))
             self._held_bytes += len(data)
             if self._held_bytes > self._limit:
                 self._held.clear()
                 self.overflow()
-        elif self._chaos.write_delay > 0:
-            asyncio.get_running_loop().call_later(
-                self._chaos.write_delay, self._late_write, data, is_end
-            )
+        elif self._chaos.write_delay > 0 or self._delayed:
+            loop = asyncio.get_running_loop()
+            self._delayed.append((loop.time() + self._chaos.write_delay, data, event_id, is_end))
+            self._delayed_bytes += len(data)
+            if self._delayed_bytes > self._limit:
+                self._delayed.clear()
+                self._delayed_bytes = 0
+                self.overflow()
+            elif self._delay_timer is None:
+                self._delay_timer = loop.call_at(self._delayed[0][0], self._write_delayed)
         else:
-            self._late_write(data, is_end)
+            self._late_write(data, event_id, is_end)
 
-    def _late_write(self, data: bytes, is_end: bool) -> None:
+    def _write_delayed(self) -> None:
+        self._delay_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._delayed and self._delayed[0][0] <= now:
+            _, data, event_id, is_end = self._delayed.popleft()
+            self._delayed_bytes -= len(data)
+            self._late_write(data, event_id, is_end)
+        if self.done.done():
+            self._delayed.clear()
+        elif self._delayed:
+            self._delay_timer = loop.call_at(self._delayed[0][0], self._write_delayed)
+
+    def _late_write(self, data: bytes, event_id: str, is_end: bool) -> None:
         if self.done.done():
             return
+        self.last_id = event_id
         self.write(data)
         if is_end:
             self.finish(END_OF_STREAM)
@@ -157,5 +264,5 @@ class StreamConnection(LiveConnection):
     def release_held(self) -> None:
         """Send what a chaos pause held back (called when the pause ends)."""
         held, self._held, self._held_bytes = self._held, [], 0
-        for data, is_end in held:
-            self._slow_send(data, is_end)
+        for data, event_id, is_end in held:
+            self._slow_send(data, event_id, is_end)

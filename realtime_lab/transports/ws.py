@@ -164,6 +164,7 @@ async def ws(request: web.Request) -> web.StreamResponse:
             await _close(sock, WSCloseCode.OK, "")
     finally:
         session.detach()
+        conn.discard()
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader
@@ -199,7 +200,11 @@ class _Session:
 
     async def attach(self, after: After) -> None:
         self.detach()
-        self.attachment = await self.bus.attach(self.channel, after, self.conn)
+        self.conn.start_replay()
+        try:
+            self.attachment = await self.bus.attach(self.channel, after, self.conn)
+        finally:
+            self.conn.end_replay()
 
     def detach(self) -> None:
         if self.attachment is not None:

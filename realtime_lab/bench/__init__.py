@@ -1,0 +1,17 @@
+"""``realtime-lab bench``: load-test the four transports and report what each one costs.
+
+Layout:
+
+- :mod:`.wire` - sans-I/O fast parsers for what the load clients read (HTTP heads, chunked
+  bodies, SSE blocks, WebSocket frames, envelope fields);
+- :mod:`.stats` - percentiles and median/min/max summaries;
+- :mod:`.server` - the server under test as a separate process, with its CPU time and RSS read
+  from ``/proc``;
+- :mod:`.loadgen` - the light load clients, run in worker processes (one asyncio loop each);
+- :mod:`.runner` - the sweep: points, warm-up, measurement windows, repeats, the slow-subscriber
+  scenario;
+- :mod:`.report` and :mod:`.plots` - results.json, results.md and one PNG per measure;
+- :mod:`.cli` - the ``bench`` subcommand.
+"""
+
+from __future__ import annotations

@@ -1,0 +1,210 @@
+"""``realtime-lab bench``: the subcommand (registered on import by :mod:`realtime_lab.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from realtime_lab.cli import EXTRA_COMMANDS
+
+if TYPE_CHECKING:
+    from realtime_lab.bench.runner import BenchConfig
+
+TRANSPORT_NAMES = ("sse", "ws", "longpoll", "poll")
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("expected positive integers")
+    return values
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError("expected positive numbers")
+    return values
+
+
+def _transports(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in values if v not in TRANSPORT_NAMES]
+    if unknown or not values:
+        raise argparse.ArgumentTypeError(
+            f"transports are a comma-separated subset of {','.join(TRANSPORT_NAMES)}"
+        )
+    return values
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``bench`` to the ``realtime-lab`` subcommands."""
+    p = sub.add_parser(
+        "bench",
+        help="load-test the four transports and report what each costs",
+        description="Start a server process (or target --url), open N clients of each "
+        "transport from load worker processes, drive the ticker (or many chats), and report "
+        "per transport: delivered events/s, latency percentiles, time to first token, bytes and "
+        "requests per token, server CPU per 1,000 deliveries, server RSS per connection, losses "
+        "and duplicates. Writes results.json, results.md and one PNG per measure to --out. "
+        "Exits 1 when any event was lost or duplicated.",
+    )
+    p.add_argument("--workload", choices=("ticker", "chats"), default="ticker")
+    p.add_argument(
+        "--transports", type=_transports, default=None, help="default sse,ws,longpoll,poll"
+    )
+    p.add_argument("--clients", type=_ints, default=None, help="sweep, default 10,100,1000")
+    p.add_argument(
+        "--rate",
+        type=_floats,
+        default=None,
+        help="tokens/s of the ticker (per chat with --workload chats); a list sweeps; default 100",
+    )
+    p.add_argument(
+        "--poll-interval",
+        type=_floats,
+        default=None,
+        help="short-poll interval in s; a list sweeps (poll only); default 1",
+    )
+    p.add_argument("--duration", type=float, default=None, help="measured s per run (10)")
+    p.add_argument("--warmup", type=float, default=None, help="s before measuring (3)")
+    p.add_argument("--repeat", type=int, default=None, help="runs per point (3)")
+    p.add_argument("--url", default=None, help="target this running server (no CPU/RSS then)")
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="results folder")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI smoke run under a minute: 10,50 clients, 2 s windows, 1 run, all transports, "
+        "plus a small slow-subscriber scenario (flags given explicitly still win)",
+    )
+    p.add_argument(
+        "--scenario",
+        choices=("sweep", "slow-subscriber", "all"),
+        default=None,
+        help="what to run: the sweep (default), the slow-subscriber scenario, or both "
+        "(--quick: both)",
+    )
+    p.add_argument("--chats", type=int, default=10, help="concurrent chats (--workload chats)")
+    p.add_argument("--chat-tokens", type=int, default=60, help="tokens per chat answer")
+    p.add_argument(
+        "--ttft-ms", type=float, default=100.0, help="chats' simulated first-token delay"
+    )
+    p.add_argument("--workers", type=int, default=0, help="load worker processes (0: one per CPU)")
+    p.add_argument("--stalled", type=int, default=None, help="stalled SSE clients (50)")
+    p.add_argument("--stall-clients", type=int, default=None, help="normal SSE clients (100)")
+    p.add_argument("--stall-rate", type=float, default=None, help="ticker tokens/s there (500)")
+    p.add_argument(
+        "--stall-send-buffer", type=int, default=None, help="server send_buffer there (65536)"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
+    p.set_defaults(func=run)
+
+
+#: What an unset flag means, in a normal run and with --quick.
+NORMAL = {
+    "transports": list(TRANSPORT_NAMES),
+    "clients": [10, 100, 1000],
+    "rate": [100.0],
+    "poll_interval": [1.0],
+    "duration": 10.0,
+    "warmup": 3.0,
+    "repeat": 3,
+    "stall_clients": 100,
+    "stalled": 50,
+    "stall_rate": 500.0,
+    "stall_send_buffer": 64 * 1024,
+}
+QUICK = {
+    **NORMAL,
+    "clients": [10, 50],
+    "duration": 2.0,
+    "warmup": 1.0,
+    "repeat": 1,
+    "stall_clients": 20,
+    "stalled": 20,
+    "stall_rate": 1000.0,
+    "stall_send_buffer": 32 * 1024,
+}
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """The :class:`BenchConfig` the flags describe (``--quick`` fills what was not given)."""
+    from realtime_lab.bench.runner import BenchConfig
+
+    quick = bool(args.quick)
+    defaults = QUICK if quick else NORMAL
+
+    def get(name: str) -> Any:
+        value = getattr(args, name)
+        return defaults[name] if value is None else value
+
+    scenario = args.scenario or ("all" if quick else "sweep")
+    duration = float(get("duration"))
+    return BenchConfig(
+        out=args.out,
+        workload=args.workload,
+        transports=list(get("transports")),
+        clients=list(get("clients")),
+        rates=list(get("rate")),
+        poll_intervals=list(get("poll_interval")),
+        duration=duration,
+        warmup=float(get("warmup")),
+        repeat=int(get("repeat")),
+        url=args.url,
+        workers=args.workers,
+        chats=args.chats,
+        chat_tokens=args.chat_tokens,
+        ttft_ms=args.ttft_ms,
+        sweep=scenario in ("sweep", "all"),
+        slow_subscriber=scenario in ("slow-subscriber", "all"),
+        stall_clients=int(get("stall_clients")),
+        stalled=int(get("stalled")),
+        stall_rate=float(get("stall_rate")),
+        stall_send_buffer=int(get("stall_send_buffer")),
+        # The stalled clients need a few seconds to fill their buffers and be ended.
+        stall_duration=max(duration, 3.0 if quick else 6.0),
+        progress=not args.no_progress,
+        quick=quick,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark the flags describe; print the Markdown report."""
+    from realtime_lab.bench.report import markdown, write_results
+    from realtime_lab.bench.runner import run_bench
+
+    config = config_from_args(args)
+    results = run_bench(config)
+    written = write_results(results, config.out, plots=not args.no_plots)
+    print(markdown(results))
+    print(f"wrote {len(written)} files to {config.out}/ in {results['wall_s']:.1f} s")
+    bad = [
+        f"{p['label']} x{p['clients']}: lost {run['lost']}, dup {run['dup']}"
+        for p in results["points"]
+        for run in p["runs"]
+        if run["lost"] or run["dup"]
+    ]
+    slow = results.get("slow_subscriber")
+    if slow:
+        for phase in ("without_stalled", "with_stalled"):
+            if slow[phase]["lost"] or slow[phase]["dup"]:
+                bad.append(f"slow-subscriber {phase}: lost/dup")
+    if bad:
+        print("realtime-lab bench: events lost or duplicated: " + "; ".join(bad), file=sys.stderr)
+        return 1
+    return 0
+
+
+if add_parser not in EXTRA_COMMANDS:
+    EXTRA_COMMANDS.append(add_parser)

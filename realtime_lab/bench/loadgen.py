@@ -1,0 +1,752 @@
+"""The load generator: light clients of each transport, run in worker processes.
+
+Each worker is a process with one asyncio loop that opens its share of a point's clients, counts
+what they receive and answers the coordinator (:mod:`.runner`) over a pipe. Several workers keep
+thousands of clients from queueing behind one Python loop.
+
+Why hand-written clients instead of aiohttp or the project's own clients: they are
+:class:`asyncio.Protocol` s that parse in ``data_received`` (no task, no ``await`` and no
+``StreamReader`` copy per read) with the fast parsers of :mod:`.wire`, and they count the bytes
+each transport costs exactly as received. The same cost model for all four transports keeps the
+load client's overhead from tilting the comparison; the worker's own CPU use is reported beside
+the server's so a client-bound point shows up as one. The control plane (creating chats) uses
+aiohttp, where a library's convenience costs nothing.
+
+Commands (dicts, one reply each): ``open`` (connect a point's clients, or start its chat
+rounds), ``window`` (count deliveries between two wall-clock times and reply the tally),
+``close``, ``stall`` / ``unstall`` (the slow-subscriber scenario), ``quit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import resource
+import socket
+import struct
+import time
+from array import array
+from multiprocessing.connection import Connection
+from typing import Any, Final
+from urllib.parse import quote
+
+import aiohttp
+
+from realtime_lab.bench import wire
+from realtime_lab.bench.server import raise_fd_limit
+
+TRANSPORTS: Final = ("sse", "ws", "longpoll", "poll")
+CONNECT_CONCURRENCY: Final = 64  # under the server's listen backlog, so no SYN is dropped
+LONGPOLL_TIMEOUT: Final = 25.0
+POLL_LIMIT: Final = 1000
+OVERFLOW_CLOSE: Final = 1013
+
+
+def _now_ms() -> float:
+    return time.time() * 1000.0
+
+
+def _cpu_self() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class Tally:
+    """What one worker's clients received during one point.
+
+    ``events``, ``bytes``, ``requests``, ``latency`` and ``chats`` count only inside the latest
+    measurement window (``in_window``); losses, duplicates and failures count over the clients'
+    whole lives.
+    """
+
+    def __init__(self) -> None:
+        self.in_window = False
+        self.events = 0
+        self.bytes = 0
+        self.requests = 0
+        self.latency = array("d")
+        self.ttft = array("d")
+        self.lost = 0
+        self.dup = 0
+        self.resets = 0
+        self.overflows = 0
+        self.disconnects = 0
+        self.failures = 0
+        self.incomplete = 0
+        self.chats = 0
+        self.errors: list[str] = []
+
+    def error(self, message: str) -> None:
+        """Keep the first few failure messages for the report."""
+        if len(self.errors) < 5:
+            self.errors.append(message)
+
+    def result(self, cpu: float) -> dict[str, Any]:
+        """The reply to the coordinator (the arrays travel as raw bytes)."""
+        return {
+            "events": self.events,
+            "bytes": self.bytes,
+            "requests": self.requests,
+            "latency": self.latency.tobytes(),
+            "ttft": self.ttft.tobytes(),
+            "lost": self.lost,
+            "dup": self.dup,
+            "resets": self.resets,
+            "overflows": self.overflows,
+            "disconnects": self.disconnects,
+            "failures": self.failures,
+            "incomplete": self.incomplete,
+            "chats": self.chats,
+            "errors": list(self.errors),
+            "cpu": cpu,
+        }
+
+
+class Client(asyncio.Protocol):
+    """One subscriber: one TCP connection speaking one transport, counting into a :class:`Tally`.
+
+    Subclasses send their request in :meth:`start` and parse the body in :meth:`body`; this class
+    reads the response head, checks sequence continuity and records latencies.
+    """
+
+    expected_status = 200
+
+    def __init__(
+        self,
+        tally: Tally,
+        host: str,
+        channel: str,
+        after: str,
+        tag: str,
+        started_ms: float,
+        *,
+        from_start: bool = False,
+    ) -> None:
+        self.tally = tally
+        self.host = host
+        self.channel = channel
+        self.after = after
+        self.tag = tag
+        self.started_ms = started_ms
+        # A chat is read from its first event: anything before the first seen seq is a loss.
+        self.last_seq = 0 if from_start else -1
+        self.first_token = False
+        self.transport: asyncio.Transport | None = None
+        self.head: wire.Head | None = None
+        self._buf = b""
+        self.closing = False
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.got_first: asyncio.Future[None] = loop.create_future()  # first token, or the end
+        self.saw_end = False
+
+    # asyncio.Protocol ---------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.start()
+
+    def data_received(self, data: bytes) -> None:
+        tally = self.tally
+        if tally.in_window:
+            tally.bytes += len(data)
+        self.consume(data)
+
+    def consume(self, data: bytes) -> None:
+        """Parse received bytes (already counted)."""
+        if self.head is None:
+            data = self._read_head(data)
+            if not data:
+                return
+        try:
+            self.body(data, _now_ms())
+        except wire.BenchProtocolError as exc:
+            self.fail(str(exc))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closing:
+            self.tally.disconnects += 1
+            if exc is not None:
+                self.tally.error(f"{type(self).__name__}: connection lost: {exc!r}")
+            if not self.ready.done():
+                self.tally.failures += 1
+        self._settle()
+
+    # Helpers for subclasses ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Send the request (called once connected)."""
+        raise NotImplementedError
+
+    def body(self, data: bytes, now: float) -> None:
+        """Parse body bytes received at ``now`` (ms)."""
+        raise NotImplementedError
+
+    def send(self, data: bytes, request: bool = True) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+            if request and self.tally.in_window:
+                self.tally.requests += 1
+
+    def _read_head(self, data: bytes) -> bytes:
+        buf = self._buf + data if self._buf else data
+        try:
+            parsed = wire.parse_head(buf)
+        except wire.BenchProtocolError as exc:
+            self.fail(str(exc))
+            return b""
+        if parsed is None:
+            self._buf = buf
+            return b""
+        self._buf = b""
+        self.head, offset = parsed
+        if self.head.status != self.expected_status:
+            self.fail(f"{type(self).__name__}: HTTP {self.head.status} for {self.channel}")
+            return b""
+        self.on_head(self.head)
+        if not self.ready.done():
+            self.ready.set_result(None)
+        return buf[offset:]
+
+    def on_head(self, head: wire.Head) -> None:
+        """Look at the response head (before its body)."""
+
+    def items(self, items: list[wire.Item], now: float) -> None:
+        """Account for received events: continuity, latency, ends, errors."""
+        tally = self.tally
+        last = self.last_seq
+        for kind, seq, ts, payload in items:
+            if kind is None or kind not in _CONTROL:
+                if last >= 0 and seq >= 0:
+                    if seq <= last:
+                        tally.dup += 1
+                        continue
+                    if seq > last + 1:
+                        tally.lost += seq - last - 1
+                last = seq
+                if not self.first_token:
+                    self.first_token = True
+                    tally.ttft.append(now - self.started_ms)
+                    self.got_first.set_result(None)
+                if tally.in_window:
+                    tally.events += 1
+                    tally.latency.append(now - ts)
+            elif kind == "reset":
+                # A reset's id is the position before the oldest retained event: what lies
+                # between our last event and it was lost.
+                tally.resets += 1
+                if last >= 0 and seq > last:
+                    tally.lost += seq - last
+                if seq >= 0:
+                    last = seq
+            elif kind == "end":
+                if last >= 0 and seq > last + 1:
+                    tally.lost += seq - last - 1
+                last = seq
+                self.saw_end = True
+            elif kind == "error":
+                if b"overflow" in payload:
+                    tally.overflows += 1
+                else:
+                    tally.error(f"{type(self).__name__}: error event {payload[:120]!r}")
+        self.last_seq = last
+        if self.saw_end:
+            self.close()
+
+    def fail(self, message: str) -> None:
+        """Give up on this connection, counting it as failed."""
+        self.tally.error(message)
+        if not self.ready.done():
+            self.tally.failures += 1
+            self.ready.set_result(None)
+        else:
+            self.tally.disconnects += 1
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection on purpose (not counted as a disconnect)."""
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+        self._settle()
+
+    def _settle(self) -> None:
+        if not self.ready.done():
+            self.ready.set_result(None)
+        if not self.done.done():
+            self.done.set_result(None)
+        if not self.got_first.done():
+            self.got_first.set_result(None)
+
+    def _query(self, **extra: str) -> str:
+        params = {"after": self.after, "client": self.tag, **extra}
+        return "&".join(f"{k}={quote(v, safe='')}" for k, v in params.items())
+
+
+_CONTROL: Final = frozenset({"end", "reset", "error"})
+
+
+class SSEClient(Client):
+    """``GET /sse/{channel}``: HTTP/1.1, chunked body, fast SSE parsing."""
+
+    def start(self) -> None:
+        self._chunks: wire.ChunkedDecoder | None = None
+        self._parser = wire.SSEParser()
+        path = f"/sse/{self.channel}?{self._query()}"
+        self.send(wire.get_request(path, self.host, {"Accept": "text/event-stream"}))
+
+    def on_head(self, head: wire.Head) -> None:
+        if head.headers.get("transfer-encoding", "").lower() == "chunked":
+            self._chunks = wire.ChunkedDecoder()
+
+    def body(self, data: bytes, now: float) -> None:
+        if self._chunks is not None:
+            data = self._chunks.feed(data)
+        items = self._parser.feed(data)
+        if items:
+            self.items(items, now)
+
+
+class WSClient(Client):
+    """``GET /ws/{channel}``: hand-made handshake, unmasked server frames, masked pongs."""
+
+    expected_status = 101
+
+    def start(self) -> None:
+        self._key = wire.ws_key()
+        self._frames = wire.WSFrameParser()
+        path = f"/ws/{self.channel}?{self._query()}"
+        self.send(wire.ws_handshake(path, self.host, self._key))
+
+    def on_head(self, head: wire.Head) -> None:
+        if head.headers.get("sec-websocket-accept") != wire.ws_accept(self._key):
+            self.fail("ws: bad Sec-WebSocket-Accept")
+
+    def body(self, data: bytes, now: float) -> None:
+        items: list[wire.Item] = []
+        for opcode, payload in self._frames.feed(data):
+            if opcode == wire.OP_TEXT:
+                items.append(wire.envelope_item(payload))
+            elif opcode == wire.OP_PING:
+                self.send(wire.client_frame(wire.OP_PONG, payload), request=False)
+            elif opcode == wire.OP_CLOSE:
+                if items:  # the end event may sit in the same read as the close frame
+                    self.items(items, now)
+                    items = []
+                code = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
+                if code == OVERFLOW_CLOSE:
+                    self.tally.overflows += 1
+                elif code != 1000 or not self.saw_end:
+                    self.tally.error(f"ws: closed {code} {payload[2:80]!r}")
+                    self.tally.disconnects += 1
+                self.close()
+        if items:
+            self.items(items, now)
+
+
+class PollClient(Client):
+    """``GET /poll`` or ``/longpoll``, one request at a time on a keep-alive connection."""
+
+    def __init__(self, *args: Any, kind: str, interval: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kind = kind
+        self.interval = interval
+        self._timer: asyncio.TimerHandle | None = None
+        self._chunks: wire.ChunkedDecoder | None = None
+        self._pieces: list[bytes] = []
+        self._size = 0
+        self._length = -1
+        self._polls = 0
+
+    def start(self) -> None:
+        self._request()
+
+    def _request(self) -> None:
+        self._timer = None
+        if self.closing:
+            return
+        extra = {"limit": str(POLL_LIMIT)}
+        if self.kind == "longpoll":
+            extra["timeout"] = f"{LONGPOLL_TIMEOUT:g}"
+        path = f"/{self.kind}/{self.channel}?{self._query(**extra)}"
+        self.head = None
+        self._chunks, self._pieces, self._size, self._length = None, [], 0, -1
+        self.send(wire.get_request(path, self.host))
+
+    def on_head(self, head: wire.Head) -> None:
+        if head.headers.get("transfer-encoding", "").lower() == "chunked":
+            self._chunks = wire.ChunkedDecoder()
+        else:
+            self._length = int(head.headers.get("content-length", "-1"))
+
+    def body(self, data: bytes, now: float) -> None:
+        rest = b""
+        if self._chunks is not None:
+            self._pieces.append(self._chunks.feed(data))
+            complete = self._chunks.finished
+        else:
+            need = self._length - self._size
+            if len(data) > need >= 0:
+                data, rest = data[:need], data[need:]
+            self._pieces.append(data)
+            self._size += len(data)
+            complete = self._size >= self._length >= 0
+        if not complete:
+            return
+        items, cursor, more = wire.poll_answer(b"".join(self._pieces))
+        if cursor is not None:
+            self.after = cursor
+        if items:
+            self.items(items, now)
+        if self.closing:
+            return
+        self._polls += 1
+        if more or self.kind == "longpoll":
+            self._request()
+        else:
+            delay = self.interval
+            if self._polls == 1:
+                # Real pollers are not in step: spread the first wait over one interval.
+                delay = random.uniform(0.0, self.interval)
+            self._timer = asyncio.get_running_loop().call_later(delay, self._request)
+        if rest:
+            self.consume(rest)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        super().close()
+
+
+def make_client(
+    transport: str,
+    tally: Tally,
+    host: str,
+    channel: str,
+    after: str,
+    tag: str,
+    *,
+    from_start: bool = False,
+    poll_interval: float = 1.0,
+) -> Client:
+    """A not yet connected client of ``transport`` (``sse``, ``ws``, ``longpoll``, ``poll``)."""
+    started = _now_ms()
+    if transport == "sse":
+        return SSEClient(tally, host, channel, after, tag, started, from_start=from_start)
+    if transport == "ws":
+        return WSClient(tally, host, channel, after, tag, started, from_start=from_start)
+    if transport in ("poll", "longpoll"):
+        return PollClient(
+            tally,
+            host,
+            channel,
+            after,
+            tag,
+            started,
+            from_start=from_start,
+            kind=transport,
+            interval=poll_interval,
+        )
+    raise ValueError(f"unknown transport {transport!r}")
+
+
+class Worker:
+    """One load worker: a loop, its clients, and the command pipe to the coordinator."""
+
+    def __init__(self, conn: Connection, index: int) -> None:
+        self.conn = conn
+        self.index = index
+        self.tally = Tally()
+        self.clients: set[Client] = set()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.stalled: list[socket.socket] = []
+        self.session: aiohttp.ClientSession | None = None
+        self.spec: dict[str, Any] = {}
+        self.stopping = False
+        self._connect_gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+
+    async def serve(self) -> None:
+        """Answer commands until ``quit`` (or the coordinator goes away)."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+        def readable() -> None:
+            try:
+                while self.conn.poll():
+                    inbox.put_nowait(self.conn.recv())
+            except (EOFError, OSError):
+                loop.remove_reader(self.conn.fileno())
+                inbox.put_nowait(None)
+
+        loop.add_reader(self.conn.fileno(), readable)
+        try:
+            while True:
+                command = await inbox.get()
+                if command is None or command["op"] == "quit":
+                    break
+                try:
+                    reply = await self.handle(command)
+                except Exception as exc:  # the coordinator reports it; the worker carries on
+                    reply = {"op": "error", "error": f"{type(exc).__name__}: {exc}"}
+                self.conn.send(reply)
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                loop.remove_reader(self.conn.fileno())
+            await self.close_all()
+            if self.session is not None:
+                await self.session.close()
+
+    async def handle(self, command: dict[str, Any]) -> dict[str, Any]:
+        op = command["op"]
+        if op == "open":
+            return await self.open(command)
+        if op == "window":
+            return await self.window(command["start"], command["end"], int(command["probes"]))
+        if op == "close":
+            await self.close_all()
+            return {"op": "closed"}
+        if op == "stall":
+            return await self.stall(command)
+        if op == "unstall":
+            return self.unstall()
+        raise ValueError(f"unknown command {op!r}")
+
+    # Opening ------------------------------------------------------------------------------------
+    def client(self, tally: Tally, channel: str, after: str, *, from_start: bool = False) -> Client:
+        spec = self.spec
+        return make_client(
+            spec["transport"],
+            tally,
+            spec["host_header"],
+            channel,
+            after,
+            spec["tag"],
+            from_start=from_start,
+            poll_interval=float(spec["poll_interval"]),
+        )
+
+    async def connect(self, client: Client, *, restart_clock: bool = True) -> bool:
+        """Connect ``client`` and wait for its response head (a long-poll: for the request).
+
+        Returns:
+            Whether it is open; a failure is counted in the client's tally.
+        """
+        loop = asyncio.get_running_loop()
+        spec = self.spec
+        async with self._connect_gate:
+            if restart_clock:  # time to first token starts now, not while queued at the gate
+                client.started_ms = _now_ms()
+            try:
+                async with asyncio.timeout(30):
+                    await loop.create_connection(lambda: client, spec["host"], spec["port"])
+                    if not isinstance(client, PollClient) or client.kind != "longpoll":
+                        await asyncio.shield(client.ready)
+            except (OSError, TimeoutError) as exc:
+                client.tally.failures += 1
+                client.tally.error(f"connect: {exc!r}")
+                client.closing = True
+                client._settle()
+                return False
+        return not client.done.done()
+
+    async def open(self, spec: dict[str, Any]) -> dict[str, Any]:
+        await self.close_all()
+        self.tally = Tally()
+        self.spec = spec
+        self.stopping = False
+        count = int(spec["clients"])
+        if spec["workload"] == "chats":
+            chats = int(spec["chats"])
+            if self.session is None:
+                self.session = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=0), raise_for_status=True
+                )
+            for i, share in enumerate(split(count, chats)):
+                if share:
+                    self.tasks.append(asyncio.create_task(self.chat_rounds(i, share)))
+            return {"op": "opened", "clients": count, "failures": 0, "errors": []}
+        clients = [self.client(self.tally, spec["channel"], "now") for _ in range(count)]
+        self.clients.update(clients)
+        await asyncio.gather(*(self.connect(c) for c in clients))
+        return {
+            "op": "opened",
+            "clients": count - self.tally.failures,
+            "failures": self.tally.failures,
+            "errors": list(self.tally.errors),
+        }
+
+    async def chat_rounds(self, index: int, share: int) -> None:
+        """Start a chat, read it with ``share`` clients to its end, repeat until closed."""
+        assert self.session is not None
+        spec = self.spec
+        base = f"http://{spec['host']}:{spec['port']}"
+        round_no = 0
+        while not self.stopping:
+            round_no += 1
+            body = {
+                "prompt": f"bench worker {self.index} chat {index} round {round_no}",
+                "seed": round_no,
+                "max_tokens": int(spec["chat_tokens"]),
+                "token_ms": float(spec["token_ms"]),
+                "ttft_ms": float(spec["ttft_ms"]),
+            }
+            posted = _now_ms()
+            try:
+                async with self.session.post(base + "/api/chats", json=body) as response:
+                    chat = await response.json()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.tally.failures += 1
+                self.tally.error(f"POST /api/chats: {exc!r}")
+                await asyncio.sleep(0.5)
+                continue
+            clients = [
+                self.client(self.tally, chat["channel"], "", from_start=True) for _ in range(share)
+            ]
+            for c in clients:
+                c.started_ms = posted  # a chat's first token is timed from its creation
+            self.clients.update(clients)
+            await asyncio.gather(*(self.connect(c, restart_clock=False) for c in clients))
+            await asyncio.wait([c.done for c in clients])
+            for c in clients:
+                if not c.saw_end and not self.stopping:
+                    self.tally.incomplete += 1
+                self.clients.discard(c)
+            if self.tally.in_window:
+                self.tally.chats += 1
+
+    # Measuring ----------------------------------------------------------------------------------
+    async def window(self, start: float, end: float, probes: int) -> dict[str, Any]:
+        """Count deliveries from ``start`` to ``end`` (wall clock) and reply the tally.
+
+        With ``probes``, that many extra clients join a fifth into the window and time their
+        first token (the ticker never starts over, so its time to first token is a late
+        joiner's); they are counted apart from the point's clients.
+        """
+        await asyncio.sleep(max(start - time.time(), 0.0))
+        cpu = _cpu_self()
+        tally = self.tally
+        tally.events = tally.bytes = tally.requests = tally.chats = 0
+        tally.latency = array("d")
+        tally.in_window = True
+        probe_tally = Tally()
+        probe = None
+        if probes and self.spec.get("workload") != "chats":
+            probe = asyncio.create_task(self.probe(probe_tally, probes, start + (end - start) / 5))
+        await asyncio.sleep(max(end - time.time(), 0.0))
+        self.tally.in_window = False
+        cpu = _cpu_self() - cpu
+        if probe is not None:
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
+        result = tally.result(cpu)
+        if probe is not None:
+            result["ttft"] = probe_tally.ttft.tobytes()
+            result["errors"] += probe_tally.errors
+        tally.latency = array("d")
+        return {"op": "result", **result}
+
+    async def probe(self, tally: Tally, count: int, at: float) -> None:
+        await asyncio.sleep(max(at - time.time(), 0.0))
+        clients = [self.client(tally, self.spec["channel"], "now") for _ in range(count)]
+        try:
+            await asyncio.gather(*(self.connect(c) for c in clients))
+            await asyncio.wait([c.got_first for c in clients])
+        finally:
+            for c in clients:
+                c.close()
+
+    async def close_all(self) -> None:
+        """Close every client (and stop chat rounds)."""
+        self.stopping = True
+        for task in self.tasks:
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks = []
+        clients, self.clients = self.clients, set()
+        for client in clients:
+            client.close()
+        self.unstall()
+        await asyncio.sleep(0)
+
+    # Stalled subscribers ------------------------------------------------------------------------
+    async def stall(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Open ``count`` SSE connections that never read a byte.
+
+        Each socket gets a small receive buffer and a 1460-byte MSS. The MSS is the one of an
+        Ethernet path: over loopback (MSS ~64 KiB) Linux autotunes the server's send buffer to
+        about 4 MiB per socket, so a stalled client would take minutes to fill it, which no real
+        network path allows.
+        """
+        loop = asyncio.get_running_loop()
+        request = wire.get_request(
+            f"/sse/{spec['channel']}?after=now&client={spec['tag']}", spec["host_header"]
+        )
+        failures = 0
+        for _ in range(int(spec["count"])):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, int(spec["rcvbuf"]))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1460)
+            sock.setblocking(False)
+            try:
+                async with asyncio.timeout(10):
+                    await loop.sock_connect(sock, (spec["host"], int(spec["port"])))
+                    await loop.sock_sendall(sock, request)
+            except (OSError, TimeoutError):
+                failures += 1
+                sock.close()
+                continue
+            self.stalled.append(sock)
+        return {"op": "stalled", "count": len(self.stalled), "failures": failures}
+
+    def unstall(self) -> dict[str, Any]:
+        """Close the stalled sockets, counting those the server had already ended."""
+        ended = alive = 0
+        for sock in self.stalled:
+            if _ended_by_server(sock):
+                ended += 1
+            else:
+                alive += 1
+            sock.close()
+        self.stalled = []
+        return {"op": "unstalled", "ended": ended, "alive": alive}
+
+
+def _ended_by_server(sock: socket.socket) -> bool:
+    """Whether the server closed or reset this never-read socket (reads what is queued)."""
+    seen = b""
+    for _ in range(256):
+        try:
+            data = sock.recv(1 << 16)
+        except BlockingIOError:
+            return b'"overflow"' in seen
+        except OSError:
+            return True  # reset: the server aborted it after the overflow grace
+        if not data:
+            return True
+        seen = seen[-64:] + data
+    return False
+
+
+def worker_main(conn: Connection, index: int) -> None:
+    """Entry point of a worker process."""
+    raise_fd_limit()
+    try:
+        asyncio.run(Worker(conn, index).serve())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        conn.close()
+
+
+def split(total: int, parts: int) -> list[int]:
+    """``total`` spread over ``parts`` as evenly as possible (first parts get the remainder)."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def finite(values: array[float]) -> list[float]:
+    """The finite values of an array (latencies of events that carried no ``ts`` are NaN)."""
+    return [v for v in values if math.isfinite(v)]

@@ -1,0 +1,248 @@
+"""The benchmark's outputs: ``results.json``, ``results.md`` (printed too) and the plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from realtime_lab.bench.stats import Spread
+
+#: Table columns: (measure key, header, formatter name).
+COLUMNS = (
+    ("events_per_s", "events/s", "rate"),
+    ("offered_pct", "% offered", "pct"),
+    ("p50_ms", "p50 ms", "ms"),
+    ("p95_ms", "p95 ms", "ms"),
+    ("p99_ms", "p99 ms", "ms"),
+    ("max_ms", "max ms", "ms"),
+    ("ttft_ms", "TTFT ms", "ms"),
+    ("bytes_per_token", "bytes/token", "num"),
+    ("requests_per_token", "req/token", "small"),
+    ("cpu_s_per_1k", "CPU s/1k", "small"),
+    ("rss_kb_per_conn", "RSS KiB/conn", "num"),
+    ("lost", "lost", "int"),
+    ("dup", "dup", "int"),
+)
+
+
+def fmt(value: float | None, kind: str) -> str:
+    """One number as the table shows it (``n/a`` when not measured)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if kind == "int":
+        return f"{value:.0f}"
+    if kind == "pct":
+        return f"{value:.0f}%"
+    if kind == "rate":
+        return f"{value / 1000:.1f}k" if abs(value) >= 10_000 else f"{value:.0f}"
+    if kind == "small":
+        if value == 0:
+            return "0"
+        return f"{value:.3g}" if abs(value) >= 0.001 else f"{value:.1e}"
+    # ms and plain numbers: three significant digits, no exponent for ordinary sizes
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}"
+
+
+def cell(spread: Spread | None, kind: str, ranges: bool) -> str:
+    """``median [min-max]`` (just the median when there was one run, or min == max)."""
+    if spread is None:
+        return "n/a"
+    mid = fmt(spread["median"], kind)
+    low, high = spread["min"], spread["max"]
+    if not ranges or low is None or high is None or fmt(low, kind) == fmt(high, kind):
+        return mid
+    return f"{mid} [{fmt(low, kind)}-{fmt(high, kind)}]"
+
+
+def _offered(summary: dict[str, Any]) -> Spread | None:
+    got, offered = summary.get("events_per_s"), summary.get("expected_events_per_s")
+    if not got or not offered or not offered["median"] or got["median"] is None:
+        return None
+    ratio = 100.0 * got["median"] / offered["median"]
+    return {"median": ratio, "min": None, "max": None}
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """``results.md``: what was run, on what, and the tables."""
+    config, machine = results["config"], results["machine"]
+    ranges = int(config["repeat"]) > 1
+    lines = [
+        "# realtime-lab bench",
+        "",
+        f"Workload **{config['workload']}**, {config['duration']:g} s windows after "
+        f"{config['warmup']:g} s warm-up, {config['repeat']} run(s) per point"
+        + (" (median [min-max])" if ranges else "")
+        + f"; server: {config['url'] or 'own process per run'}; "
+        f"{machine['load_workers']} load worker process(es).",
+        f"Machine: {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}, "
+        f"load average at start {machine['loadavg_at_start']}. "
+        f"Wall time {results['wall_s']:.0f} s.",
+        "",
+    ]
+    points = results["points"]
+    if points:
+        rates = sorted({p["rate"] for p in points})
+        for rate in rates:
+            unit = "tokens/s per client" if config["workload"] == "ticker" else "tokens/s per chat"
+            lines += [f"## Rate {rate:g} {unit}", ""]
+            header = ["transport", "clients"] + [h for _, h, _ in COLUMNS]
+            lines += [_row(header), _row(["---"] * len(header))]
+            for point in (p for p in points if p["rate"] == rate):
+                summary = point["summary"]
+                cells = [point["label"], str(point["clients"])]
+                for key, _, kind in COLUMNS:
+                    spread = _offered(summary) if key == "offered_pct" else summary.get(key)
+                    cells.append(cell(spread, kind, ranges and key != "offered_pct"))
+                lines.append(_row(cells))
+            lines.append("")
+        lines += _load_table(points, ranges)
+    scenario = results.get("slow_subscriber")
+    if scenario:
+        lines += _slow_table(scenario)
+    lines += [
+        "Latency: receive time minus the envelope's `ts` (one clock). TTFT: ticker - a client "
+        "joining mid-window until its first token; chats - from `POST /api/chats`. Bytes and "
+        "requests: as received/sent by the load clients in the window, per delivered token. "
+        "RSS/conn: (server RSS with the clients connected and idle - before) / clients. "
+        "`% offered`: delivered / (rate x clients).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _load_table(points: list[dict[str, Any]], ranges: bool) -> list[str]:
+    header = [
+        "transport",
+        "clients",
+        "rate",
+        "server CPU %",
+        "load-client CPU %",
+        "failed",
+        "disconnects",
+        "overflows",
+        "resets",
+    ]
+    lines = [
+        "## Load and errors",
+        "",
+        "Server CPU % is of one core (the server is one process); load-client CPU % is summed "
+        "over the worker processes. A load client near 100% x workers means the point measured "
+        "the client, not the server.",
+        "",
+        _row(header),
+        _row(["---"] * len(header)),
+    ]
+    for point in points:
+        summary, runs = point["summary"], point["runs"]
+        lines.append(
+            _row(
+                [
+                    point["label"],
+                    str(point["clients"]),
+                    f"{point['rate']:g}",
+                    cell(summary["server_cpu_pct"], "int", ranges),
+                    cell(summary["client_cpu_pct"], "int", ranges),
+                    str(sum(r["failures"] for r in runs)),
+                    str(sum(r["disconnects"] for r in runs)),
+                    str(sum(r["overflows"] for r in runs)),
+                    str(sum(r["resets"] for r in runs)),
+                ]
+            )
+        )
+    lines.append("")
+    return lines
+
+
+def _slow_table(s: dict[str, Any]) -> list[str]:
+    header = ["normal SSE clients", "events/s", "p50 ms", "p95 ms", "p99 ms", "max ms"]
+    header += ["lost", "dup"]
+    lines = [
+        "## Slow-subscriber scenario",
+        "",
+        f"{s['normal_clients']} normal SSE clients on the ticker at {s['rate']:g} tokens/s; then "
+        f"{s['stalled_clients']} stalled SSE clients (never read; 4 KiB receive buffer, "
+        f"1460-byte MSS) join for {s['phase_s']:g} s. Server send_buffer "
+        f"{s['send_buffer'] // 1024} KiB. Lost/dup count over the normal clients' whole lives.",
+        "",
+        _row(header),
+        _row(["---"] * len(header)),
+    ]
+    for name, phase in (
+        ("without stalled", s["without_stalled"]),
+        ("with stalled", s["with_stalled"]),
+    ):
+        lines.append(
+            _row(
+                [
+                    name,
+                    fmt(phase["events_per_s"], "rate"),
+                    fmt(phase["p50_ms"], "ms"),
+                    fmt(phase["p95_ms"], "ms"),
+                    fmt(phase["p99_ms"], "ms"),
+                    fmt(phase["max_ms"], "ms"),
+                    str(phase["lost"]),
+                    str(phase["dup"]),
+                ]
+            )
+        )
+    growth, bound = s["rss_growth_kb"], s["rss_bound_kb"]
+    lines += [
+        "",
+        f"Stalled clients ended by the server (overflow): {s['server_overflows']} of "
+        f"{s['stalled_clients']} (server count)"
+        + (
+            f", all within {s['all_ended_after_s']:.1f} s of joining"
+            if s.get("all_ended_after_s") is not None
+            else ""
+        )
+        + f"; {s['stalled_ended_seen_by_client']} seen closed by the clients, "
+        f"{s['stalled_still_open']} still open at the end.",
+        f"Server RSS: {fmt(s['rss_kb_before'], 'num')} KiB before, peak "
+        f"{fmt(s['rss_kb_peak'], 'num')} KiB, {fmt(s['rss_kb_after'], 'num')} KiB after; growth "
+        f"{fmt(growth, 'num')} KiB against a bound of {fmt(bound, 'num')} KiB "
+        f"(stalled x send_buffer): {'within' if s['within_bound'] else 'NOT within'} bound."
+        if growth is not None
+        else "Server RSS: n/a (external server).",
+        "",
+    ]
+    return lines
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_results(results: dict[str, Any], out: Path, plots: bool = True) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md`` and (with ``plots``) one PNG per measure.
+
+    Returns:
+        The written files by kind (``json``, ``md``, and ``png:<measure>``).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    json_path = out / "results.json"
+    json_path.write_text(json.dumps(_jsonable(results), indent=2) + "\n")
+    written["json"] = json_path
+    md_path = out / "results.md"
+    md_path.write_text(markdown(results))
+    written["md"] = md_path
+    if plots and results["points"]:
+        from realtime_lab.bench.plots import plot_measures
+
+        for key, path in plot_measures(results, out).items():
+            written[f"png:{key}"] = path
+    return written

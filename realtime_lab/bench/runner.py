@@ -1,0 +1,605 @@
+"""The benchmark's coordinator: sweep points, measurement windows, repeats, scenarios.
+
+One *point* is (transport, clients, token rate, poll interval). Each run of a point:
+
+1. starts a fresh server process with the ticker paused (or uses ``--url``);
+2. opens the point's clients, spread over the load workers, waits until the server counts them,
+   and reads the server's RSS: (RSS with N idle connections - RSS before) / N;
+3. starts the ticker at the point's rate (``PATCH /api/config``), lets it run for the warm-up,
+   then counts deliveries for ``duration`` seconds while reading the server's CPU time; a few
+   probe clients join during the window to time a late joiner's first token;
+4. closes the clients and stops the server (SIGTERM, then wait).
+
+A fresh server per run keeps one point's leftovers (memory the allocator keeps, connections
+still closing) out of the next one's numbers; it costs about half a second.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from array import array
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from realtime_lab.bench.loadgen import TRANSPORTS, split, worker_main
+from realtime_lab.bench.server import ServerProcess, http_json, raise_fd_limit
+from realtime_lab.bench.stats import latency_summary, median, spread
+from realtime_lab.errors import RealtimeLabError
+
+#: The measures of one run, in report order: (key, label, unit).
+MEASURES: Final = (
+    ("events_per_s", "delivered events/s", "events/s"),
+    ("p50_ms", "delivery latency p50", "ms"),
+    ("p95_ms", "delivery latency p95", "ms"),
+    ("p99_ms", "delivery latency p99", "ms"),
+    ("max_ms", "delivery latency max", "ms"),
+    ("ttft_ms", "time to first token (median)", "ms"),
+    ("bytes_per_token", "bytes received per delivered token", "bytes"),
+    ("requests_per_token", "HTTP requests per delivered token", "requests"),
+    ("cpu_s_per_1k", "server CPU seconds per 1,000 deliveries", "s"),
+    ("rss_kb_per_conn", "server RSS per open connection", "KiB"),
+    ("lost", "events lost", "events"),
+    ("dup", "events duplicated", "events"),
+)
+PAUSED_TICKER_MAX: Final = 1000.0  # the largest ticker_rate PATCH /api/config accepts
+PROBES_PER_WORKER: Final = 2
+REPLY_GRACE: Final = 120.0
+STALL_END_WAIT: Final = 20.0  # longest wait, after the phase, for the stalled clients to be ended
+
+
+class BenchError(RealtimeLabError):
+    """The benchmark could not run a point (a worker failed, the server did not start)."""
+
+
+@dataclass
+class BenchConfig:
+    """Everything one ``realtime-lab bench`` invocation does."""
+
+    out: Path
+    workload: str = "ticker"
+    transports: list[str] = field(default_factory=lambda: list(TRANSPORTS))
+    clients: list[int] = field(default_factory=lambda: [10, 100, 1000])
+    rates: list[float] = field(default_factory=lambda: [100.0])
+    poll_intervals: list[float] = field(default_factory=lambda: [1.0])
+    duration: float = 10.0
+    warmup: float = 3.0
+    repeat: int = 3
+    url: str | None = None
+    workers: int = 0  # 0: one per CPU
+    chats: int = 10
+    chat_tokens: int = 60
+    ttft_ms: float = 100.0
+    sweep: bool = True
+    slow_subscriber: bool = False
+    stall_clients: int = 100
+    stalled: int = 50
+    stall_rate: float = 500.0
+    stall_send_buffer: int = 64 * 1024
+    stall_duration: float = 6.0
+    progress: bool = True
+    quick: bool = False
+
+    def points(self) -> list[dict[str, Any]]:
+        """The sweep's points, in run order (transport, then rate, interval, clients)."""
+        out = []
+        for transport in self.transports:
+            intervals = self.poll_intervals if transport == "poll" else [self.poll_intervals[0]]
+            for rate in self.rates:
+                for interval in intervals:
+                    for clients in self.clients:
+                        label = transport
+                        if transport == "poll" and len(self.poll_intervals) > 1:
+                            label = f"poll@{interval:g}s"
+                        out.append(
+                            {
+                                "transport": transport,
+                                "label": label,
+                                "clients": clients,
+                                "rate": rate,
+                                "poll_interval": interval,
+                            }
+                        )
+        return out
+
+
+# Worker pool --------------------------------------------------------------------------------------
+
+
+class WorkerPool:
+    """The load worker processes and their command pipes."""
+
+    def __init__(self, count: int) -> None:
+        # spawn, not fork: the coordinator may have threads (tqdm's monitor), and a fresh
+        # interpreter per worker holds nothing of the coordinator's.
+        context = multiprocessing.get_context("spawn")
+        self.procs: list[BaseProcess] = []
+        self.conns: list[Connection] = []
+        for index in range(count):
+            parent, child = context.Pipe()
+            proc = context.Process(
+                target=worker_main, args=(child, index), name=f"bench-worker-{index}", daemon=True
+            )
+            proc.start()
+            child.close()
+            self.procs.append(proc)
+            self.conns.append(parent)
+
+    def __len__(self) -> int:
+        return len(self.conns)
+
+    def ask(self, commands: list[dict[str, Any] | None], timeout: float) -> list[dict[str, Any]]:
+        """Send one command per worker (``None``: none to that one) and collect the replies.
+
+        Raises:
+            BenchError: a worker failed the command, died, or did not answer in time.
+        """
+        for conn, command in zip(self.conns, commands, strict=True):
+            if command is not None:
+                conn.send(command)
+        return self.collect(commands, timeout)
+
+    def collect(
+        self, commands: list[dict[str, Any] | None], timeout: float
+    ) -> list[dict[str, Any]]:
+        """Collect the replies to ``commands`` already sent (``{}`` where none was).
+
+        Raises:
+            BenchError: as :meth:`ask`.
+        """
+        replies: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        for index, (conn, command) in enumerate(zip(self.conns, commands, strict=True)):
+            if command is None:
+                replies.append({})
+                continue
+            if not conn.poll(max(deadline - time.monotonic(), 0.0)):
+                raise BenchError(f"load worker {index} did not answer {command['op']!r} in time")
+            try:
+                reply: dict[str, Any] = conn.recv()
+            except EOFError as exc:
+                raise BenchError(f"load worker {index} died") from exc
+            if reply.get("op") == "error":
+                raise BenchError(f"load worker {index}: {reply['error']}")
+            replies.append(reply)
+        return replies
+
+    def broadcast(self, command: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
+        """Send the same command to every worker."""
+        return self.ask([dict(command) for _ in self.conns], timeout)
+
+    def close(self) -> None:
+        """Ask the workers to quit, and make sure they did."""
+        for conn in self.conns:
+            with suppress(OSError, ValueError):
+                conn.send({"op": "quit"})
+        for proc in self.procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+        for conn in self.conns:
+            conn.close()
+        for proc in self.procs:
+            proc.close()
+        self.procs, self.conns = [], []
+
+
+# Target -------------------------------------------------------------------------------------------
+
+
+class Target:
+    """The server a run talks to: our own process, or an existing URL (no CPU/RSS then)."""
+
+    def __init__(self, server: ServerProcess | None, url: str) -> None:
+        self.server = server
+        self.url = url.rstrip("/")
+        parts = urlsplit(self.url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 80
+        self.host_header = parts.netloc
+
+    def cpu(self) -> float | None:
+        return None if self.server is None else self.server.cpu()
+
+    def rss(self) -> int | None:
+        return None if self.server is None else self.server.rss()
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = http_json(self.url + "/api/stats")
+        return result
+
+    def set_ticker(self, rate: float) -> None:
+        http_json(self.url + "/api/config", "PATCH", {"ticker_rate": rate})
+
+    def wait_open(self, transport: str, count: int, timeout: float) -> int:
+        """Wait until the server counts ``count`` more open connections of ``transport``."""
+        if transport == "poll":
+            return count  # short polls hold nothing open between requests
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < deadline:
+            seen = int(self.stats()["transports"][transport]["open"])
+            if seen >= count:
+                break
+            time.sleep(0.05)
+        return seen
+
+
+@contextmanager
+def target(config: BenchConfig, options: dict[str, Any]) -> Iterator[Target]:
+    """A fresh server with ``options`` (or ``config.url``) for one run."""
+    if config.url is not None:
+        yield Target(None, config.url)
+        return
+    config.out.mkdir(parents=True, exist_ok=True)
+    server = ServerProcess(
+        {"log_level": "WARNING", "shutdown_timeout": 2.0, **options}, config.out / "server.log"
+    )
+    server.start()
+    try:
+        yield Target(server, server.url)
+    finally:
+        server.stop()
+
+
+# One run ------------------------------------------------------------------------------------------
+
+
+def _sleep_until(wall: float) -> None:
+    time.sleep(max(wall - time.time(), 0.0))
+
+
+def _merge(replies: list[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {"latency": array("d"), "ttft": array("d"), "errors": []}
+    for reply in replies:
+        for key, value in reply.items():
+            if key in ("latency", "ttft"):
+                total[key].frombytes(value)
+            elif key == "errors":
+                total["errors"].extend(value)
+            elif isinstance(value, int | float) and key != "op":
+                total[key] = total.get(key, 0) + value
+    return total
+
+
+def _history(rate: float, interval: float, duration: float) -> int:
+    # Enough history that a poller one interval (or a slow second) behind never needs a reset.
+    return max(1000, int(rate * max(interval, 1.0) * 4))
+
+
+def run_point(
+    config: BenchConfig, pool: WorkerPool, point: dict[str, Any], tag: str
+) -> dict[str, Any]:
+    """One run of one point; the measures of :data:`MEASURES` and the raw counts."""
+    rate = float(point["rate"])
+    chats = config.workload == "chats"
+    paused_start = not chats and rate <= PAUSED_TICKER_MAX
+    options: dict[str, Any] = {
+        "ticker_rate": 0.0 if chats or paused_start else rate,
+        "history": _history(rate, point["poll_interval"], config.duration),
+        "longpoll_max_timeout": 60.0,
+        "ttft_ms": config.ttft_ms,
+    }
+    clients = int(point["clients"])
+    transport = point["transport"]
+    with target(config, options) as tgt:
+        if tgt.server is None and not chats:
+            tgt.set_ticker(0.0 if paused_start else rate)
+        before = tgt.stats()["transports"][transport]["open"]
+        time.sleep(0.2)  # let the fresh interpreter settle before the baseline
+        rss0 = tgt.rss()
+        shares = split(clients, len(pool))
+        chat_shares = split(config.chats, len(pool))
+        commands: list[dict[str, Any] | None] = []
+        for i, share in enumerate(shares):
+            if share == 0 or (chats and chat_shares[i] == 0):
+                commands.append(None)
+                continue
+            commands.append(
+                {
+                    "op": "open",
+                    "workload": config.workload,
+                    "transport": transport,
+                    "clients": share,
+                    "chats": chat_shares[i],
+                    "channel": "ticker",
+                    "host": tgt.host,
+                    "port": tgt.port,
+                    "host_header": tgt.host_header,
+                    "tag": tag,
+                    "poll_interval": point["poll_interval"],
+                    "chat_tokens": config.chat_tokens,
+                    "token_ms": 1000.0 / rate if rate > 0 else 0.0,
+                    "ttft_ms": config.ttft_ms,
+                }
+            )
+        opened = pool.ask(commands, timeout=REPLY_GRACE)
+        open_clients = sum(r.get("clients", 0) for r in opened)
+        rss_per_conn: float | None = None
+        if not chats:
+            tgt.wait_open(transport, before + open_clients, timeout=30.0)
+            time.sleep(0.2)
+            rss1 = tgt.rss()
+            if rss0 is not None and rss1 is not None and open_clients:
+                rss_per_conn = (rss1 - rss0) / open_clients
+            if paused_start:
+                tgt.set_ticker(rate)
+        start = time.time() + config.warmup
+        end = start + config.duration
+        window = {"op": "window", "start": start, "end": end, "probes": PROBES_PER_WORKER}
+        for conn, command in zip(pool.conns, commands, strict=True):
+            if command is not None:
+                conn.send(window)
+        _sleep_until(start)
+        cpu0 = tgt.cpu()
+        _sleep_until(end)
+        cpu1 = tgt.cpu()
+        results = pool.collect([None if c is None else window for c in commands], REPLY_GRACE)
+        pool.ask([None if c is None else {"op": "close"} for c in commands], timeout=REPLY_GRACE)
+    total = _merge(results)
+    return _measures(config, point, total, cpu0, cpu1, rss_per_conn, open_clients, opened)
+
+
+def _measures(
+    config: BenchConfig,
+    point: dict[str, Any],
+    total: dict[str, Any],
+    cpu0: float | None,
+    cpu1: float | None,
+    rss_per_conn: float | None,
+    open_clients: int,
+    opened: list[dict[str, Any]],
+) -> dict[str, Any]:
+    events = int(total.get("events", 0))
+    duration = config.duration
+    lat = latency_summary(total["latency"])
+    ttft = [v for v in total["ttft"] if math.isfinite(v)]
+    server_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+    failures = sum(r.get("failures", 0) for r in opened) + int(total.get("failures", 0))
+    errors = [e for r in opened for e in r.get("errors", [])] + total["errors"]
+    expected = None
+    if config.workload == "ticker":
+        expected = float(point["rate"]) * open_clients
+    return {
+        "events_per_s": events / duration,
+        "expected_events_per_s": expected,
+        "p50_ms": lat["p50"],
+        "p95_ms": lat["p95"],
+        "p99_ms": lat["p99"],
+        "max_ms": lat["max"],
+        "ttft_ms": median(ttft) if ttft else None,
+        "bytes_per_token": total.get("bytes", 0) / events if events else None,
+        "requests_per_token": total.get("requests", 0) / events if events else None,
+        "cpu_s_per_1k": server_cpu / events * 1000 if server_cpu is not None and events else None,
+        "rss_kb_per_conn": rss_per_conn,
+        "lost": int(total.get("lost", 0)),
+        "dup": int(total.get("dup", 0)),
+        "server_cpu_pct": None if server_cpu is None else 100.0 * server_cpu / duration,
+        "client_cpu_pct": 100.0 * float(total.get("cpu", 0.0)) / duration,
+        "clients_open": open_clients,
+        "failures": failures,
+        "disconnects": int(total.get("disconnects", 0)),
+        "overflows": int(total.get("overflows", 0)),
+        "resets": int(total.get("resets", 0)),
+        "incomplete": int(total.get("incomplete", 0)),
+        "chats_done": int(total.get("chats", 0)),
+        "events": events,
+        "errors": errors[:10],
+    }
+
+
+# Slow-subscriber scenario -----------------------------------------------------------------------
+
+
+def _window(
+    pool: WorkerPool, active: list[bool], seconds: float, sample: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    start = time.time() + 0.05
+    end = start + seconds
+    commands: list[dict[str, Any] | None] = [
+        {"op": "window", "start": start, "end": end, "probes": 0} if on else None for on in active
+    ]
+    for conn, command in zip(pool.conns, commands, strict=True):
+        if command is not None:
+            conn.send(command)
+    while time.time() < end:
+        if sample is not None:
+            sample()
+        time.sleep(min(0.2, max(end - time.time(), 0.0)))
+    replies = pool.collect(commands, REPLY_GRACE)
+    total = _merge(replies)
+    lat = latency_summary(total["latency"])
+    return {
+        "events_per_s": total.get("events", 0) / seconds,
+        "p50_ms": lat["p50"],
+        "p95_ms": lat["p95"],
+        "p99_ms": lat["p99"],
+        "max_ms": lat["max"],
+        "lost": int(total.get("lost", 0)),
+        "dup": int(total.get("dup", 0)),
+        "overflows": int(total.get("overflows", 0)),
+        "disconnects": int(total.get("disconnects", 0)),
+    }
+
+
+def run_slow_subscriber(config: BenchConfig, pool: WorkerPool) -> dict[str, Any]:
+    """N normal SSE clients on the ticker, then K stalled ones beside them.
+
+    Reports the normal clients' latency without and with the stalled ones, the server's RSS
+    growth against its bound (K x send_buffer), and how many stalled clients the server ended.
+    """
+    options = {"ticker_rate": config.stall_rate, "send_buffer": config.stall_send_buffer}
+    tag = "bench-slow"
+    with target(config, options) as tgt:
+        if tgt.server is None:
+            tgt.set_ticker(config.stall_rate)
+        spec = {
+            "op": "open",
+            "workload": "ticker",
+            "transport": "sse",
+            "channel": "ticker",
+            "host": tgt.host,
+            "port": tgt.port,
+            "host_header": tgt.host_header,
+            "tag": tag,
+            "poll_interval": 1.0,
+        }
+        shares = split(config.stall_clients, len(pool))
+        active = [share > 0 for share in shares]
+        pool.ask([{**spec, "clients": share} if share else None for share in shares], REPLY_GRACE)
+        time.sleep(config.warmup)
+        without = _window(pool, active, config.stall_duration)
+        overflows0 = int(tgt.stats()["transports"]["sse"]["overflows"])
+        rss_before = tgt.rss()
+        stall_shares = split(config.stalled, len(pool))
+        stalled = pool.ask(
+            [
+                {**spec, "op": "stall", "count": k, "rcvbuf": 4096} if k else None
+                for k in stall_shares
+            ],
+            REPLY_GRACE,
+        )
+        peak = [rss_before or 0]
+
+        def sample() -> None:
+            rss = tgt.rss()
+            if rss is not None:
+                peak[0] = max(peak[0], rss)
+
+        stalled_at = time.monotonic()
+        with_stalled = _window(pool, active, config.stall_duration, sample)
+        # Wait (bounded) until the server has ended every stalled client, then past the grace
+        # after which it aborts their sockets, so the clients' own view agrees.
+        opened = sum(r.get("count", 0) for r in stalled)
+        deadline = time.monotonic() + STALL_END_WAIT
+        while True:
+            overflows = int(tgt.stats()["transports"]["sse"]["overflows"]) - overflows0
+            sample()
+            if overflows >= opened or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        ended_after = time.monotonic() - stalled_at if overflows >= opened else None
+        time.sleep(2.5)
+        sample()
+        rss_after = tgt.rss()
+        unstalled = pool.ask([{"op": "unstall"} if k else None for k in stall_shares], REPLY_GRACE)
+        pool.ask([{"op": "close"} if a else None for a in active], REPLY_GRACE)
+    growth = None if rss_before is None else peak[0] - rss_before
+    bound = opened * config.stall_send_buffer / 1024
+    return {
+        "normal_clients": config.stall_clients,
+        "stalled_clients": opened,
+        "rate": config.stall_rate,
+        "send_buffer": config.stall_send_buffer,
+        "phase_s": config.stall_duration,
+        "without_stalled": without,
+        "with_stalled": with_stalled,
+        "server_overflows": overflows,
+        "all_ended_after_s": ended_after,
+        "stalled_ended_seen_by_client": sum(r.get("ended", 0) for r in unstalled),
+        "stalled_still_open": sum(r.get("alive", 0) for r in unstalled),
+        "rss_kb_before": rss_before,
+        "rss_kb_peak": peak[0] if rss_before is not None else None,
+        "rss_kb_after": rss_after,
+        "rss_growth_kb": growth,
+        "rss_bound_kb": bound,
+        "within_bound": None if growth is None else growth <= bound + 4096,
+    }
+
+
+# The whole benchmark ----------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    load = os.getloadavg()
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "loadavg_at_start": [round(x, 2) for x in load],
+    }
+
+
+def run_bench(config: BenchConfig) -> dict[str, Any]:
+    """Run the sweep (and scenarios) of ``config``; return the results document.
+
+    Write it with :func:`realtime_lab.bench.report.write_results`.
+    """
+    raise_fd_limit()
+    started = time.time()
+    points = config.points() if config.sweep else []
+    steps = len(points) * config.repeat + (1 if config.slow_subscriber else 0)
+    workers = config.workers or max(os.cpu_count() or 1, 1)
+    progress = _progress(steps, config.progress)
+    results: list[dict[str, Any]] = []
+    scenario: dict[str, Any] | None = None
+    pool = WorkerPool(workers)
+    try:
+        for number, point in enumerate(points):
+            runs = []
+            for rep in range(config.repeat):
+                progress.set_description(
+                    f"{point['label']} x{point['clients']} @{point['rate']:g}/s #{rep + 1}"
+                )
+                runs.append(run_point(config, pool, point, f"bench-{number}-{rep}"))
+                progress.update(1)
+            summary = {key: spread(run[key] for run in runs) for key, _, _ in MEASURES}
+            for extra in ("server_cpu_pct", "client_cpu_pct", "expected_events_per_s"):
+                summary[extra] = spread(run[extra] for run in runs)
+            results.append({**point, "runs": runs, "summary": summary})
+        if config.slow_subscriber:
+            progress.set_description("slow-subscriber")
+            scenario = run_slow_subscriber(config, pool)
+            progress.update(1)
+    finally:
+        progress.close()
+        pool.close()
+    cfg = asdict(config)
+    cfg["out"] = str(config.out)
+    return {
+        "version": 1,
+        "config": cfg,
+        "machine": {**machine_info(), "load_workers": workers},
+        "wall_s": time.time() - started,
+        "points": results,
+        "slow_subscriber": scenario,
+    }
+
+
+class _Progress:
+    def set_description(self, text: str) -> None: ...
+
+    def update(self, n: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _Progress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr)
+
+
+__all__ = [
+    "MEASURES",
+    "BenchConfig",
+    "BenchError",
+    "WorkerPool",
+    "run_bench",
+    "run_point",
+    "run_slow_subscriber",
+]

@@ -1,0 +1,451 @@
+"""What every client shares: the reconnect loop, resume, de-duplication and the accounting.
+
+A transport client only says how to open one connection and read events from it
+(:meth:`StreamClient._connect`, an async generator). This module turns that into the stream the
+caller iterates: it reconnects with exponential backoff and full jitter, resumes after the last
+event it yielded, drops events it already yielded, counts gaps, and stops after ``end``.
+
+Why the backoff is written here rather than taken from ``tenacity`` or ``backoff``: those
+libraries retry a call (or a generator's *start*) with a fixed policy, while this loop retries a
+stream that is yielding to the caller, resets its backoff as soon as a connection delivers,
+takes its base delay from the server (SSE ``retry:``, ``retry_after_ms``) while running, and must
+stop the moment ``close()`` is called from another task; "full jitter" itself is one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator, AsyncIterator
+from types import TracebackType
+from typing import Any, ClassVar, Final, NoReturn
+
+import aiohttp
+from yarl import URL
+
+from realtime_lab.clients.stats import ClientStats
+from realtime_lab.errors import (
+    ClientError,
+    InvalidCursor,
+    InvalidEnvelope,
+    ReconnectsExhausted,
+    ServerRefused,
+)
+from realtime_lab.feed.chats import CHAT_PREFIX
+from realtime_lab.protocol.cursor import LIVE, parse_id
+from realtime_lab.protocol.envelope import END, RESET, Event
+
+log = logging.getLogger("realtime_lab.client")
+
+#: HTTP statuses that are worth retrying although they are 4xx.
+RETRYABLE_4XX: Final = frozenset({408, 429})
+#: Failures of one connection that a reconnect may cure.
+TRANSIENT: Final = (aiohttp.ClientError, OSError, TimeoutError, asyncio.IncompleteReadError)
+MAX_OUT_OF_ORDER_RANGES: Final = 64
+
+#: One event as a transport read it, with the wall-clock time (ms) it arrived.
+Received = tuple[Event, float]
+
+
+def now_ms() -> float:
+    """Wall-clock milliseconds, the clock of ``Event.ts``."""
+    return time.time() * 1000.0
+
+
+def http_header_bytes(response: aiohttp.ClientResponse) -> int:
+    """The size of the status line and headers of ``response`` as they were received."""
+    version = response.version
+    proto = f"HTTP/{version.major}.{version.minor}" if version is not None else "HTTP/1.1"
+    status_line = len(f"{proto} {response.status} {response.reason or ''}\r\n")
+    # "Name: value\r\n" per header, then the blank line.
+    return status_line + sum(len(k) + len(v) + 4 for k, v in response.raw_headers) + 2
+
+
+def _running(iterator: AsyncGenerator[Event, None]) -> bool:
+    # True while a task is inside the generator (awaiting I/O), not when it waits at a yield.
+    return bool(getattr(iterator, "ag_running", False))
+
+
+class Retry(Exception):
+    """Raised by a transport: this connection is over, reconnect and resume.
+
+    Attributes:
+        delay: the server's requested delay in seconds (``retry_after_ms``), if it gave one.
+    """
+
+    def __init__(self, reason: str, delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+class Finished(Exception):
+    """Raised by a transport: the stream is over without an ``end`` to yield (SSE 204)."""
+
+
+class Sequencer:
+    """De-duplication and gap detection from event ids (``<epoch>-<seq>``).
+
+    Within one epoch ids are consecutive, so a seq at or below the last one is a duplicate (or a
+    late arrival, whose gap was already counted), and a jump is a gap. A ``reset`` re-bases the
+    expected position on its own id (the position just before the oldest retained event); an
+    epoch change that no ``reset`` announced is counted as a gap.
+    """
+
+    def __init__(self, stats: ClientStats, after: str | None = None) -> None:
+        self.stats = stats
+        self.epoch: str | None = None
+        self.seq = 0
+        # Seq ranges skipped by gaps in the current epoch, to tell a late event from a duplicate.
+        self._missing: list[tuple[int, int]] = []
+        if after is not None and after not in ("", LIVE):
+            with contextlib.suppress(InvalidCursor):
+                cursor = parse_id(after)
+                self.epoch, self.seq = cursor.epoch, cursor.seq
+
+    def accept(self, event: Event) -> bool:
+        """Account for ``event``; ``True`` when it must be yielded, ``False`` to drop it."""
+        try:
+            cursor = parse_id(event.id)
+        except InvalidCursor:
+            return True  # not ours to judge; Event.from_dict already validated real envelopes
+        if event.type == RESET:
+            self.stats.resets += 1
+            self._rebase(cursor.epoch, cursor.seq)
+            return True
+        if self.epoch is None:
+            self._rebase(cursor.epoch, cursor.seq)
+            return True
+        if cursor.epoch != self.epoch:
+            self.stats.gaps += 1
+            self._rebase(cursor.epoch, cursor.seq)
+            return True
+        if cursor.seq <= self.seq:
+            if self._fills_gap(cursor.seq):
+                self.stats.out_of_order += 1
+            else:
+                self.stats.duplicates += 1
+            return False
+        if cursor.seq > self.seq + 1:
+            self.stats.gaps += 1
+            self._missing.append((self.seq + 1, cursor.seq - 1))
+            del self._missing[:-MAX_OUT_OF_ORDER_RANGES]
+        self.seq = cursor.seq
+        return True
+
+    def forget(self) -> None:
+        """Start over: the next event sets the base, as at the start without a position."""
+        self.epoch, self.seq = None, 0
+        self._missing.clear()
+
+    def _rebase(self, epoch: str, seq: int) -> None:
+        self.epoch, self.seq = epoch, seq
+        self._missing.clear()
+
+    def _fills_gap(self, seq: int) -> bool:
+        for index, (low, high) in enumerate(self._missing):
+            if low <= seq <= high:
+                # Each missing seq is reported late once; a second copy is a duplicate.
+                del self._missing[index]
+                if low < seq:
+                    self._missing.append((low, seq - 1))
+                if seq < high:
+                    self._missing.append((seq + 1, high))
+                return True
+        return False
+
+
+class StreamClient(ABC):
+    """One channel over one transport, as an async iterator of events that survives reconnects.
+
+    Create it with :func:`realtime_lab.clients.open_stream`, then::
+
+        async with client:
+            async for event in client:
+                ...
+
+    Iteration yields each event once, in order, including ``reset`` events (history was lost:
+    the caller decides what to do); it yields ``end`` and then stops. Between connections it
+    waits ``uniform(0, min(cap, base * 2**attempt))`` seconds and resumes after :attr:`last_id`.
+    Read :attr:`stats` at any time.
+    """
+
+    transport: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        base_url: str,
+        channel: str,
+        *,
+        after: str | None = None,
+        session: aiohttp.ClientSession | None = None,
+        client_tag: str | None = None,
+        poll_interval: float = 0.25,
+        longpoll_timeout: float = 25.0,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 5.0,
+        max_reconnects: int | None = None,
+        connect_timeout: float = 10.0,
+        idle_timeout: float | None = None,
+    ) -> None:
+        self.base_url = URL(base_url.rstrip("/"))
+        self.channel = channel
+        self.after = after
+        self.client_tag = client_tag
+        self.poll_interval = poll_interval
+        self.longpoll_timeout = longpoll_timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.max_reconnects = max_reconnects
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.stats = ClientStats(transport=self.transport)
+        self.last_id: str | None = None
+        self._session = session
+        self._owns_session = session is None
+        # Where the next connection resumes: the last event yielded, or a poll answer's cursor.
+        self._resume: str | None = after
+        self._sequencer = Sequencer(self.stats, after)
+        self._failures = 0  # consecutive failed connections; resets once one delivers
+        self._server_base: float | None = None  # a base delay the server asked for (SSE retry)
+        self._closed = False
+        self._closing = asyncio.Event()
+        self._finished = False
+        self._started: float | None = None
+        self._iterator: AsyncGenerator[Event, None] | None = None
+        self._response: aiohttp.ClientResponse | None = None  # the open HTTP response, if any
+
+    # Public API ----------------------------------------------------------------------------------
+
+    @property
+    def backoff_base(self) -> float:
+        """The base reconnection delay in seconds: the server's (SSE ``retry:``) if it sent one."""
+        return self._server_base if self._server_base is not None else self.backoff_initial
+
+    @property
+    def closed(self) -> bool:
+        """``True`` once :meth:`close` was called."""
+        return self._closed
+
+    async def __aenter__(self) -> StreamClient:
+        self.session  # noqa: B018 - create the owned session now, inside the caller's loop
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        if self._closed:
+            raise ClientError("this client is closed")
+        if self._iterator is not None and _running(self._iterator):
+            raise ClientError("this client is already being iterated")
+        self._iterator = self._events()
+        return self._iterator
+
+    async def close(self) -> None:
+        """Stop iterating and release the connection (and the session, if the client made it).
+
+        Safe to call from another task while one iterates: its ``async for`` then ends
+        (``StopAsyncIteration``) instead of reconnecting. Idempotent.
+        """
+        if not self._closed:
+            self._closed = True
+            self._closing.set()
+            await self._abort()
+        iterator = self._iterator
+        if iterator is not None and not _running(iterator):
+            await iterator.aclose()
+        if self._owns_session and self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    async def cancel(self) -> None:
+        """Cancel the chat this client streams; keep iterating to receive its ``end``.
+
+        Raises:
+            ServerRefused: the chat is unknown to the server.
+            ClientError: the channel is not a chat (``chat.<id>``), or the server could not be
+                reached or failed; the chat may still be running.
+        """
+        chat_id = self._chat_id()
+        url = self.base_url / "api" / "chats" / chat_id
+        timeout = self._http_timeout(self.connect_timeout)
+        try:
+            async with self.session.delete(url, timeout=timeout) as response:
+                body = await response.read()
+                self.stats.requests += 1
+                self.stats.bytes_received += http_header_bytes(response) + len(body)
+                if response.status >= 400:
+                    self._http_error(response, body)
+        except Retry as exc:
+            raise ClientError(f"cancelling {self.channel} failed: {exc}") from exc
+        except TRANSIENT as exc:
+            raise ClientError(f"cancelling {self.channel} failed: {exc!r}") from exc
+
+    # For transports ------------------------------------------------------------------------------
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The HTTP session in use (created on first use when none was given)."""
+        if self._session is None:
+            if self._closed:
+                raise ClientError("this client is closed")
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    @abstractmethod
+    def _connect(self, resume: str | None, first: bool) -> AsyncGenerator[Received, None]:
+        """Open one connection resuming after ``resume`` and yield what it delivers.
+
+        Return when the server ends the connection; raise :class:`Retry` (or any
+        :data:`TRANSIENT` error) to reconnect, :class:`Finished` when the stream is over,
+        :class:`ServerRefused` when retrying cannot help.
+        """
+
+    async def _abort(self) -> None:
+        """Close whatever connection is open, so a blocked read returns (see :meth:`close`)."""
+        response, self._response = self._response, None
+        if response is not None:
+            response.close()
+
+    def _params(self, **extra: str | None) -> dict[str, str]:
+        params = {k: v for k, v in extra.items() if v is not None}
+        if self.client_tag is not None:
+            params["client"] = self.client_tag
+        return params
+
+    def _http_timeout(self, read: float | None) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=None, sock_connect=self.connect_timeout, sock_read=read)
+
+    def _delivered(self) -> None:
+        """A connection works (an event, or a successful poll answer): reset the backoff."""
+        self._failures = 0
+
+    def _http_error(self, response: aiohttp.ClientResponse, body: bytes) -> NoReturn:
+        """Raise what an error answer means: :class:`Retry` or :class:`ServerRefused`."""
+        status = response.status
+        code, message, delay = "http-error", response.reason or "", None
+        with contextlib.suppress(ValueError, AttributeError, TypeError):
+            error = json.loads(body)["error"]
+            code = str(error.get("code", code))
+            message = str(error.get("message", message))
+            if error.get("retry_after_ms") is not None:
+                delay = float(error["retry_after_ms"]) / 1000.0
+        with contextlib.suppress(ValueError):
+            delay = float(response.headers.get("Retry-After", "")) if delay is None else delay
+        if delay is not None and not 0.0 <= delay < math.inf:
+            delay = None  # NaN, negative or infinite: not a delay we can honour
+        text = f"{self.transport} {response.url}: HTTP {status} {code}: {message}"
+        if 400 <= status < 500 and status not in RETRYABLE_4XX:
+            raise ServerRefused(text, status, code)
+        raise Retry(text, delay)
+
+    async def _sleep(self, delay: float) -> bool:
+        """Wait ``delay`` seconds; ``False`` (at once) when the client is closed meanwhile."""
+        if self._closed:
+            return False
+        if delay <= 0:
+            await asyncio.sleep(0)  # still a point where close() can get in
+            return not self._closed
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await self._closing.wait()
+        return not self._closed
+
+    # The loop ----------------------------------------------------------------------------------
+
+    def _backoff(self, attempt: int) -> float:
+        base = self.backoff_base
+        cap = max(self.backoff_max, base)  # a server asking for more than our cap wins
+        return random.uniform(0.0, min(cap, base * 2 ** min(attempt, 32)))
+
+    async def _events(self) -> AsyncGenerator[Event, None]:
+        if self._started is None:
+            self._started = time.monotonic()
+        first = True
+        while not (self._closed or self._finished):
+            hint: float | None = None
+            try:
+                async with contextlib.aclosing(self._connect(self._resume, first)) as stream:
+                    first = False
+                    async for event, received in stream:
+                        self._delivered()
+                        if not self._sequencer.accept(event):
+                            continue
+                        self._account(event, received)
+                        yield event
+                        if event.type == END:
+                            self._finished = True
+                            return
+                reason = "the server closed the stream without an end event"
+            except Finished:
+                self._finished = True
+                return
+            except Retry as exc:
+                reason, hint = str(exc), exc.delay
+            except TRANSIENT as exc:
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            except ServerRefused:
+                raise
+            except Exception:
+                if self._closed:
+                    return  # close() pulled the session from under a request
+                raise
+            if self._closed:
+                return
+            if self.max_reconnects is not None and self._failures >= self.max_reconnects:
+                raise ReconnectsExhausted(
+                    f"{self.transport} {self.channel}: gave up after {self._failures} "
+                    f"reconnection attempts in a row; last failure: {reason}"
+                )
+            delay = self._backoff(self._failures)
+            if hint is not None:
+                # The server's Retry-After / retry_after_ms, within our cap; never sooner.
+                delay = max(min(hint, self.backoff_max), delay)
+            self._failures += 1
+            self.stats.reconnects += 1
+            self.stats.add_delay(delay)
+            log.info(
+                "%s %s: %s; reconnecting in %.3f s after %s",
+                self.transport,
+                self.channel,
+                reason,
+                delay,
+                self._resume,
+            )
+            if not await self._sleep(delay):
+                return
+
+    def _account(self, event: Event, received: float) -> None:
+        self.last_id = self._resume = event.id
+        stats = self.stats
+        stats.events += 1
+        stats.add_latency(received - event.ts)
+        if stats.first_event_s is None and self._started is not None:
+            stats.first_event_s = time.monotonic() - self._started
+
+    def _chat_id(self) -> str:
+        if not self.channel.startswith(CHAT_PREFIX) or len(self.channel) == len(CHAT_PREFIX):
+            raise ClientError(
+                f"{self.channel!r} is not a chat channel; only chats can be cancelled"
+            )
+        return self.channel[len(CHAT_PREFIX) :]
+
+
+def decode_envelope(value: Any, where: str) -> Event | None:
+    """An envelope from decoded JSON, or ``None`` (logged) when it is not one."""
+    try:
+        return Event.from_dict(value)
+    except InvalidEnvelope as exc:
+        log.warning("%s: ignoring a message that is not an event envelope: %s", where, exc)
+        return None

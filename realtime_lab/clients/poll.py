@@ -1,0 +1,84 @@
+"""Short polling: ``GET /poll/{channel}?after=CURSOR`` every ``poll_interval`` seconds.
+
+Each answer is ``{"events": [...], "cursor": ID, "more": bool}``; the next request sends
+``cursor`` back as ``after``. When ``more`` is true the client asks again at once, else it waits
+``poll_interval``. The long-polling client (:mod:`realtime_lab.clients.longpoll`) is the same
+loop with a server-side wait and no pause.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator
+from typing import ClassVar
+
+from realtime_lab.clients.base import (
+    Received,
+    Retry,
+    StreamClient,
+    decode_envelope,
+    http_header_bytes,
+    now_ms,
+)
+
+
+class PollClient(StreamClient):
+    """A channel over short polling (see the module docstring)."""
+
+    transport = "poll"
+    path: ClassVar[str] = "poll"
+
+    def _extra_params(self) -> dict[str, str | None]:
+        return {}
+
+    def _read_timeout(self) -> float:
+        return self.idle_timeout if self.idle_timeout is not None else 30.0
+
+    def _pause(self) -> float:
+        return self.poll_interval
+
+    async def _connect(self, resume: str | None, first: bool) -> AsyncGenerator[Received, None]:
+        stats = self.stats
+        url = self.base_url / self.path / self.channel
+        position = resume
+        established = False
+        while True:
+            params = self._params(after=position or None, **self._extra_params())
+            timeout = self._http_timeout(self._read_timeout())
+            async with self.session.get(url, params=params, timeout=timeout) as response:
+                self._response = response  # so close() can cut a waiting long-poll short
+                try:
+                    body = await response.read()
+                finally:
+                    self._response = None
+                stats.requests += 1
+                stats.bytes_received += http_header_bytes(response) + len(body)
+                if response.status != 200:
+                    self._http_error(response, body)
+            try:
+                answer = json.loads(body)
+                raw_events, cursor, more = answer["events"], answer["cursor"], answer["more"]
+                if not isinstance(raw_events, list):
+                    raise TypeError("events is not a list")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise Retry(f"{self.transport}: malformed answer: {exc}") from exc
+            if not established:
+                established = True
+                stats.connections += 1
+            self._delivered()
+            received = now_ms()
+            for raw in raw_events:
+                event = decode_envelope(raw, f"{self.transport} {self.channel}")
+                if event is not None:
+                    yield event, received
+            if isinstance(cursor, str) and cursor:
+                # The cursor, not the last event's id: it also moves past an empty answer
+                # ("now"), so the next request misses nothing.
+                position = self._resume = cursor
+            elif cursor is None:
+                # The channel holds nothing yet (any reset named a throwaway epoch): ask for
+                # all of its history next time, and take its first event's epoch as it comes.
+                position = self._resume = None
+                self._sequencer.forget()
+            if not more and not await self._sleep(self._pause()):
+                return

@@ -1,0 +1,103 @@
+"""How a load client counts what it receives: losses, duplicates, resets, ends, overflows."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from realtime_lab.bench import loadgen
+from realtime_lab.bench.cli import config_from_args
+from realtime_lab.bench.wire import Item
+from realtime_lab.cli import build_parser
+
+
+def _tok(seq: int, ts: float = 1000.0) -> Item:
+    return Item(None, seq, ts, b"")
+
+
+async def test_continuity_counts_gaps_and_duplicates() -> None:
+    tally = loadgen.Tally()
+    tally.in_window = True
+    client = loadgen.SSEClient(tally, "h", "ticker", "now", "t", 990.0)
+    client.items([_tok(5), _tok(6), _tok(6), _tok(9), _tok(8), _tok(10)], now=1004.0)
+    assert (tally.lost, tally.dup) == (2, 2)  # 7 and 8 missed (8 came late: a duplicate)
+    assert tally.events == 4
+    assert list(tally.latency) == [4.0] * 4
+    assert list(tally.ttft) == [14.0]
+
+
+async def test_nothing_counts_outside_the_window_but_losses_do() -> None:
+    tally = loadgen.Tally()
+    client = loadgen.WSClient(tally, "h", "ticker", "now", "t", 0.0)
+    client.items([_tok(1), _tok(3)], now=5.0)
+    assert tally.events == 0
+    assert tally.lost == 1
+
+
+async def test_a_chat_is_read_from_its_first_event() -> None:
+    tally = loadgen.Tally()
+    client = loadgen.SSEClient(tally, "h", "chat.x", "", "t", 0.0, from_start=True)
+    client.items([_tok(3), Item("end", 4, 1.0, b"")], now=5.0)
+    assert tally.lost == 2  # seq 1 and 2 never arrived
+    assert client.saw_end
+    assert client.done.done()  # the client closes itself after the end
+
+
+async def test_reset_counts_what_history_could_not_serve() -> None:
+    tally = loadgen.Tally()
+    client = loadgen.SSEClient(tally, "h", "ticker", "now", "t", 0.0)
+    # After seq 10, a reset whose id is 40 (the position before the oldest retained, 41).
+    client.items([_tok(10), Item("reset", 40, 2.0, b"{}"), _tok(41), _tok(42)], now=5.0)
+    assert (tally.resets, tally.lost, tally.dup) == (1, 30, 0)
+
+
+async def test_overflow_error_is_counted() -> None:
+    tally = loadgen.Tally()
+    client = loadgen.SSEClient(tally, "h", "ticker", "now", "t", 0.0)
+    client.items([Item("error", -1, float("nan"), b'{"code":"overflow"}')], now=1.0)
+    assert tally.overflows == 1
+
+
+def test_split() -> None:
+    assert loadgen.split(10, 3) == [4, 3, 3]
+    assert loadgen.split(1, 2) == [1, 0]
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["bench", *argv])
+
+
+def test_quick_fills_what_was_not_given() -> None:
+    config = config_from_args(_args("--quick", "--transports", "sse,ws", "--out", "x"))
+    assert config.transports == ["sse", "ws"]
+    assert config.clients == [10, 50]
+    assert config.repeat == 1
+    assert config.sweep
+    assert config.slow_subscriber
+    assert config.out == Path("x")
+    full = config_from_args(_args("--clients", "10,3000", "--rate", "50,100"))
+    assert full.clients == [10, 3000]
+    assert full.rates == [50.0, 100.0]
+    assert full.repeat == 3
+    assert not full.slow_subscriber
+    only = config_from_args(_args("--scenario", "slow-subscriber"))
+    assert only.slow_subscriber
+    assert not only.sweep
+
+
+def test_points_sweep_poll_intervals_for_poll_only() -> None:
+    config = config_from_args(
+        _args("--transports", "sse,poll", "--clients", "10", "--poll-interval", "0.5,2")
+    )
+    assert [p["label"] for p in config.points()] == ["sse", "poll@0.5s", "poll@2s"]
+
+
+@pytest.mark.parametrize(
+    "argv", [["--transports", "sse,carrier-pigeon"], ["--clients", "0"], ["--rate", "x"]]
+)
+def test_bad_flags_are_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _args(*argv)
+    assert "bench" in capsys.readouterr().err

@@ -1,0 +1,72 @@
+"""A tiny real benchmark: server process, load workers, every output file, plausible numbers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from realtime_lab.bench.report import write_results
+from realtime_lab.bench.runner import MEASURES, BenchConfig, run_bench
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_sweep_and_slow_subscriber(tmp_path: Path) -> None:
+    config = BenchConfig(
+        out=tmp_path,
+        transports=["ws", "poll"],
+        clients=[5],
+        rates=[50.0],
+        poll_intervals=[0.25],
+        duration=2.0,
+        warmup=0.5,
+        repeat=1,
+        workers=1,
+        slow_subscriber=True,
+        stall_clients=3,
+        stalled=3,
+        stall_rate=1000.0,
+        stall_send_buffer=16 * 1024,
+        stall_duration=2.0,
+        progress=False,
+    )
+    results = run_bench(config)
+    written = write_results(results, tmp_path)
+
+    assert json.loads((tmp_path / "results.json").read_text())["points"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| ws | 5 |" in md
+    assert "| poll | 5 |" in md
+    assert "Slow-subscriber scenario" in md
+    for key, _, _ in MEASURES:
+        png = tmp_path / f"{key}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", key
+        assert written[f"png:{key}"] == png
+
+    by_transport = {p["transport"]: p["runs"][0] for p in results["points"]}
+    for name, run in by_transport.items():
+        assert run["events_per_s"] > 0, name
+        assert run["lost"] == 0, name
+        assert run["dup"] == 0, name
+        assert run["failures"] == 0, (name, run["errors"])
+        assert run["cpu_s_per_1k"] is not None, name
+        assert run["cpu_s_per_1k"] > 0, name
+        assert run["rss_kb_per_conn"] is not None, name
+    # A poll answer carries HTTP headers and a JSON wrapper for a few events; a WebSocket frame
+    # adds two bytes to each envelope.
+    assert by_transport["poll"]["bytes_per_token"] > by_transport["ws"]["bytes_per_token"]
+    assert by_transport["poll"]["requests_per_token"] > 0
+    assert by_transport["ws"]["requests_per_token"] == 0
+    assert by_transport["poll"]["p50_ms"] > by_transport["ws"]["p50_ms"]
+
+    slow = results["slow_subscriber"]
+    assert slow["stalled_clients"] == 3
+    assert slow["server_overflows"] == 3  # every stalled client was ended ...
+    assert slow["within_bound"] is True  # ... and the memory they cost stayed bounded
+    for phase in ("without_stalled", "with_stalled"):
+        assert slow[phase]["events_per_s"] > 0
+        assert slow[phase]["lost"] == 0
+        assert slow[phase]["dup"] == 0
+        assert slow[phase]["overflows"] == 0  # the normal clients were never ended

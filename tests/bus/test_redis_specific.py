@@ -1,0 +1,439 @@
+"""What only the Redis bus does: keys, scripts, several processes, pub/sub housekeeping."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from realtime_lab.bus import create_bus
+from realtime_lab.bus.redis import RedisBus, SeamSink, split_url
+from realtime_lab.errors import BusClosed, BusError
+from realtime_lab.protocol.cursor import parse_id
+from realtime_lab.protocol.envelope import END, RESET, Event
+from tests.redis_server import RedisServer, free_port, redis_server_binary
+
+from .conftest import Recorder, wait_until
+
+MakeRedisBus = Callable[..., Awaitable[RedisBus]]
+
+
+def new_channel() -> str:
+    return f"ch-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def make_redis_bus(redis_url: str) -> AsyncIterator[MakeRedisBus]:
+    """Started Redis buses sharing one key prefix: like server processes sharing one feed."""
+    made: list[RedisBus] = []
+
+    async def make(history: int = 1000, ttl: float = 300.0) -> RedisBus:
+        bus = create_bus(redis_url, history=history, ttl=ttl)
+        assert isinstance(bus, RedisBus)
+        await bus.start()
+        made.append(bus)
+        return bus
+
+    yield make
+    for bus in reversed(made):
+        await bus.close()
+
+
+@pytest.fixture
+async def raw(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A plain redis-py client on the test server, to look behind the bus."""
+    client = aioredis.Redis.from_url(redis_server.url())
+    yield client
+    await client.aclose()
+
+
+async def numsub(raw: aioredis.Redis, key: bytes) -> int:
+    counts = await raw.pubsub_numsub(key)
+    return int(counts[0][1])
+
+
+# Pure parts (no server) --------------------------------------------------------------------------
+def test_split_url_keeps_redis_options_and_takes_ours() -> None:
+    url, ours = split_url("redis://h:1/2?history=5&ttl=0.5&prefix=abc&socket_timeout=3")
+    assert url == "redis://h:1/2?socket_timeout=3"
+    assert ours == {"history": "5", "ttl": "0.5", "prefix": "abc"}
+    bus = create_bus("redis://h:1/2?history=5&ttl=0.5&prefix=abc")
+    assert isinstance(bus, RedisBus)
+    assert (bus.history, bus.ttl, bus.prefix) == (5, 0.5, "abc")
+    default = create_bus("redis://h:1/2")
+    assert isinstance(default, RedisBus)
+    assert (default.history, default.ttl, default.prefix) == (1000, 300.0, "rtlab")
+    with pytest.raises(ValueError, match="history"):
+        RedisBus("redis://h:1/2", history=0, ttl=1)
+
+
+def _event(epoch: str, seq: int) -> Event:
+    return Event("c", f"{epoch}-{seq}", "token", {}, 0.0, seq)
+
+
+def test_seam_sink_buffers_dedupes_and_reports_gaps() -> None:
+    gaps: list[SeamSink] = []
+    foreign: list[SeamSink] = []
+    rec = Recorder.__new__(Recorder)
+    rec.events, rec.closed = [], None
+    rec._changed = asyncio.Event()
+    seam = SeamSink(rec, gaps.append, foreign.append)
+
+    for seq in (2, 3, 4):  # live events while history is being read
+        seam.deliver(_event("ab", seq))
+    seam.release([_event("ab", 1), _event("ab", 2)], "ab", 2)
+    assert rec.seqs == [1, 2, 3, 4]  # 2 is not delivered twice
+
+    seam.deliver(_event("ab", 4))
+    assert rec.seqs == [1, 2, 3, 4]
+    seam.deliver(_event("ab", 6))  # 5 is missing: hold and ask for a catch-up
+    assert rec.seqs == [1, 2, 3, 4]
+    assert gaps == [seam]
+    assert seam.held
+    seam.deliver(_event("ab", 7))
+    seam.release([_event("ab", 5), _event("ab", 6)], "ab", 6)
+    assert rec.seqs == [1, 2, 3, 4, 5, 6, 7]
+    assert seam.live
+
+    seam.deliver(_event("cd", 1))  # another channel life
+    assert foreign == [seam]
+    assert rec.seqs[-1] == 7
+
+    fresh = SeamSink(rec, gaps.append, foreign.append)
+    fresh.release([], "ab", 0)  # attached to a reserved life, given nothing yet
+    fresh.deliver(_event("cd", 1))  # the reservation lapsed: follow the life that started
+    fresh.deliver(_event("cd", 2))
+    assert rec.seqs[-2:] == [1, 2]
+    assert fresh.epoch == "cd"
+    assert foreign == [seam]
+
+
+# Lifecycle ---------------------------------------------------------------------------------------
+@pytest.mark.redis
+async def test_start_fails_clearly_and_use_before_start_is_refused(
+    redis_server: RedisServer,
+) -> None:
+    nowhere = RedisBus(f"redis://127.0.0.1:{free_port()}/0", history=10, ttl=1)
+    with pytest.raises(BusError, match="cannot reach redis"):
+        await nowhere.start()
+    await nowhere.close()
+
+    unstarted = RedisBus(redis_server.url(), history=10, ttl=1)
+    with pytest.raises(BusError, match="start"):
+        await unstarted.publish("c", "token", {})
+    await unstarted.close()
+    with pytest.raises(BusClosed):
+        await unstarted.start()
+
+
+# Storage -----------------------------------------------------------------------------------------
+@pytest.mark.redis
+async def test_keys_stream_and_wire_format(
+    make_redis_bus: MakeRedisBus, raw: aioredis.Redis, redis_url: str
+) -> None:
+    bus = await make_redis_bus(history=3)
+    channel = new_channel()
+    events = [
+        await bus.publish(channel, "token", {"text": f"héllo {i} </script>"}) for i in range(5)
+    ]
+    prefix = split_url(redis_url)[1]["prefix"]
+    meta, stream = f"{prefix}:{{{channel}}}:meta", f"{prefix}:{{{channel}}}:stream"
+    bus_epoch = f"{prefix}:epoch"
+    expected = sorted(key.encode() for key in (meta, stream, bus_epoch))
+    assert sorted(await raw.keys(f"{prefix}:*")) == expected
+
+    epoch = parse_id(events[0].id).epoch
+    assert await raw.get(bus_epoch) == epoch.encode()  # a channel's first life: the bus epoch
+    assert await raw.hgetall(meta) == {b"epoch": epoch.encode(), b"last": b"5"}
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = await raw.xrange(stream)  # type: ignore[assignment]
+    assert [entry_id for entry_id, _ in entries] == [b"3-0", b"4-0", b"5-0"]  # trimmed to 3
+    assert [fields[b"e"] for _, fields in entries] == [e.json for e in events[2:]]
+    assert await raw.ttl(meta) == -1  # unfinished channels do not expire
+
+
+@pytest.mark.redis
+async def test_end_sets_expiry_and_new_life_after_it(
+    make_redis_bus: MakeRedisBus, raw: aioredis.Redis, redis_url: str
+) -> None:
+    bus = await make_redis_bus(ttl=30)
+    channel = new_channel()
+    prefix = split_url(redis_url)[1]["prefix"]
+    meta, stream = f"{prefix}:{{{channel}}}:meta", f"{prefix}:{{{channel}}}:stream"
+    tombstone = f"{prefix}:{{{channel}}}:gone"
+    await bus.publish(channel, "token", {})
+    end = await bus.publish(channel, END, {})
+    assert 0 < await raw.pttl(meta) <= 30_000
+    assert 0 < await raw.pttl(stream) <= 30_000
+    assert 24 * 3600_000 < await raw.pttl(tombstone) <= 24 * 3600_000 + 30_000
+    assert (await raw.hget(meta, "finished")) == b"1"
+    after_end = await bus.publish(channel, "token", {})  # still the same life, same expiry
+    assert after_end.seq == 3
+    assert 0 < await raw.pttl(stream) <= 30_000
+
+    await raw.delete(meta, stream)  # as if they expired: the tombstone stays
+    info = await bus.info(channel)
+    assert info is None
+    replay = await bus.replay(channel, parse_id(end.id))
+    assert replay.reset is not None
+    assert replay.reset.data["reason"] == "unknown-epoch"
+    reborn = await bus.publish(channel, "token", {})
+    assert reborn.seq == 1
+    assert parse_id(reborn.id).epoch != parse_id(end.id).epoch
+
+
+# Several processes -------------------------------------------------------------------------------
+@pytest.mark.redis
+async def test_two_buses_share_one_feed(make_redis_bus: MakeRedisBus) -> None:
+    first, second = await make_redis_bus(), await make_redis_bus()
+    channel = new_channel()
+    on_first, on_second = Recorder(), Recorder()
+    await first.attach(channel, None, on_first)
+    await second.attach(channel, None, on_second)
+
+    async def produce(bus: RedisBus, name: str) -> list[Event]:
+        out = []
+        for i in range(50):
+            out.append(await bus.publish(channel, "token", {"by": name, "i": i}))
+            if i % 5 == 0:
+                await asyncio.sleep(0)
+        return out
+
+    from_first, from_second = await asyncio.gather(
+        produce(first, "first"), produce(second, "second")
+    )
+    end = await second.publish(channel, END, {})
+    await on_first.wait_end()
+    await on_second.wait_end()
+
+    expected = sorted([*from_first, *from_second, end], key=lambda e: e.seq)
+    assert [e.seq for e in expected] == list(range(1, 102))
+    assert len({parse_id(e.id).epoch for e in expected}) == 1
+    for rec in (on_first, on_second):
+        assert [e.id for e in rec.events] == [e.id for e in expected]
+        assert [e.json for e in rec.events] == [e.json for e in expected]
+    for bus in (first, second):
+        replay = await bus.replay(channel, None)
+        assert [e.id for e in replay.events] == [e.id for e in expected]
+
+
+@pytest.mark.redis
+async def test_position_on_an_unpublished_channel_holds_across_processes(
+    make_redis_bus: MakeRedisBus,
+) -> None:
+    reader, writer = await make_redis_bus(), await make_redis_bus()
+    channel = new_channel()
+    before = await reader.replay(channel, None)
+    assert before.cursor is not None
+    events = [await writer.publish(channel, "token", {"i": i}) for i in range(3)]
+    resumed = await reader.replay(channel, parse_id(before.cursor))
+    assert resumed.reset is None
+    assert [e.id for e in resumed.events] == [e.id for e in events]
+
+
+@pytest.mark.redis
+async def test_attach_to_an_expired_channel_reserves_its_next_epoch(
+    make_redis_bus: MakeRedisBus, raw: aioredis.Redis, redis_url: str
+) -> None:
+    reader, writer = await make_redis_bus(), await make_redis_bus()
+    channel = new_channel()
+    old_end = await writer.publish(channel, END, {})
+    prefix = split_url(redis_url)[1]["prefix"]
+    await raw.delete(f"{prefix}:{{{channel}}}:meta", f"{prefix}:{{{channel}}}:stream")
+
+    rec = Recorder()
+    await reader.attach(channel, parse_id(old_end.id), rec)
+    assert [e.type for e in rec.events] == [RESET]
+    reset = rec.events[0]
+    assert reset.seq == 0
+    assert reset.data["reason"] == "unknown-epoch"
+    assert parse_id(reset.id).epoch != parse_id(old_end.id).epoch  # a fresh epoch ...
+
+    first = await writer.publish(channel, "token", {})
+    assert first.id == f"{parse_id(reset.id).epoch}-1"  # ... that the next publisher uses
+    await rec.wait_for(lambda r: len(r.events) == 2)
+    assert rec.events[1].id == first.id
+    assert rec.closed is None
+
+
+# Pub/sub housekeeping ----------------------------------------------------------------------------
+@pytest.mark.redis
+async def test_subscribes_on_first_attach_and_unsubscribes_after_last(
+    make_redis_bus: MakeRedisBus, raw: aioredis.Redis
+) -> None:
+    bus = await make_redis_bus()
+    channel = new_channel()
+    key = bus.live_key(channel)
+    assert await numsub(raw, key) == 0
+    one = await bus.attach(channel, None, Recorder())
+    two = await bus.attach(channel, None, Recorder())
+    assert await numsub(raw, key) == 1  # one subscription per process, not per sink
+    one.detach()
+    await asyncio.sleep(0.01)
+    assert await numsub(raw, key) == 1
+    two.detach()
+
+    async def unsubscribed() -> bool:
+        return await numsub(raw, key) == 0
+
+    await wait_until(unsubscribed)
+
+    # And it comes back on the next attach.
+    rec = Recorder()
+    again = await bus.attach(channel, None, rec)
+    assert await numsub(raw, key) == 1
+    await bus.publish(channel, "token", {})
+    assert len(rec.events) == 1
+    again.detach()
+
+
+@pytest.mark.redis
+async def test_cancelled_attach_leaves_no_subscription(
+    make_redis_bus: MakeRedisBus, raw: aioredis.Redis
+) -> None:
+    bus = await make_redis_bus()
+    channel = new_channel()
+    key = bus.live_key(channel)
+    for steps in range(4):  # cancel at successive points of the attach
+        task = asyncio.create_task(bus.attach(channel, None, Recorder()))
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        task.cancel()
+        try:
+            attachment: Any = await task
+        except asyncio.CancelledError:
+            pass
+        else:
+            attachment.detach()
+
+    async def unsubscribed() -> bool:
+        return await numsub(raw, key) == 0
+
+    await wait_until(unsubscribed)
+
+
+@pytest.mark.redis
+async def test_lost_pubsub_connection_is_caught_up_from_history(
+    make_redis_bus: MakeRedisBus, raw: aioredis.Redis
+) -> None:
+    bus, other = await make_redis_bus(), await make_redis_bus()
+    channel = new_channel()
+    rec = Recorder()
+    await bus.attach(channel, None, rec)
+    published = [await other.publish(channel, "token", {"i": i}) for i in range(3)]
+    await rec.wait_for(lambda r: len(r.events) == 3)
+
+    await raw.client_kill_filter(_type="pubsub")
+    # Published while the reader reconnects: pub/sub drops them, history does not.
+    published += [await other.publish(channel, "token", {"i": i}) for i in range(3, 8)]
+    published.append(await other.publish(channel, END, {}))
+    await rec.wait_end()
+    assert [e.id for e in rec.events] == [e.id for e in published]
+
+    published.append(await other.publish(channel, "token", {"after": "reconnect"}))
+    await rec.wait_for(lambda r: len(r.events) == len(published))
+    assert [e.id for e in rec.events] == [e.id for e in published]
+
+
+@pytest.mark.redis
+async def test_sinks_of_a_vanished_channel_life_are_closed(
+    make_redis_bus: MakeRedisBus, raw: aioredis.Redis, redis_url: str
+) -> None:
+    bus = await make_redis_bus()
+    channel = new_channel()
+    rec = Recorder()
+    await bus.attach(channel, None, rec)
+    old = await bus.publish(channel, "token", {})
+    prefix = split_url(redis_url)[1]["prefix"]
+    await raw.delete(*await raw.keys(f"{prefix}:*"))  # as FLUSHDB would, for our keys only
+
+    fresh = Recorder()
+    await bus.attach(channel, None, fresh)
+    new = await bus.publish(channel, "token", {})
+    assert new.seq == 1
+    assert parse_id(new.id).epoch != parse_id(old.id).epoch
+    await rec.wait_for(lambda r: r.closed is not None)
+    assert rec.closed == "channel expired"
+    assert [e.id for e in rec.events] == [old.id]
+    await fresh.wait_for(lambda r: len(r.events) == 1)
+    assert [e.id for e in fresh.events] == [new.id]
+
+
+@pytest.mark.redis
+async def test_idle_sink_follows_a_new_life_when_the_reservation_lapses(
+    make_redis_bus: MakeRedisBus, raw: aioredis.Redis, redis_url: str
+) -> None:
+    bus = await make_redis_bus()
+    channel = new_channel()
+    prefix = split_url(redis_url)[1]["prefix"]
+    meta, stream = f"{prefix}:{{{channel}}}:meta", f"{prefix}:{{{channel}}}:stream"
+    await bus.publish(channel, END, {})
+    await raw.delete(meta, stream)  # expired: the next life takes a fresh epoch
+    rec = Recorder()
+    await bus.attach(channel, None, rec)  # reserves that fresh epoch
+    reserved = await bus.info(channel)
+    assert reserved is not None
+    assert reserved.last_seq == 0
+    assert 0 < await raw.pttl(meta) <= 300_000
+    await raw.delete(meta)  # the reservation lapsed before anyone published
+    event = await bus.publish(channel, "token", {})
+    assert parse_id(event.id).epoch != reserved.epoch
+    await rec.wait_for(lambda r: len(r.events) == 1)
+    assert [e.id for e in rec.events] == [event.id]
+    assert rec.closed is None
+
+
+@pytest.mark.redis
+async def test_finished_channel_expiry_reaches_sinks_attached_after_end(
+    make_redis_bus: MakeRedisBus,
+) -> None:
+    bus, late = await make_redis_bus(ttl=0.3), await make_redis_bus(ttl=0.3)
+    channel = new_channel()
+    await bus.publish(channel, "token", {})
+    await bus.publish(channel, END, {})
+    rec = Recorder()
+    await late.attach(channel, None, rec)  # learns the remaining ttl from Redis
+    assert [e.type for e in rec.events] == ["token", END]
+    await rec.wait_for(lambda r: r.closed is not None, timeout=5)
+    assert rec.closed == "channel expired"
+
+
+@pytest.mark.redis
+async def test_survives_a_redis_restart() -> None:
+    """Redis comes back empty: a new bus epoch, old sinks closed, new ones served."""
+    if redis_server_binary() is None:
+        pytest.skip("redis-server is not installed")
+    with RedisServer() as server:
+        bus = RedisBus(server.url(prefix="restart"), history=100, ttl=10)
+        await bus.start()
+        try:
+            rec = Recorder()
+            await bus.attach("c", None, rec)
+            old = await bus.publish("c", "token", {})
+            server.restart()
+
+            got: list[Event] = []
+
+            async def published() -> bool:
+                try:
+                    got.append(await bus.publish("c", "token", {}))
+                except BusError:  # until the bus's connections are back
+                    return False
+                return True
+
+            await wait_until(published)
+            new = got[0]
+            assert new.seq == 1
+            assert parse_id(new.id).epoch != parse_id(old.id).epoch
+            await rec.wait_for(lambda r: r.closed is not None)
+            assert rec.closed == "channel expired"
+            assert [e.id for e in rec.events] == [old.id]
+
+            fresh = Recorder()
+            await bus.attach("c", None, fresh)
+            assert [e.id for e in fresh.events] == [new.id]
+        finally:
+            await bus.close()
