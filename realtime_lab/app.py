@@ -17,6 +17,7 @@ from realtime_lab.config import Settings
 from realtime_lab.feed.chats import ChatRegistry
 from realtime_lab.feed.ticker import Ticker
 from realtime_lab.transports import TRANSPORTS, faults, polling, sse, ws
+from realtime_lab.transports.broadcast import BROADCASTS_KEY, Broadcasts
 from realtime_lab.transports.common import (
     BUS_KEY,
     CHATS_KEY,
@@ -54,6 +55,7 @@ def make_app(settings: Settings | None = None) -> web.Application:
     app[HUB_KEY] = Hub(TRANSPORTS)
     app[CHAOS_KEY] = Chaos(enabled=settings.chaos)
     app[CHAOS_KEY].on_resume.append(lambda: _release_held(app))
+    app[BROADCASTS_KEY] = Broadcasts(bus, app[CHAOS_KEY], settings.coalesce_ms)
 
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_end_streams)
@@ -92,6 +94,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await asyncio.gather(beat, return_exceptions=True)
         await ticker.stop()
         await app[CHATS_KEY].close()
+        app[BROADCASTS_KEY].close()
         await bus.close()
 
 
@@ -125,10 +128,21 @@ async def _end_streams(app: web.Application) -> None:
     await asyncio.sleep(0)
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's loop when it is installed (its transports write in C), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
 def run(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM, then stop within ``settings.shutdown_timeout`` seconds."""
     web.run_app(
         make_app(settings),
+        loop=new_event_loop(),
         host=settings.host,
         port=settings.port,
         shutdown_timeout=settings.shutdown_timeout,

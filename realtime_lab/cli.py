@@ -51,7 +51,10 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default = getattr(defaults, f.name)
         if isinstance(default, bool):
             parser.add_argument(
-                flag, action="store_true", default=None, help=f"{_HELP[f.name]} (env {env})"
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{_HELP[f.name]} (env {env})",
             )
         else:
             parser.add_argument(

@@ -47,6 +47,23 @@ def _transports(text: str) -> list[str]:
     return values
 
 
+def _server_option(text: str) -> tuple[str, str | bool]:
+    from dataclasses import fields
+
+    from realtime_lab.config import Settings
+
+    name, sep, value = text.partition("=")
+    name = name.strip().replace("-", "_")
+    known = {f.name for f in fields(Settings)} - {"host", "port"}
+    if not sep or name not in known:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=VALUE with NAME one of {', '.join(sorted(known))}"
+        )
+    if isinstance(getattr(Settings(), name), bool):  # a bare flag of `serve`
+        return name, value.strip().lower() in ("1", "true", "yes", "on")
+    return name, value.strip()
+
+
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``bench`` to the ``realtime-lab`` subcommands."""
     p = sub.add_parser(
@@ -79,7 +96,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--duration", type=float, default=None, help="measured s per run (10)")
     p.add_argument("--warmup", type=float, default=None, help="s before measuring (3)")
     p.add_argument("--repeat", type=int, default=None, help="runs per point (3)")
-    p.add_argument("--url", default=None, help="target this running server (no CPU/RSS then)")
+    p.add_argument(
+        "--url",
+        default=None,
+        help="target this running http:// server instead of starting one (no CPU/RSS then; "
+        "the bench sets its ticker_rate with PATCH /api/config)",
+    )
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="results folder")
     p.add_argument(
         "--quick",
@@ -105,6 +127,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--stall-rate", type=float, default=None, help="ticker tokens/s there (500)")
     p.add_argument(
         "--stall-send-buffer", type=int, default=None, help="server send_buffer there (65536)"
+    )
+    p.add_argument(
+        "--server-option",
+        action="append",
+        type=_server_option,
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra `serve` setting for the bench's own server, e.g. coalesce_ms=5 (repeatable)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-plots", action="store_true", help="skip the PNGs")
@@ -176,6 +206,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         stall_duration=max(duration, 3.0 if quick else 6.0),
         progress=not args.no_progress,
         quick=quick,
+        server_options=dict(args.server_option),
     )
 
 
@@ -183,9 +214,17 @@ def run(args: argparse.Namespace) -> int:
     """Run the benchmark the flags describe; print the Markdown report."""
     from realtime_lab.bench.report import markdown, write_results
     from realtime_lab.bench.runner import run_bench
+    from realtime_lab.errors import RealtimeLabError
 
     config = config_from_args(args)
-    results = run_bench(config)
+    if config.url is not None and not config.url.startswith("http://"):
+        print("realtime-lab bench: --url must be an http:// URL", file=sys.stderr)
+        return 2
+    try:
+        results = run_bench(config)
+    except RealtimeLabError as exc:
+        print(f"realtime-lab bench: {exc}", file=sys.stderr)
+        return 2
     written = write_results(results, config.out, plots=not args.no_plots)
     print(markdown(results))
     print(f"wrote {len(written)} files to {config.out}/ in {results['wall_s']:.1f} s")

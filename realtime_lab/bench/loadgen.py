@@ -38,10 +38,11 @@ from realtime_lab.bench import wire
 from realtime_lab.bench.server import raise_fd_limit
 
 TRANSPORTS: Final = ("sse", "ws", "longpoll", "poll")
-CONNECT_CONCURRENCY: Final = 64  # under the server's listen backlog, so no SYN is dropped
+CONNECT_CONCURRENCY: Final = 32  # per worker: well under the server's listen backlog (128)
 LONGPOLL_TIMEOUT: Final = 25.0
 POLL_LIMIT: Final = 1000
 OVERFLOW_CLOSE: Final = 1013
+PROBE_WAIT: Final = 20.0  # longest a probe waits for its first token, from its connect
 
 
 def _now_ms() -> float:
@@ -56,7 +57,8 @@ def _cpu_self() -> float:
 class Tally:
     """What one worker's clients received during one point.
 
-    ``events``, ``bytes``, ``requests``, ``latency`` and ``chats`` count only inside the latest
+    ``events``, ``bytes`` (received), ``bytes_up`` (sent), ``requests``, ``latency`` and ``chats``
+    count only inside the latest
     measurement window (``in_window``); losses, duplicates and failures count over the clients'
     whole lives.
     """
@@ -65,6 +67,7 @@ class Tally:
         self.in_window = False
         self.events = 0
         self.bytes = 0
+        self.bytes_up = 0
         self.requests = 0
         self.latency = array("d")
         self.ttft = array("d")
@@ -88,6 +91,7 @@ class Tally:
         return {
             "events": self.events,
             "bytes": self.bytes,
+            "bytes_up": self.bytes_up,
             "requests": self.requests,
             "latency": self.latency.tobytes(),
             "ttft": self.ttft.tobytes(),
@@ -168,11 +172,11 @@ class Client(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closing:
-            self.tally.disconnects += 1
-            if exc is not None:
-                self.tally.error(f"{type(self).__name__}: connection lost: {exc!r}")
-            if not self.ready.done():
+            if self.ready.done():
+                self.tally.disconnects += 1
+            else:
                 self.tally.failures += 1
+            self.tally.error(f"{type(self).__name__}: connection lost: {exc!r}")
         self._settle()
 
     # Helpers for subclasses ---------------------------------------------------------------------
@@ -187,8 +191,10 @@ class Client(asyncio.Protocol):
     def send(self, data: bytes, request: bool = True) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
-            if request and self.tally.in_window:
-                self.tally.requests += 1
+            if self.tally.in_window:
+                self.tally.bytes_up += len(data)
+                if request:
+                    self.tally.requests += 1
 
     def _read_head(self, data: bytes) -> bytes:
         buf = self._buf + data if self._buf else data
@@ -559,14 +565,12 @@ class Worker:
         self.stopping = False
         count = int(spec["clients"])
         if spec["workload"] == "chats":
-            chats = int(spec["chats"])
             if self.session is None:
                 self.session = aiohttp.ClientSession(
                     connector=aiohttp.TCPConnector(limit=0), raise_for_status=True
                 )
-            for i, share in enumerate(split(count, chats)):
-                if share:
-                    self.tasks.append(asyncio.create_task(self.chat_rounds(i, share)))
+            for i, readers in enumerate(spec["chat_readers"]):
+                self.tasks.append(asyncio.create_task(self.chat_rounds(i, int(readers))))
             return {"op": "opened", "clients": count, "failures": 0, "errors": []}
         clients = [self.client(self.tally, spec["channel"], "now") for _ in range(count)]
         self.clients.update(clients)
@@ -623,12 +627,13 @@ class Worker:
 
         With ``probes``, that many extra clients join a fifth into the window and time their
         first token (the ticker never starts over, so its time to first token is a late
-        joiner's); they are counted apart from the point's clients.
+        joiner's); they are counted apart from the point's clients, and may wait past the
+        window's end (up to :data:`PROBE_WAIT`) on a saturated server.
         """
         await asyncio.sleep(max(start - time.time(), 0.0))
         cpu = _cpu_self()
         tally = self.tally
-        tally.events = tally.bytes = tally.requests = tally.chats = 0
+        tally.events = tally.bytes = tally.bytes_up = tally.requests = tally.chats = 0
         tally.latency = array("d")
         tally.in_window = True
         probe_tally = Tally()
@@ -636,27 +641,37 @@ class Worker:
         if probes and self.spec.get("workload") != "chats":
             probe = asyncio.create_task(self.probe(probe_tally, probes, start + (end - start) / 5))
         await asyncio.sleep(max(end - time.time(), 0.0))
-        self.tally.in_window = False
+        tally.in_window = False
         cpu = _cpu_self() - cpu
-        if probe is not None:
-            probe.cancel()
-            await asyncio.gather(probe, return_exceptions=True)
         result = tally.result(cpu)
-        if probe is not None:
-            result["ttft"] = probe_tally.ttft.tobytes()
-            result["errors"] += probe_tally.errors
         tally.latency = array("d")
+        if probe is not None:
+            late = await probe
+            result["ttft"] = probe_tally.ttft.tobytes()
+            result["ttft_late"] = late
+            result["errors"] += probe_tally.errors
         return {"op": "result", **result}
 
-    async def probe(self, tally: Tally, count: int, at: float) -> None:
+    async def probe(self, tally: Tally, count: int, at: float) -> int:
+        """Time ``count`` late joiners' first tokens; return how many had none in time.
+
+        A probe still waiting after :data:`PROBE_WAIT` counts with that wait, a lower bound.
+        """
         await asyncio.sleep(max(at - time.time(), 0.0))
         clients = [self.client(tally, self.spec["channel"], "now") for _ in range(count)]
         try:
-            await asyncio.gather(*(self.connect(c) for c in clients))
-            await asyncio.wait([c.got_first for c in clients])
+            async with asyncio.timeout(PROBE_WAIT):
+                await asyncio.gather(*(self.connect(c) for c in clients))
+                await asyncio.wait([c.got_first for c in clients])
+        except TimeoutError:
+            pass
         finally:
             for c in clients:
                 c.close()
+        late = [c for c in clients if not c.first_token]
+        for c in late:
+            tally.ttft.append(_now_ms() - c.started_ms)
+        return len(late)
 
     async def close_all(self) -> None:
         """Close every client (and stop chat rounds)."""

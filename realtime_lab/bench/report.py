@@ -109,8 +109,10 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _slow_table(scenario)
     lines += [
         "Latency: receive time minus the envelope's `ts` (one clock). TTFT: ticker - a client "
-        "joining mid-window until its first token; chats - from `POST /api/chats`. Bytes and "
-        "requests: as received/sent by the load clients in the window, per delivered token. "
+        "joining mid-window until its first token; chats - from `POST /api/chats`. Bytes: "
+        "HTTP bytes received plus sent by the load clients in the window (headers, chunk and "
+        "frame overhead included; TCP/IP headers not), per delivered token; requests: HTTP "
+        "requests sent in the window (a WebSocket or SSE connection is one), per token. "
         "RSS/conn: (server RSS with the clients connected and idle - before) / clients. "
         "`% offered`: delivered / (rate x clients).",
         "",
@@ -125,6 +127,9 @@ def _load_table(points: list[dict[str, Any]], ranges: bool) -> list[str]:
         "rate",
         "server CPU %",
         "load-client CPU %",
+        "machine busy %",
+        "softirq %",
+        "late TTFT probes",
         "failed",
         "disconnects",
         "overflows",
@@ -133,9 +138,12 @@ def _load_table(points: list[dict[str, Any]], ranges: bool) -> list[str]:
     lines = [
         "## Load and errors",
         "",
-        "Server CPU % is of one core (the server is one process); load-client CPU % is summed "
-        "over the worker processes. A load client near 100% x workers means the point measured "
-        "the client, not the server.",
+        "Server CPU % is of one core (the server is one process; its loopback TCP work done in "
+        "softirq context is charged to no process, so it is not in this column nor in CPU "
+        "s/1k). Load-client CPU % is summed over the worker processes. Machine busy % and "
+        "softirq % are of all CPUs, everyone's load included: near 100% busy the point measured "
+        "the machine, not the server alone. A late TTFT probe had no first token within 20 s "
+        "(its wait counts as a lower bound).",
         "",
         _row(header),
         _row(["---"] * len(header)),
@@ -150,6 +158,9 @@ def _load_table(points: list[dict[str, Any]], ranges: bool) -> list[str]:
                     f"{point['rate']:g}",
                     cell(summary["server_cpu_pct"], "int", ranges),
                     cell(summary["client_cpu_pct"], "int", ranges),
+                    cell(summary.get("machine_busy_pct"), "int", ranges),
+                    cell(summary.get("machine_softirq_pct"), "int", ranges),
+                    str(sum(r.get("ttft_late", 0) for r in runs)),
                     str(sum(r["failures"] for r in runs)),
                     str(sum(r["disconnects"] for r in runs)),
                     str(sum(r["overflows"] for r in runs)),
@@ -207,8 +218,12 @@ def _slow_table(s: dict[str, Any]) -> list[str]:
         f"{s['stalled_still_open']} still open at the end.",
         f"Server RSS: {fmt(s['rss_kb_before'], 'num')} KiB before, peak "
         f"{fmt(s['rss_kb_peak'], 'num')} KiB, {fmt(s['rss_kb_after'], 'num')} KiB after; growth "
-        f"{fmt(growth, 'num')} KiB against a bound of {fmt(bound, 'num')} KiB "
-        f"(stalled x send_buffer): {'within' if s['within_bound'] else 'NOT within'} bound."
+        f"{fmt(growth, 'num')} KiB ({fmt(s['rss_growth_kb_per_stalled'], 'num')} KiB per stalled "
+        f"client) against a bound of {fmt(bound, 'num')} KiB (1 MiB of allocator noise + "
+        "stalled x (1.25 x send_buffer, for the write buffer's over-allocation, + 16 KiB for "
+        "the connection itself)): "
+        f"{'within' if s['within_bound'] else 'NOT within'} bound. The kernel's socket buffers "
+        "are not in RSS."
         if growth is not None
         else "Server RSS: n/a (external server).",
         "",

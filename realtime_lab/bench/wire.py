@@ -26,6 +26,8 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
+from functools import partial
 from typing import Any, Final, NamedTuple
 
 from realtime_lab.errors import RealtimeLabError
@@ -61,6 +63,10 @@ class Item(NamedTuple):
     seq: int
     ts: float
     payload: bytes
+
+
+#: Build an :class:`Item` from a 4-tuple without NamedTuple's Python-level ``__new__``.
+_item: Callable[[tuple[str | None, int, float, bytes]], Item] = partial(tuple.__new__, Item)
 
 
 # HTTP/1.1 -------------------------------------------------------------------------------------
@@ -134,9 +140,9 @@ class ChunkedDecoder:
             if eol < 0:
                 break
             try:
-                size = int(buf[pos:eol].split(b";", 1)[0], 16)
-            except ValueError as exc:
-                raise BenchProtocolError(f"bad chunk size {buf[pos:eol][:20]!r}") from exc
+                size = int(buf[pos:eol], 16)
+            except ValueError:
+                size = _chunk_size_with_extension(buf[pos:eol])
             if size == 0:
                 self.finished = True
                 pos = size_of_buf
@@ -155,6 +161,13 @@ class ChunkedDecoder:
         return b"".join(out)
 
 
+def _chunk_size_with_extension(line: bytes) -> int:
+    try:
+        return int(line.split(b";", 1)[0], 16)
+    except ValueError as exc:
+        raise BenchProtocolError(f"bad chunk size {line[:20]!r}") from exc
+
+
 # Envelope fields ------------------------------------------------------------------------------
 
 
@@ -171,13 +184,13 @@ def seq_of(event_id: bytes | str) -> int:
 def ts_of(payload: bytes) -> float:
     """The ``ts`` of an envelope (the last key the server writes), NaN when it has none."""
     at = payload.rfind(b'"ts":')
-    if at >= 0:
-        end = payload.find(b"}", at)
-        if end == len(payload) - 1:
-            try:
-                return float(payload[at + 5 : end])
-            except ValueError:
-                pass
+    if at >= 0 and payload[-1:] == b"}":
+        try:
+            # Only a number lies between the last "ts": and the closing brace when ts is the
+            # envelope's last key; anything else fails float() and takes the slow path.
+            return float(payload[at + 5 : -1])
+        except ValueError:
+            pass
     return _slow_fields(payload)[2]
 
 
@@ -243,11 +256,22 @@ class SSEParser:
         self._buf = blocks.pop()
         out: list[Item] = []
         for block in blocks:
+            # The hot path, inlined: "id: <epoch>-<seq>\ndata: <envelope ending in ts>}".
             if block[:4] == b"id: ":
                 nl = block.find(b"\n")
                 if nl > 0 and block[nl + 1 : nl + 7] == b"data: " and block.find(b"\n", nl + 1) < 0:
                     payload = block[nl + 7 :]
-                    out.append(Item(None, seq_of(block[4:nl]), ts_of(payload), payload))
+                    at = payload.rfind(b'"ts":')
+                    try:
+                        seq = int(block[block.rfind(b"-", 0, nl) + 1 : nl])
+                        ts = (
+                            float(payload[at + 5 : -1])
+                            if at > 0 and payload[-1] == 125
+                            else ts_of(payload)
+                        )
+                    except ValueError:
+                        seq, ts = seq_of(block[4:nl]), ts_of(payload)
+                    out.append(_item((None, seq, ts, payload)))
                     continue
             elif (block[:1] == b":" or block[:7] == b"retry: ") and b"\n" not in block:
                 continue

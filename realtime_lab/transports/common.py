@@ -202,7 +202,7 @@ class TransportStats:
         total = Counters()
         total.add(self.done)
         for conn in self.live.values():
-            total.add(conn.counters)
+            total.add(conn.totals())
         return total
 
 
@@ -218,6 +218,10 @@ class LiveConnection:
         self.channel = channel
         self.client = client
         self.counters = Counters()
+
+    def totals(self) -> Counters:
+        """What this connection has cost so far (a streaming one adds its broadcast share)."""
+        return self.counters
 
     def heartbeat(self) -> None:
         """Send one heartbeat if this transport has them."""
@@ -246,7 +250,7 @@ class Hub:
         """Stop tracking a connection and fold its counters into the totals. Idempotent."""
         stats = self.stats[conn.transport]
         if stats.live.pop(conn.id, None) is not None:
-            self.record(conn.transport, conn.client, conn.counters)
+            self.record(conn.transport, conn.client, conn.totals())
 
     def record(self, transport: str, client: str | None, counters: Counters) -> None:
         """Fold finished work (a whole request, a closed connection) into the totals."""
@@ -284,7 +288,7 @@ class Hub:
                 mine.add(done)
             live = [conn for conn in self.connections() if conn.client == client]
             for conn in live:
-                mine.add(conn.counters)
+                mine.add(conn.totals())
             result["client"] = {"id": client, "open": len(live), **mine.to_dict()}
         return result
 

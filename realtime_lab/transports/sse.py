@@ -23,6 +23,7 @@ from aiohttp import web
 from realtime_lab.protocol.cursor import Cursor
 from realtime_lab.protocol.envelope import TOKEN, Event, dumps
 from realtime_lab.protocol.sse import encode_comment, encode_event, encode_retry
+from realtime_lab.transports.broadcast import BROADCASTS_KEY
 from realtime_lab.transports.common import (
     BUS_KEY,
     HUB_KEY,
@@ -150,19 +151,20 @@ async def sse(request: web.Request) -> web.StreamResponse:
     writer = request._payload_writer  # headers as aiohttp wrote them
     counters.bytes += writer.output_size
     hub.register(conn)
-    attachment = None
+    group = None
+    key, frame = ("sse.c", sse_chunk) if conn.is_chunked else ("sse", sse_frame)
     try:
         conn.write(conn.raw(encode_retry(settings.retry_ms)))
         conn.start_replay()
         try:
-            attachment = await bus.attach(channel, after, conn)
+            group = await app[BROADCASTS_KEY].attach(conn, channel, after, key, frame)
         finally:
             conn.end_replay()
         reason = await conn.done
     finally:
         conn.discard()
-        if attachment is not None:
-            attachment.detach()
+        if group is not None:
+            group.remove(conn)
         hub.unregister(conn)
     transport = request.transport
     if reason in (END_OF_STREAM, SHUTDOWN) and transport is not None and not transport.is_closing():

@@ -1,8 +1,11 @@
 """The write path shared by the two streaming transports (SSE and WebSocket).
 
-A :class:`StreamConnection` is a bus sink: fan-out calls :meth:`deliver` synchronously, and it
-writes the event's pre-encoded bytes (cached on the event, identical for every subscriber)
-straight to the socket's transport. There is no queue and no task per subscriber on the hot path.
+A :class:`StreamConnection` writes an event's pre-encoded bytes (cached on the event, identical
+for every subscriber) straight to the socket's transport. In steady state it does not even do
+that itself: its channel's :class:`~realtime_lab.transports.broadcast.Broadcast` writes the same
+bytes to every steady member in one loop (see that module). :meth:`deliver` is the per-connection
+path, for history replays, catch-up backlogs and chaos faults. There is no queue and no task per
+subscriber on the hot path.
 
 Overflow policy: asyncio buffers what the kernel will not take yet. When that buffer passes
 ``send_buffer`` bytes the client is not keeping up; the connection is then ended with a clear
@@ -23,13 +26,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
 from realtime_lab.protocol.envelope import END, Event
-from realtime_lab.transports.common import Hub, LiveConnection
+from realtime_lab.transports.common import Counters, Hub, LiveConnection
 from realtime_lab.transports.faults import Chaos
+
+if TYPE_CHECKING:
+    from realtime_lab.transports.broadcast import Broadcast
 
 log = logging.getLogger("realtime_lab.server")
 
@@ -59,6 +65,8 @@ class StreamConnection(LiveConnection):
         if transport is None:
             raise ConnectionResetError("client went away before the stream started")
         self._transport: asyncio.Transport = transport
+        self.transport_ = transport  # the broadcast writes to it directly
+        self.limit = send_buffer
         # Pause (and so wake the catch-up writer's drain) at half the overflow limit.
         transport.set_write_buffer_limits(high=max(send_buffer // 2, 1))
         self._drain = request._payload_writer.drain
@@ -81,6 +89,11 @@ class StreamConnection(LiveConnection):
         self._catch_up: asyncio.Task[None] | None = None
         self.last_id: str | None = None  # of the last event written: where to resume from
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        # Broadcast membership: while steady, the broadcast writes for us and counts once for
+        # all members; our share is what it counted since ``_fast_from``.
+        self.group: Broadcast | None = None
+        self.steady = False
+        self._fast_from: tuple[int, int] | None = None
 
     # Framing, per transport -------------------------------------------------------------------
     def frame(self, event: Event) -> bytes:
@@ -117,6 +130,66 @@ class StreamConnection(LiveConnection):
     def close(self, reason: str) -> None:
         self.finish(SHUTDOWN)
 
+    # Broadcast membership ----------------------------------------------------------------------
+    def join(self, group: Broadcast) -> None:
+        """Called by the broadcast when this connection becomes a member."""
+        self.group = group
+        self._update_steady()
+
+    def leave(self, group: Broadcast) -> None:
+        """Called by the broadcast when this connection stops being a member."""
+        self._fold()
+        self.steady = False
+        self.group = None
+
+    def _update_steady(self) -> None:
+        steady = self.group is not None and not (
+            self._replaying or self._backlog or self._delayed or self._held or self.done.done()
+        )
+        if steady and not self.steady:
+            group = self.group
+            assert group is not None
+            self._fast_from = (group.stream_events, group.stream_bytes)
+            self.steady = True
+        elif not steady and self.steady:
+            self._fold()
+            self.steady = False
+
+    def _fold(self) -> None:
+        """Take our share of what the broadcast wrote for us into our own counters."""
+        group, since = self.group, self._fast_from
+        if group is not None and since is not None:
+            events = group.stream_events - since[0]
+            self.counters.events += events
+            self.counters.bytes += group.stream_bytes - since[1]
+            if events and group.last_id is not None:
+                self.last_id = group.last_id
+            self._fast_from = (group.stream_events, group.stream_bytes)
+        if not self.steady:
+            self._fast_from = None
+
+    def rebase(self) -> None:
+        """Count nothing of the last flush for us: we were sent it event by event."""
+        if self._fast_from is not None and self.group is not None:
+            self._fast_from = (self.group.stream_events, self.group.stream_bytes)
+
+    def totals(self) -> Counters:
+        if self._fast_from is None or self.group is None:
+            return self.counters
+        total = Counters()
+        total.add(self.counters)
+        total.events += self.group.stream_events - self._fast_from[0]
+        total.bytes += self.group.stream_bytes - self._fast_from[1]
+        return total
+
+    def lost(self) -> None:
+        """The socket is gone: end the connection."""
+        self.finish(LOST)
+
+    def finish_stream(self) -> None:
+        """The channel's ``end`` was written: end the connection cleanly."""
+        self.finish(END_OF_STREAM)
+
     # Catching up -------------------------------------------------------------------------------
     def start_replay(self) -> None:
         """Call right before ``bus.attach``; then :meth:`end_replay` once it returns.
@@ -127,10 +200,12 @@ class StreamConnection(LiveConnection):
         self._backlog.clear()
         self._backlog_replay = self._backlog_live = 0
         self._replaying = True
+        self._update_steady()
 
     def end_replay(self) -> None:
         """The attach returned: events from now on are live (see :meth:`start_replay`)."""
         self._replaying = False
+        self._update_steady()
 
     def discard(self) -> None:
         """Stop writing queued events (the handler is leaving). Idempotent."""
@@ -140,6 +215,8 @@ class StreamConnection(LiveConnection):
 
     def _queue(self, event: Event) -> None:
         self._backlog.append(event)
+        if self.steady:
+            self._update_steady()
         if self._replaying:
             self._backlog_replay += 1
         else:
@@ -172,6 +249,7 @@ class StreamConnection(LiveConnection):
             self.finish(LOST)
         finally:
             self._catch_up = None
+            self._update_steady()
 
     # Writing -----------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -211,6 +289,7 @@ class StreamConnection(LiveConnection):
         """Mark the connection ended; the handler wakes up and closes it accordingly."""
         if not self.done.done():
             self.done.set_result(reason)
+            self._update_steady()
 
     def shutdown(self) -> None:
         self.finish(SHUTDOWN)
@@ -224,6 +303,7 @@ class StreamConnection(LiveConnection):
         if self._chaos.paused:
             self._held.append((data, event_id, is_end))
             self._held_bytes += len(data)
+            self._update_steady()
             if self._held_bytes > self._limit:
                 self._held.clear()
                 self.overflow()
@@ -231,6 +311,7 @@ class StreamConnection(LiveConnection):
             loop = asyncio.get_running_loop()
             self._delayed.append((loop.time() + self._chaos.write_delay, data, event_id, is_end))
             self._delayed_bytes += len(data)
+            self._update_steady()
             if self._delayed_bytes > self._limit:
                 self._delayed.clear()
                 self._delayed_bytes = 0
@@ -252,6 +333,7 @@ class StreamConnection(LiveConnection):
             self._delayed.clear()
         elif self._delayed:
             self._delay_timer = loop.call_at(self._delayed[0][0], self._write_delayed)
+        self._update_steady()
 
     def _late_write(self, data: bytes, event_id: str, is_end: bool) -> None:
         if self.done.done():
@@ -266,3 +348,4 @@ class StreamConnection(LiveConnection):
         held, self._held, self._held_bytes = self._held, [], 0
         for data, event_id, is_end in held:
             self._slow_send(data, event_id, is_end)
+        self._update_steady()

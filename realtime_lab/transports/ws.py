@@ -28,11 +28,12 @@ from typing import Any, Final
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from realtime_lab.bus.base import After, Attachment, Bus
+from realtime_lab.bus.base import After, Bus
 from realtime_lab.errors import UnknownChat
 from realtime_lab.feed.chats import CHAT_PREFIX
 from realtime_lab.protocol.cursor import Cursor
 from realtime_lab.protocol.envelope import ERROR, Event, dumps
+from realtime_lab.transports.broadcast import BROADCASTS_KEY, Broadcast
 from realtime_lab.transports.common import (
     BUS_KEY,
     CHATS_KEY,
@@ -166,8 +167,10 @@ async def ws(request: web.Request) -> web.StreamResponse:
         session.detach()
         conn.discard()
         reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+        # Waits for the reader without swallowing a cancellation of this handler itself.
+        await asyncio.wait((reader,))
+        if not reader.cancelled() and reader.exception() is not None:
+            log.error("ws %d: reader failed", conn.id, exc_info=reader.exception())
         hub.unregister(conn)
     return sock
 
@@ -196,20 +199,22 @@ class _Session:
         self.conn = conn
         self.bus = bus
         self.channel = channel
-        self.attachment: Attachment | None = None
+        self.group: Broadcast | None = None
 
     async def attach(self, after: After) -> None:
         self.detach()
         self.conn.start_replay()
         try:
-            self.attachment = await self.bus.attach(self.channel, after, self.conn)
+            self.group = await self.request.app[BROADCASTS_KEY].attach(
+                self.conn, self.channel, after, "ws", ws_frame
+            )
         finally:
             self.conn.end_replay()
 
     def detach(self) -> None:
-        if self.attachment is not None:
-            self.attachment.detach()
-            self.attachment = None
+        if self.group is not None:
+            self.group.remove(self.conn)
+            self.group = None
 
     async def read(self) -> None:
         sock, conn = self.sock, self.conn

@@ -101,3 +101,12 @@ def test_bad_flags_are_refused(argv: list[str], capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit):
         _args(*argv)
     assert "bench" in capsys.readouterr().err
+
+
+def test_server_options_pass_through_and_are_checked() -> None:
+    config = config_from_args(
+        _args("--server-option", "coalesce_ms=5", "--server-option", "chaos=true")
+    )
+    assert config.server_options == {"coalesce_ms": "5", "chaos": True}
+    with pytest.raises(SystemExit):
+        _args("--server-option", "port=1")

@@ -26,7 +26,7 @@ def test_tiny_sweep_and_slow_subscriber(tmp_path: Path) -> None:
         workers=1,
         slow_subscriber=True,
         stall_clients=3,
-        stalled=3,
+        stalled=10,
         stall_rate=1000.0,
         stall_send_buffer=16 * 1024,
         stall_duration=2.0,
@@ -62,11 +62,40 @@ def test_tiny_sweep_and_slow_subscriber(tmp_path: Path) -> None:
     assert by_transport["poll"]["p50_ms"] > by_transport["ws"]["p50_ms"]
 
     slow = results["slow_subscriber"]
-    assert slow["stalled_clients"] == 3
-    assert slow["server_overflows"] == 3  # every stalled client was ended ...
-    assert slow["within_bound"] is True  # ... and the memory they cost stayed bounded
+    assert slow["stalled_clients"] == 10
+    assert slow["server_overflows"] == 10, repr(slow)  # every stalled client was ended ...
+    assert slow["within_bound"] is True, repr(slow)  # ... and the memory they cost stayed bounded
     for phase in ("without_stalled", "with_stalled"):
         assert slow[phase]["events_per_s"] > 0
         assert slow[phase]["lost"] == 0
         assert slow[phase]["dup"] == 0
         assert slow[phase]["overflows"] == 0  # the normal clients were never ended
+
+
+def test_tiny_chats_workload(tmp_path: Path) -> None:
+    config = BenchConfig(
+        out=tmp_path,
+        workload="chats",
+        transports=["ws", "longpoll"],
+        clients=[4],
+        rates=[200.0],
+        chats=2,
+        chat_tokens=20,
+        ttft_ms=50.0,
+        duration=1.5,
+        warmup=0.5,
+        repeat=1,
+        workers=1,
+        progress=False,
+    )
+    results = run_bench(config)
+    for point in results["points"]:
+        run = point["runs"][0]
+        name = point["transport"]
+        assert run["chats_done"] > 0, name
+        assert run["events_per_s"] > 0, name
+        assert (run["lost"], run["dup"], run["failures"]) == (0, 0, 0), (name, run["errors"])
+        # Every chat ends with `end`: the WebSocket's close 1000 after it is not a disconnect.
+        assert run["disconnects"] == 0, (name, run["errors"])
+        assert run["ttft_ms"] >= config.ttft_ms, name  # timed from the POST that made the chat
+        assert run["rss_kb_per_conn"] is None, name  # not measured with connections churning

@@ -80,6 +80,12 @@ def test_overflow_error_event_is_reported_with_its_payload() -> None:
     assert b"overflow" in item.payload
 
 
+def test_chunk_extensions_are_ignored() -> None:
+    decoder = wire.ChunkedDecoder()
+    assert decoder.feed(b"5;name=value\r\nhello\r\n0\r\n\r\n") == b"hello"
+    assert decoder.finished
+
+
 def test_chunked_decoder_rejects_garbage() -> None:
     with pytest.raises(wire.BenchProtocolError):
         wire.ChunkedDecoder().feed(b"zz\r\nhello\r\n")
