@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import random
 import resource
 import socket
@@ -760,8 +759,3 @@ def worker_main(conn: Connection, index: int) -> None:
 def split(total: int, parts: int) -> list[int]:
     """``total`` spread over ``parts`` as evenly as possible (first parts get the remainder)."""
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
-
-
-def finite(values: array[float]) -> list[float]:
-    """The finite values of an array (latencies of events that carried no ``ts`` are NaN)."""
-    return [v for v in values if math.isfinite(v)]

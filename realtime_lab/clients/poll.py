@@ -12,6 +12,8 @@ import json
 from collections.abc import AsyncGenerator
 from typing import ClassVar
 
+import aiohttp
+
 from realtime_lab.clients.base import (
     Received,
     Retry,
@@ -20,6 +22,30 @@ from realtime_lab.clients.base import (
     http_header_bytes,
     now_ms,
 )
+
+
+def send_once(session: aiohttp.ClientSession) -> tuple[aiohttp.ClientMiddlewareType, ...]:
+    """Per-request middlewares: the session's own, then one that lets the request go out once.
+
+    aiohttp re-sends an idempotent request at once, unseen, when its connection breaks before
+    the answer (RFC 9112 section 9.3.1). A poll whose connection broke is a failed request the
+    reconnect loop must see: to count it (``requests``, ``reconnects``) and to back off.
+    """
+
+    sent = False
+
+    async def once(
+        request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        nonlocal sent
+        if sent:
+            raise aiohttp.ServerDisconnectedError("the connection broke before the answer")
+        sent = True
+        return await handler(request)
+
+    # Per-request middlewares replace the session's: keep those (aiohttp has no public getter).
+    own: tuple[aiohttp.ClientMiddlewareType, ...] = tuple(getattr(session, "_middlewares", ()))
+    return (*own, once)
 
 
 class PollClient(StreamClient):
@@ -45,7 +71,10 @@ class PollClient(StreamClient):
         while True:
             params = self._params(after=position or None, **self._extra_params())
             timeout = self._http_timeout(self._read_timeout())
-            async with self.session.get(url, params=params, timeout=timeout) as response:
+            session = self.session
+            async with session.get(
+                url, params=params, timeout=timeout, middlewares=send_once(session)
+            ) as response:
                 self._response = response  # so close() can cut a waiting long-poll short
                 try:
                     body = await response.read()

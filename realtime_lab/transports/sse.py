@@ -78,6 +78,7 @@ PING_CHUNK: Final = chunked(PING)
 class SSEConnection(StreamConnection):
     """One open event stream."""
 
+    __slots__ = ("is_chunked",)
     transport = "sse"
 
     def __init__(self, request: web.Request, *args: object, **kwargs: object) -> None:

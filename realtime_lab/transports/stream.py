@@ -24,7 +24,9 @@ lag, not the replay's size, that ``send_buffer`` bounds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
@@ -51,6 +53,31 @@ ABORT_GRACE_S: Final = 2.0
 class StreamConnection(LiveConnection):
     """A streaming connection fed by the bus; subclasses say how an event is framed."""
 
+    __slots__ = (
+        "_backlog",
+        "_backlog_live",
+        "_backlog_replay",
+        "_catch_up",
+        "_chaos",
+        "_delay_timer",
+        "_delayed",
+        "_delayed_bytes",
+        "_drain",
+        "_fast_from",
+        "_held",
+        "_held_bytes",
+        "_hub",
+        "_limit",
+        "_replaying",
+        "_transport",
+        "done",
+        "group",
+        "last_id",
+        "limit",
+        "steady",
+        "transport_",
+    )
+
     def __init__(
         self,
         request: web.Request,
@@ -65,6 +92,13 @@ class StreamConnection(LiveConnection):
         if transport is None:
             raise ConnectionResetError("client went away before the stream started")
         self._transport: asyncio.Transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Without a cap, Linux grows a socket's send buffer to megabytes (4 MB on loopback)
+            # before asyncio's buffer, which send_buffer bounds, even starts to fill: a stalled
+            # client would hold that much kernel memory, uncounted. Cap it at send_buffer too.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
         self.transport_ = transport  # the broadcast writes to it directly
         self.limit = send_buffer
         # Pause (and so wake the catch-up writer's drain) at half the overflow limit.
@@ -78,11 +112,11 @@ class StreamConnection(LiveConnection):
         self._held_bytes = 0
         # Writes a chaos delay holds, oldest first: (due time, bytes, event id, is_end). One
         # timer drains them in order, so changing the delay never lets a newer write overtake.
-        self._delayed: deque[tuple[float, bytes, str, bool]] = deque()
+        self._delayed: deque[tuple[float, bytes, str, bool]] | None = None  # made when needed
         self._delay_timer: asyncio.TimerHandle | None = None
         self._delayed_bytes = 0
         # Events accepted while catching up and not written yet, oldest first.
-        self._backlog: deque[Event] = deque()
+        self._backlog: deque[Event] | None = None  # made when needed: idle connections are many
         self._backlog_replay = 0  # how many at the head of the backlog came from the replay
         self._backlog_live = 0  # frame bytes of the live events in the backlog
         self._replaying = False
@@ -197,7 +231,8 @@ class StreamConnection(LiveConnection):
         What the bus replays in between is written as the client reads it rather than all at
         once. A new replay (a WebSocket ``resume``) supersedes whatever was still queued.
         """
-        self._backlog.clear()
+        if self._backlog is not None:
+            self._backlog.clear()  # the same deque a running catch-up task reads
         self._backlog_replay = self._backlog_live = 0
         self._replaying = True
         self._update_steady()
@@ -209,11 +244,14 @@ class StreamConnection(LiveConnection):
 
     def discard(self) -> None:
         """Stop writing queued events (the handler is leaving). Idempotent."""
-        self._backlog.clear()
+        if self._backlog is not None:
+            self._backlog.clear()
         if self._catch_up is not None:
             self._catch_up.cancel()
 
     def _queue(self, event: Event) -> None:
+        if self._backlog is None:
+            self._backlog = deque()
         self._backlog.append(event)
         if self.steady:
             self._update_steady()
@@ -232,6 +270,7 @@ class StreamConnection(LiveConnection):
 
     async def _write_backlog(self) -> None:
         backlog = self._backlog
+        assert backlog is not None
         try:
             while backlog and not self.done.done():
                 if self._transport.is_closing():
@@ -309,11 +348,13 @@ class StreamConnection(LiveConnection):
                 self.overflow()
         elif self._chaos.write_delay > 0 or self._delayed:
             loop = asyncio.get_running_loop()
+            if self._delayed is None:
+                self._delayed = deque()
             self._delayed.append((loop.time() + self._chaos.write_delay, data, event_id, is_end))
             self._delayed_bytes += len(data)
             self._update_steady()
             if self._delayed_bytes > self._limit:
-                self._delayed.clear()
+                self._delayed = None
                 self._delayed_bytes = 0
                 self.overflow()
             elif self._delay_timer is None:
@@ -325,14 +366,15 @@ class StreamConnection(LiveConnection):
         self._delay_timer = None
         loop = asyncio.get_running_loop()
         now = loop.time()
-        while self._delayed and self._delayed[0][0] <= now:
-            _, data, event_id, is_end = self._delayed.popleft()
+        delayed = self._delayed
+        while delayed and delayed[0][0] <= now:
+            _, data, event_id, is_end = delayed.popleft()
             self._delayed_bytes -= len(data)
             self._late_write(data, event_id, is_end)
-        if self.done.done():
-            self._delayed.clear()
-        elif self._delayed:
-            self._delay_timer = loop.call_at(self._delayed[0][0], self._write_delayed)
+        if self.done.done() or not delayed:
+            self._delayed = None
+        else:
+            self._delay_timer = loop.call_at(delayed[0][0], self._write_delayed)
         self._update_steady()
 
     def _late_write(self, data: bytes, event_id: str, is_end: bool) -> None:

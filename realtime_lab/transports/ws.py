@@ -84,8 +84,12 @@ def ws_frame(event: Event) -> bytes:
 class WSConnection(StreamConnection):
     """One open WebSocket subscription."""
 
+    __slots__ = ("awaiting_pong",)
     transport = "ws"
-    awaiting_pong = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.awaiting_pong = False
 
     def frame(self, event: Event) -> bytes:
         return ws_frame(event)

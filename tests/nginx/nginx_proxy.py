@@ -1,6 +1,6 @@
-"""Run a real nginx in front of a test server, configured from ``docs/nginx.md``.
+"""Run a real nginx in front of a test server, configured from the README.
 
-The configuration is the documented one: every ```` ```nginx ```` block of ``docs/nginx.md``
+The configuration is the documented one: every ```` ```nginx ```` block of ``README.md``
 whose first line is ``# context: http`` or ``# context: server`` is pasted into a minimal
 ``nginx.conf``; only the upstream address, the ``listen`` port and ``proxy_read_timeout``
 change. Everything nginx writes (pid, logs, temp files) stays under the test's ``tmp_path``,
@@ -25,7 +25,7 @@ import pytest
 
 from tests.conftest import free_port
 
-DOC: Final = Path(__file__).resolve().parents[2] / "docs" / "nginx.md"
+DOC: Final = Path(__file__).resolve().parents[2] / "README.md"
 UPSTREAM_SERVER: Final = re.compile(r"^(\s*server\s+)127\.0\.0\.1:8080;", re.MULTILINE)
 READ_TIMEOUT: Final = re.compile(r"\bproxy_read_timeout\s+\S+;")
 _BLOCK: Final = re.compile(r"^```nginx\n(.*?)^```", re.MULTILINE | re.DOTALL)

@@ -1,4 +1,4 @@
-"""The four transports behind a real nginx, configured exactly as ``docs/nginx.md`` says.
+"""The four transports behind a real nginx, configured exactly as the README says.
 
 The documented configuration is used with ``proxy_read_timeout`` cut to 1 s, shorter than the
 idle gaps these tests create, so nginx's idle cut actually happens within a test's time:
