@@ -3,6 +3,7 @@ OpenAI-compatible endpoint."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -13,6 +14,7 @@ from realtime_lab.feed.llm import answer_text, answer_tokens
 from realtime_lab.protocol.sse import SSEDecoder
 from tests.conftest import RunningServer, StartServer
 from tests.transports.collect import (
+    WS_UPGRADE,
     longpoll,
     poll,
     publish,
@@ -21,6 +23,7 @@ from tests.transports.collect import (
     stats,
     until_count,
     wait_for,
+    ws_frames,
 )
 
 
@@ -174,6 +177,34 @@ async def test_sse_bytes_are_every_byte_on_the_wire(
     assert mine["events"] == len(events)
     assert mine["requests"] == mine["connections"] == 1
     assert (await stats(session, server.url))["transports"]["sse"]["bytes"] == len(got.raw)
+
+
+async def test_websocket_bytes_are_every_byte_on_the_wire(
+    server: RunningServer, session: aiohttp.ClientSession
+) -> None:
+    chat = await start_chat(session, server.url, "count my frames", max_tokens=25)
+    events = await poll(session, server.url, chat["channel"])
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    head = f"GET /ws/{chat['channel']}?client=raw-ws HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in WS_UPGRADE.items())
+    writer.write(head.encode() + b"\r\n")
+    raw = b""
+    async with asyncio.timeout(20):
+        # Handshake, one frame per event, then the server's close frame (1000 "end").
+        while not raw.endswith(b"\x88\x05\x03\xe8end"):
+            chunk = await reader.read(1 << 16)
+            assert chunk, "the server closed before its close frame"
+            raw += chunk
+    # The server writes nothing after its close frame: closing our side ends the handshake.
+    writer.close()
+    await writer.wait_closed()
+    head_end = raw.index(b"\r\n\r\n") + 4
+    frames = ws_frames(raw[head_end:])
+    assert [op for op, _ in frames] == [1] * len(events) + [8]
+
+    mine = await wait_for(lambda: _closed(session, server, "raw-ws"))
+    assert mine["bytes"] == len(raw)
+    assert mine["events"] == len(events)
 
 
 async def _closed(session: aiohttp.ClientSession, server: RunningServer, tag: str) -> dict | None:

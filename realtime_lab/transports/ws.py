@@ -162,29 +162,41 @@ async def ws(request: web.Request) -> web.StreamResponse:
         await asyncio.wait((reader, conn.done), return_when=asyncio.FIRST_COMPLETED)
         reason = conn.done.result() if conn.done.done() else LOST
         if reason == END_OF_STREAM:
-            await _close(sock, WSCloseCode.OK, "end")
+            await _close(sock, WSCloseCode.OK, "end", conn)
         elif reason == SHUTDOWN:
-            await _close(sock, WSCloseCode.GOING_AWAY, "server shutting down")
+            await _close(sock, WSCloseCode.GOING_AWAY, "server shutting down", conn)
         elif reason not in (OVERFLOW, DROPPED):
-            await _close(sock, WSCloseCode.OK, "")
+            await _close(sock, WSCloseCode.OK, "", conn)
     finally:
         session.detach()
         conn.discard()
         reader.cancel()
-        # Waits for the reader without swallowing a cancellation of this handler itself.
-        await asyncio.wait((reader,))
+        try:
+            # Waits for the reader without swallowing a cancellation of this handler itself
+            # (aiohttp cancels it when the client goes away, possibly right here).
+            await asyncio.wait((reader,))
+        finally:
+            hub.unregister(conn)
         if not reader.cancelled() and reader.exception() is not None:
             log.error("ws %d: reader failed", conn.id, exc_info=reader.exception())
-        hub.unregister(conn)
     return sock
 
 
-async def _close(sock: web.WebSocketResponse, code: int, message: str) -> None:
+async def _close(
+    sock: web.WebSocketResponse, code: int, message: str, conn: WSConnection | None = None
+) -> None:
     if not sock.closed:
+        if conn is not None:
+            conn.counters.bytes += close_frame_size(message)
         # Bounded: a client that never answers the close frame must not hold the handler.
         with contextlib.suppress(TimeoutError, ConnectionError):
             async with asyncio.timeout(2.0):
                 await sock.close(code=code, message=message.encode())
+
+
+def close_frame_size(message: str = "") -> int:
+    """Bytes of a server close frame: 2 header bytes, the 2-byte code, the reason."""
+    return 4 + len(message.encode())
 
 
 class _Session:
@@ -234,10 +246,13 @@ class _Session:
                 log.warning("ws %d: binary message refused", conn.id)
                 conn.counters.errors += 1
                 await _close(
-                    sock, WSCloseCode.UNSUPPORTED_DATA, "binary messages are not supported"
+                    sock, WSCloseCode.UNSUPPORTED_DATA, "binary messages are not supported", conn
                 )
                 return
             else:  # CLOSE, CLOSING, CLOSED, ERROR (an oversized message closes with 1009)
+                if msg.type in (WSMsgType.CLOSE, WSMsgType.ERROR):
+                    # aiohttp answered with a close frame of its own: code only, no reason.
+                    conn.counters.bytes += close_frame_size()
                 if msg.type == WSMsgType.ERROR:
                     log.warning("ws %d: %s", conn.id, msg.data)
                     conn.counters.errors += 1

@@ -54,9 +54,7 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-async def sse_ws_overflow(
-    server: RunningServer, session: aiohttp.ClientSession, r: Reader
-) -> None:
+async def sse_ws_overflow(server: RunningServer, session: aiohttp.ClientSession, r: Reader) -> None:
     """Pause delivery until the held bytes pass ``send_buffer``: the server ends the client
     with the overflow signal. Every reconnection made during the pause overflows again on its
     replay; ending the pause lets the next one resume."""

@@ -9,7 +9,16 @@ import aiohttp
 import pytest
 
 from tests.conftest import RunningServer, StartServer
-from tests.transports.collect import publish, running, start_chat, stats, wait_for, ws
+from tests.transports.collect import (
+    WS_UPGRADE,
+    publish,
+    running,
+    stalled_get,
+    start_chat,
+    stats,
+    wait_for,
+    ws,
+)
 
 WSMsgType = aiohttp.WSMsgType
 
@@ -160,3 +169,27 @@ async def test_client_that_never_pongs_is_dropped(
 
 async def _open_ws(session: aiohttp.ClientSession, server: RunningServer) -> bool:
     return (await stats(session, server.url))["transports"]["ws"]["open"] == 0
+
+
+@pytest.mark.parametrize("path", ["/ws/room.gone", "/sse/room.gone"])
+async def test_a_client_that_vanishes_mid_stream_is_forgotten(
+    server: RunningServer, session: aiohttp.ClientSession, path: str
+) -> None:
+    """A TCP close without goodbye (no close frame) must not leave the connection registered."""
+    headers = WS_UPGRADE if path.startswith("/ws") else {}
+    transport = "ws" if path.startswith("/ws") else "sse"
+    for round_ in range(3):
+        sock = await stalled_get(server.port, path, headers=headers)
+        await publish(session, server.url, "room.gone", "note", {"n": round_})
+        opened = await wait_for(lambda: _open_count(session, server, transport), timeout=10.0)
+        assert opened == 1
+        sock.close()
+        await wait_for(lambda: _none_open(session, server, transport), timeout=10.0)
+
+
+async def _open_count(session: aiohttp.ClientSession, server: RunningServer, name: str) -> int:
+    return int((await stats(session, server.url))["transports"][name]["open"])
+
+
+async def _none_open(session: aiohttp.ClientSession, server: RunningServer, name: str) -> bool:
+    return await _open_count(session, server, name) == 0
