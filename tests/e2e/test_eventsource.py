@@ -148,9 +148,10 @@ async def test_eventsource_reconnects_with_last_event_id_and_stops_on_end(
     assert error["state"] == 0  # CONNECTING: the browser is going to reconnect by itself
     ids = await requests.last_event_ids(2)
     assert ids == [None, state["ids"][error["seen"] - 1]], (ids, error)
-    # retry: honoured: the reconnection waited the server's 300 ms (and not much longer).
+    # retry: honoured: the reconnection waited the stream's 300 ms, and not the 1000 ms of the
+    # server's default or Chromium's own 3000 ms (it takes ~310 ms, also on a loaded machine).
     waited = state["opens"][1] - error["t"]
-    assert 200 <= waited <= 3000, f"reconnected {waited:.0f} ms after the cut"
+    assert RETRY_MS - 50 <= waited < 1000, f"reconnected {waited:.0f} ms after the cut"
     stats = (await get(session, f"{server.url}/api/stats"))["transports"]["sse"]
     assert (stats["requests"], stats["reconnects"]) == (2, 1), stats
 
@@ -183,5 +184,5 @@ async def test_eventsource_is_told_to_stop_by_the_204_after_the_end(
     # First error: the stream closed (CONNECTING, will retry); second: the 204 (CLOSED).
     assert [e["state"] for e in state["errors"]] == [0, 2], state["errors"]
     waited = state["errors"][1]["t"] - state["errors"][0]["t"]
-    assert 200 <= waited <= 3000, f"came back {waited:.0f} ms after the close"
+    assert RETRY_MS - 50 <= waited < 1000, f"came back {waited:.0f} ms after the close"
     assert state["ends"][0]["data"]["data"]["reason"] == "done"

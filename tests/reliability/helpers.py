@@ -8,7 +8,6 @@ every wait is on a condition with a deadline, never on the clock alone.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -58,8 +57,8 @@ class Reader:
         await self.client.close()
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(self._task, 10)
+            # asyncio.wait: the task's own end is not raised here, a cancellation of ours is.
+            await asyncio.wait((self._task,), timeout=10)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -85,15 +84,24 @@ class Reader:
         return [e for e in self.events if e.type == "token"]
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-        """Wait until ``predicate()`` holds (checked at every event), or fail."""
-        async with asyncio.timeout(timeout), self._changed:
-            while not predicate():
-                if self.done:
-                    raise AssertionError(
-                        f"{self.client.transport}: the stream stopped first "
-                        f"({len(self.events)} events, error {self.error!r})"
-                    )
-                await self._changed.wait()
+        """Wait until ``predicate()`` holds (checked at every event), or fail saying where the
+        stream got to."""
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                while not predicate():
+                    if self.done:
+                        raise AssertionError(f"the stream stopped first: {self}")
+                    await self._changed.wait()
+        except TimeoutError:
+            raise AssertionError(f"still waiting after {timeout} s: {self}") from None
+
+    def __str__(self) -> str:
+        last = self.events[-1] if self.events else None
+        return (
+            f"{self.client.transport}: {len(self.events)} events, last "
+            f"{None if last is None else (last.type, last.id)}, error {self.error!r}, "
+            f"{self.client.stats.summary()}"
+        )
 
     async def wait_tokens(self, count: int, timeout: float = TIMEOUT) -> None:
         """Wait until ``count`` tokens have arrived, the stream still running."""

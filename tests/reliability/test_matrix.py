@@ -145,6 +145,8 @@ async def test_every_fault_on_every_transport_loses_nothing(
     elif streaming:
         assert stats.overflows >= 1, summary
         assert stats.reconnects >= stats.overflows, summary
+        server_side = (await get(session, f"{server.url}/api/stats"))["transports"][transport]
+        assert server_side["overflows"] >= stats.overflows, server_side
     else:
         assert stats.overflows == 0, summary
         assert stats.reconnects == 0, summary
