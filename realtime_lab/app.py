@@ -128,21 +128,10 @@ async def _end_streams(app: web.Application) -> None:
     await asyncio.sleep(0)
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's loop when it is installed (its transports write in C), else asyncio's."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
-
-
 def run(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM, then stop within ``settings.shutdown_timeout`` seconds."""
     web.run_app(
         make_app(settings),
-        loop=new_event_loop(),
         host=settings.host,
         port=settings.port,
         shutdown_timeout=settings.shutdown_timeout,
