@@ -25,7 +25,7 @@ from realtime_lab.transports.common import (
     SETTINGS_KEY,
     TICKER_KEY,
     Hub,
-    error_middleware,
+    json_errors,
 )
 from realtime_lab.transports.faults import CHAOS_KEY, Chaos
 from realtime_lab.transports.stream import StreamConnection
@@ -46,7 +46,8 @@ def make_app(settings: Settings | None = None) -> web.Application:
     """Build the application. Serve it with :func:`run` (or an ``AppRunner`` with
     ``handler_cancellation=True``, so that a client hanging up ends its stream at once)."""
     settings = settings or Settings()
-    app = web.Application(client_max_size=settings.max_body, middlewares=[error_middleware])
+    app = web.Application(client_max_size=settings.max_body)
+    app.on_response_prepare.append(json_errors)
     app[SETTINGS_KEY] = settings
     bus = create_bus(settings.bus, history=settings.history, ttl=settings.channel_ttl)
     app[BUS_KEY] = bus

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Final
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from realtime_lab.bus.base import After, Bus
 from realtime_lab.config import Settings
@@ -32,18 +32,27 @@ CLIENT_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 MAX_CLIENTS: Final = 1024  # per-client counters kept (least recently used dropped first)
 
 
-class HTTPProblem(Exception):
+class HTTPProblem(web.HTTPException):
     """An error answered as ``{"error": {"code", "message"}}`` with an HTTP status.
 
-    Raise it from a handler; :func:`error_middleware` turns it into the response and logs it.
+    Raise it from a handler: aiohttp answers with it as it answers any ``HTTPException``, and
+    :func:`json_errors` logs it. (Errors are answered without a middleware on purpose: a
+    middleware keeps a frame alive for the whole life of every SSE and WebSocket connection.)
     """
 
     def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status = status
+        self.status_code = status
+        super().__init__(
+            body=None,
+            text=dumps(error_body(code, message, **extra)).decode(),
+            content_type="application/json",
+        )
         self.code = code
         self.message = message
         self.extra = extra
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
@@ -66,24 +75,31 @@ _AIOHTTP_CODES: Final = {
 }
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Answer every failure with a JSON error body, log it, and let the server carry on."""
-    try:
-        response: web.StreamResponse = await handler(request)
-        return response
-    except HTTPProblem as exc:
+async def json_errors(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: log every error answer; give aiohttp's own a JSON body too.
+
+    aiohttp answers unknown paths (404), wrong methods (405), oversized bodies (413) and crashes
+    (500) with plain text; they get the same ``{"error": {...}}`` shape as ours.
+    """
+    if response.status < 400:
+        return
+    if isinstance(response, HTTPProblem):
         log.warning(
-            "%s %s -> %d %s: %s", request.method, request.path_qs, exc.status, exc.code, exc.message
+            "%s %s -> %d %s: %s",
+            request.method,
+            request.path_qs,
+            response.status,
+            response.code,
+            response.message,
         )
-        return json_response(error_body(exc.code, exc.message, **exc.extra), exc.status)
-    except web.HTTPException as exc:
-        if exc.status < 400 or exc.empty_body:
-            raise
-        code = _AIOHTTP_CODES.get(exc.status, "http-error")
-        log.warning("%s %s -> %d %s", request.method, request.path_qs, exc.status, exc.reason)
-        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-        return json_response(error_body(code, exc.text or exc.reason), exc.status, **headers)
+        return
+    log.warning("%s %s -> %d %s", request.method, request.path_qs, response.status, response.reason)
+    if isinstance(response, web.Response) and response.content_type == "text/plain":
+        code = _AIOHTTP_CODES.get(response.status, "http-error")
+        body = dumps(error_body(code, response.text or response.reason))
+        response.body = body
+        response.content_type = "application/json"
+        response.headers[hdrs.CONTENT_LENGTH] = str(len(body))  # set already, for the text
 
 
 # Request parsing ---------------------------------------------------------------------------------
