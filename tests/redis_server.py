@@ -83,27 +83,8 @@ class RedisServer:
         for _attempt in range(3):  # the free port may be taken before the server binds it
             self.port = free_port()
             log = Path(self._dir) / f"redis-{self.port}.log"
-            self.process = subprocess.Popen(
-                [
-                    self.binary,
-                    "--port", str(self.port),
-                    "--bind", "127.0.0.1",
-                    "--save", "",
-                    "--appendonly", "no",
-                    "--dir", self._dir,
-                    "--logfile", str(log),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    break
-                if ping(self.port):
-                    return self
-                time.sleep(_POLL)
+            if self._spawn_and_wait(log, timeout):
+                return self
             last_error = log.read_text(errors="replace")[-2000:] if log.exists() else ""
             self._kill()
         self.stop()
@@ -115,6 +96,16 @@ class RedisServer:
             raise RuntimeError("the server is not running")
         self._kill()
         log = Path(self._dir) / f"redis-{self.port}-restarted.log"
+        if self._spawn_and_wait(log, timeout):
+            return self
+        output = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        self._kill()
+        raise RuntimeError(f"redis-server did not restart within {timeout} s:\n{output}")
+
+    def _spawn_and_wait(self, log: Path, timeout: float) -> bool:
+        """Run redis-server on ``self.port``; ``True`` once it answers ``PING`` in time."""
+        assert self.binary is not None
+        assert self._dir is not None
         self.process = subprocess.Popen(
             [
                 self.binary,
@@ -132,11 +123,9 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.process.poll() is None:
             if ping(self.port):
-                return self
+                return True
             time.sleep(_POLL)
-        output = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-        self._kill()
-        raise RuntimeError(f"redis-server did not restart within {timeout} s:\n{output}")
+        return False
 
     def _kill(self) -> None:
         process, self.process = self.process, None
