@@ -122,6 +122,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "--ttft-ms", type=float, default=100.0, help="chats' simulated first-token delay"
     )
     p.add_argument("--workers", type=int, default=0, help="load worker processes (0: one per CPU)")
+    p.add_argument(
+        "--load-client",
+        choices=("auto", "native", "python"),
+        default="auto",
+        help="who reads SSE and WebSocket streams: the C client built from loadclient.c "
+        "(native), the asyncio clients (python), or native when a C compiler is found (auto, "
+        "the default)",
+    )
     p.add_argument("--stalled", type=int, default=None, help="stalled SSE clients (50)")
     p.add_argument("--stall-clients", type=int, default=None, help="normal SSE clients (100)")
     p.add_argument("--stall-rate", type=float, default=None, help="ticker tokens/s there (500)")
@@ -193,6 +201,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         repeat=int(get("repeat")),
         url=args.url,
         workers=args.workers,
+        load_client=args.load_client,
         chats=args.chats,
         chat_tokens=args.chat_tokens,
         ttft_ms=args.ttft_ms,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import resource
 import socket
@@ -458,6 +459,86 @@ def make_client(
     raise ValueError(f"unknown transport {transport!r}")
 
 
+class NativeClients:
+    """A worker's share of a point's SSE or WebSocket clients, read by the native load client.
+
+    The binary (``loadclient.c``, built by :mod:`.native`) holds the connections and counts what
+    they receive exactly as :meth:`Client.items` does; this class drives it over its stdin and
+    reads its replies from its stdout (one JSON line, then the window's latencies as raw
+    doubles).
+    """
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def open(
+        cls, binary: str, spec: dict[str, Any], count: int
+    ) -> tuple[NativeClients, dict[str, Any]]:
+        """Start the binary with ``count`` clients; return it and its ``opened`` reply.
+
+        Raises:
+            BenchProtocolError: it exited or answered something else.
+        """
+        query = f"after=now&client={quote(spec['tag'], safe='')}"
+        proc = await asyncio.create_subprocess_exec(
+            binary,
+            spec["host"],
+            str(spec["port"]),
+            spec["transport"],
+            str(count),
+            spec["host_header"],
+            f"/{spec['transport']}/{quote(spec['channel'], safe='')}?{query}",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        native = cls(proc)
+        try:
+            return native, await native._reply("opened")
+        except BaseException:
+            await native.close()
+            raise
+
+    async def _reply(self, op: str) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = await self.proc.stdout.readline()
+        try:
+            reply: dict[str, Any] = json.loads(line)
+        except ValueError as exc:
+            code = await self.proc.wait() if not line else None
+            raise wire.BenchProtocolError(
+                f"native load client: expected {op!r}, got {line[:200]!r} (exit {code})"
+            ) from exc
+        if reply.get("op") != op:
+            raise wire.BenchProtocolError(f"native load client: expected {op!r}, got {reply}")
+        return reply
+
+    async def send(self, command: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command.encode() + b"\n")
+        await self.proc.stdin.drain()
+
+    async def stop(self) -> dict[str, Any]:
+        """End the measurement window; return its tally (``latency`` as raw doubles)."""
+        await self.send("stop")
+        reply = await self._reply("window")
+        assert self.proc.stdout is not None
+        reply["latency"] = await self.proc.stdout.readexactly(8 * int(reply["latency_count"]))
+        return reply
+
+    async def close(self) -> None:
+        """Close its connections and wait for it to exit."""
+        if self.proc.returncode is None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.send("quit")
+            try:
+                async with asyncio.timeout(10):
+                    await self.proc.wait()
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
 class Worker:
     """One load worker: a loop, its clients, and the command pipe to the coordinator."""
 
@@ -471,6 +552,7 @@ class Worker:
         self.session: aiohttp.ClientSession | None = None
         self.spec: dict[str, Any] = {}
         self.stopping = False
+        self.native: NativeClients | None = None
         self._connect_gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
     async def serve(self) -> None:
@@ -571,6 +653,11 @@ class Worker:
             for i, readers in enumerate(spec["chat_readers"]):
                 self.tasks.append(asyncio.create_task(self.chat_rounds(i, int(readers))))
             return {"op": "opened", "clients": count, "failures": 0, "errors": []}
+        if spec.get("native") and spec["transport"] in ("sse", "ws"):
+            self.native, opened = await NativeClients.open(spec["native"], spec, count)
+            self.tally.failures = int(opened["failures"])
+            self.tally.errors = list(opened["errors"])
+            return {**opened, "op": "opened"}
         clients = [self.client(self.tally, spec["channel"], "now") for _ in range(count)]
         self.clients.update(clients)
         await asyncio.gather(*(self.connect(c) for c in clients))
@@ -635,6 +722,10 @@ class Worker:
         tally.events = tally.bytes = tally.bytes_up = tally.requests = tally.chats = 0
         tally.latency = array("d")
         tally.in_window = True
+        native = self.native
+        if native is not None:
+            await native.send("start")
+            await native._reply("started")
         probe_tally = Tally()
         probe = None
         if probes and self.spec.get("workload") != "chats":
@@ -644,6 +735,17 @@ class Worker:
         cpu = _cpu_self() - cpu
         result = tally.result(cpu)
         tally.latency = array("d")
+        if native is not None:
+            counted = await native.stop()
+            # The native client's tally replaces this worker's (it opened no clients of its own);
+            # its failures and errors count over its whole life, the opening included.
+            for key in ("events", "bytes", "bytes_up", "lost", "dup", "resets", "overflows"):
+                result[key] = int(counted[key])
+            result["disconnects"] = int(counted["disconnects"])
+            result["failures"] = int(counted["failures"])
+            result["latency"] = counted["latency"]
+            result["cpu"] = cpu + float(counted["cpu"])
+            result["errors"] = list(counted["errors"])
         if probe is not None:
             late = await probe
             result["ttft"] = probe_tally.ttft.tobytes()
@@ -683,6 +785,9 @@ class Worker:
         clients, self.clients = self.clients, set()
         for client in clients:
             client.close()
+        native, self.native = self.native, None
+        if native is not None:
+            await native.close()
         self.unstall()
         await asyncio.sleep(0)
 

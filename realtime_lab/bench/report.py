@@ -70,6 +70,16 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def _load_client_line(load_client: dict[str, Any] | None) -> str:
+    if not load_client or load_client.get("streams") != "native":
+        note = f" ({load_client['note']})" if load_client and load_client.get("note") else ""
+        return f"SSE and WebSocket read by the asyncio load clients{note}."
+    return (
+        "SSE and WebSocket read by the native load client (loadclient.c, one epoll loop per "
+        "worker), polls by the asyncio ones."
+    )
+
+
 def markdown(results: dict[str, Any]) -> str:
     """``results.md``: what was run, on what, and the tables."""
     config, machine = results["config"], results["machine"]
@@ -81,7 +91,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{config['warmup']:g} s warm-up, {config['repeat']} run(s) per point"
         + (" (median [min-max])" if ranges else "")
         + f"; server: {config['url'] or 'own process per run'}; "
-        f"{machine['load_workers']} load worker process(es).",
+        f"{machine['load_workers']} load worker process(es); "
+        + _load_client_line(results.get("load_client")),
         f"Machine: {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}, "
         f"load average at start {machine['loadavg_at_start']}. "
         f"Wall time {results['wall_s']:.0f} s.",

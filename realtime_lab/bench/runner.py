@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from realtime_lab.bench import native
 from realtime_lab.bench.loadgen import TRANSPORTS, split, worker_main
 from realtime_lab.bench.server import ServerProcess, http_json, machine_cpu, raise_fd_limit
 from realtime_lab.bench.stats import latency_summary, median, spread
@@ -96,6 +97,9 @@ class BenchConfig:
     stall_rate: float = 500.0
     stall_send_buffer: int = 64 * 1024
     stall_duration: float = 6.0
+    #: Who reads SSE and WebSocket streams: ``native`` (the C client of ``loadclient.c``),
+    #: ``python`` (the asyncio clients), or ``auto`` (native when a C compiler is found).
+    load_client: str = "auto"
     progress: bool = True
     quick: bool = False
     server_options: dict[str, Any] = field(default_factory=dict)  # extra `serve` settings
@@ -129,7 +133,10 @@ class BenchConfig:
 class WorkerPool:
     """The load worker processes and their command pipes."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, native: str | None = None) -> None:
+        #: The native load client's binary, which the workers run for SSE and WebSocket points
+        #: (``None``: they use their asyncio clients for every transport).
+        self.native = native
         # spawn, not fork: the coordinator may have threads (tqdm's monitor), and a fresh
         # interpreter per worker holds nothing of the coordinator's.
         context = multiprocessing.get_context("spawn")
@@ -335,6 +342,7 @@ def run_point(
                     "chat_tokens": config.chat_tokens,
                     "token_ms": 1000.0 / rate if rate > 0 else 0.0,
                     "ttft_ms": config.ttft_ms,
+                    "native": pool.native,
                 }
             )
         opened = pool.ask(commands, timeout=REPLY_GRACE)
@@ -481,6 +489,7 @@ def run_slow_subscriber(config: BenchConfig, pool: WorkerPool) -> dict[str, Any]
             "host_header": tgt.host_header,
             "tag": tag,
             "poll_interval": 1.0,
+            "native": pool.native,
         }
         shares = split(config.stall_clients, len(pool))
         active = [share > 0 for share in shares]
@@ -568,6 +577,25 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _load_client(choice: str) -> dict[str, Any]:
+    """Build the native load client when ``choice`` asks for it; describe what will read.
+
+    Raises:
+        BenchError: ``native`` was asked for and could not be built.
+    """
+    if choice not in ("auto", "native", "python"):
+        raise BenchError(f"unknown load client {choice!r} (auto, native or python)")
+    if choice == "python":
+        return {"streams": "python", "binary": None, "note": "asked for with --load-client"}
+    try:
+        built = native.build()
+    except native.NativeBuildError as exc:
+        if choice == "native":
+            raise BenchError(f"--load-client native: {exc}") from exc
+        return {"streams": "python", "binary": None, "note": f"native unavailable: {exc}"}
+    return {"streams": "native", "binary": str(built.path), "note": f"built with {built.compiler}"}
+
+
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Run the sweep (and scenarios) of ``config``; return the results document.
 
@@ -578,10 +606,11 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     points = config.points() if config.sweep else []
     steps = len(points) * config.repeat + (1 if config.slow_subscriber else 0)
     workers = config.workers or max(os.cpu_count() or 1, 1)
+    load_client = _load_client(config.load_client)
     progress = _progress(steps, config.progress)
     results: list[dict[str, Any]] = []
     scenario: dict[str, Any] | None = None
-    pool = WorkerPool(workers)
+    pool = WorkerPool(workers, load_client["binary"])
     try:
         for number, point in enumerate(points):
             runs = []
@@ -614,6 +643,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "version": 1,
         "config": cfg,
         "machine": {**machine_info(), "load_workers": workers},
+        "load_client": load_client,
         "wall_s": time.time() - started,
         "points": results,
         "slow_subscriber": scenario,

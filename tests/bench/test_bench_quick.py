@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from realtime_lab.bench.report import write_results
-from realtime_lab.bench.runner import MEASURES, BenchConfig, run_bench
+from realtime_lab.bench import runner
+from realtime_lab.bench.report import markdown, write_results
+from realtime_lab.bench.runner import MEASURES, BenchConfig, BenchError, run_bench
 
 pytestmark = pytest.mark.slow
 
@@ -99,3 +102,51 @@ def test_tiny_chats_workload(tmp_path: Path) -> None:
         assert run["disconnects"] == 0, (name, run["errors"])
         assert run["ttft_ms"] >= config.ttft_ms, name  # timed from the POST that made the chat
         assert run["rss_kb_per_conn"] is None, name  # not measured with connections churning
+
+
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+)
+def test_native_and_python_load_clients_agree(tmp_path: Path) -> None:
+    """The same points read by both load clients: same bytes per token, nothing lost."""
+    runs: dict[str, dict[str, dict[str, Any]]] = {}
+    for load_client in ("native", "python"):
+        config = BenchConfig(
+            out=tmp_path / load_client,
+            transports=["sse", "ws"],
+            clients=[6],
+            rates=[100.0],
+            duration=1.5,
+            warmup=0.5,
+            repeat=1,
+            workers=2,
+            progress=False,
+            load_client=load_client,
+        )
+        results = run_bench(config)
+        assert results["load_client"]["streams"] == load_client
+        wording = {"native": "native load client", "python": "asyncio load clients"}
+        assert wording[load_client] in markdown(results).split("\n")[2]
+        runs[load_client] = {p["transport"]: p["runs"][0] for p in results["points"]}
+    for transport in ("sse", "ws"):
+        native, python = runs["native"][transport], runs["python"][transport]
+        for run in (native, python):
+            assert (run["lost"], run["dup"], run["failures"]) == (0, 0, 0), run["errors"]
+            assert run["disconnects"] == 0, run["errors"]
+            # 6 clients x 100 tokens/s: all of them, give or take the window's edges.
+            assert 500 < run["events_per_s"] < 700, run
+            assert run["p50_ms"] is not None
+        # Both count every byte of the same frames: within a heartbeat of each other.
+        assert native["bytes_per_token"] == pytest.approx(python["bytes_per_token"], rel=0.02)
+
+
+def test_native_load_client_must_build_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    config = BenchConfig(out=tmp_path, clients=[1], repeat=1, progress=False, load_client="native")
+    with pytest.raises(BenchError, match="no C compiler"):
+        run_bench(config)
+    auto = runner._load_client("auto")
+    assert auto["streams"] == "python"
+    assert "no C compiler" in auto["note"]

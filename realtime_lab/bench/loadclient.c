@@ -1,0 +1,765 @@
+/*
+ * The benchmark's light load client for the streaming transports (SSE and WebSocket).
+ *
+ * Why C: at 1,000 subscribers and 100 tokens/s the load client reads 100,000 events per second,
+ * and at 3,000 it reads 300,000. The asyncio clients of loadgen.py spend about 10-14 us of CPU
+ * per event (a data_received call, a parse, a tally), so on a 2-core machine they took more than
+ * one core away from the server they were measuring. This program pays one recv() and a few
+ * memchr() per event (about 1-2 us, mostly kernel time), so the server gets a core of its own and
+ * the benchmark measures the server. No existing load tool reads SSE or WebSocket streams and
+ * times each event against a timestamp inside it (wrk, h2load and oha wait for whole responses).
+ *
+ * It speaks exactly what loadgen.py's SSEClient and WSClient speak and counts the same things
+ * the same way (see Client.items there): continuity of the envelope's seq (lost, dup), latency =
+ * receive wall clock - the envelope's "ts", control events end/reset/error, the overflow signal
+ * (SSE "error" event mentioning overflow, WebSocket close 1013). It is driven by one Python load
+ * worker over stdin/stdout:
+ *
+ *   argv: HOST PORT TRANSPORT(sse|ws) COUNT HOST_HEADER PATH
+ *   out:  {"op":"opened",...}\n            once every connection has its response head (or failed)
+ *   in:   start\n                          begin a measurement window; out: {"op":"started"}\n
+ *   in:   stop\n                           end it; out: {"op":"window",...,"latency_count":N}\n
+ *                                          followed by N native doubles (the latencies in ms)
+ *   in:   quit\n (or end of input)         close everything and exit 0
+ *
+ * Malformed server bytes fail that one connection (counted, with a message); nothing here
+ * trusts the server to stay within a buffer: every buffer grows to at most MAX_PENDING.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define CONNECT_CONCURRENCY 32 /* as loadgen.py: well under the server's listen backlog */
+#define CONNECT_TIMEOUT_S 30.0
+#define MAX_PENDING (1 << 20) /* largest unparsed remainder one connection may hold */
+#define READ_SIZE (1 << 16)
+#define MAX_ERRORS 5
+#define OVERFLOW_CLOSE 1013
+/* RFC 6455 section 1.3's example key and its accept value: a load client need not be random. */
+#define WS_KEY "dGhlIHNhbXBsZSBub25jZQ=="
+#define WS_ACCEPT "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+enum { T_SSE, T_WS };
+enum { S_IDLE, S_CONNECTING, S_HEAD, S_BODY, S_CLOSED };
+enum { K_TOKEN, K_END, K_RESET, K_ERROR };
+
+typedef struct {
+    char *p;
+    size_t len, cap;
+} buf_t;
+
+typedef struct {
+    int fd;
+    int state;
+    int chunked;
+    long long chunk_left; /* -1: reading a size line; -2: expecting the CRLF after a chunk */
+    long long last_seq;   /* -1: nothing seen yet */
+    int saw_end;
+    buf_t in;   /* raw bytes not yet consumed (head, chunk framing, WebSocket frames) */
+    buf_t line; /* SSE: the current, incomplete line */
+    buf_t data; /* SSE: the current block's data */
+    char event[16];
+    int has_id;
+    long long id_seq;
+} conn_t;
+
+/* The tally: window counts reset at "start"; losses, failures and the rest count for life. */
+static struct {
+    int in_window;
+    long long events, bytes, bytes_up;
+    long long lost, dup, resets, overflows, disconnects, failures;
+    double *lat;
+    size_t lat_len, lat_cap;
+    char errors[MAX_ERRORS][200];
+    int n_errors;
+} T;
+
+static int transport;
+static const char *host_header, *path;
+static conn_t *conns;
+static int count;
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
+}
+
+static double mono_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static double cpu_self(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
+           (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
+}
+
+static void error_msg(const char *fmt, ...) {
+    if (T.n_errors >= MAX_ERRORS) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(T.errors[T.n_errors++], sizeof T.errors[0], fmt, ap);
+    va_end(ap);
+}
+
+static int buf_append(buf_t *b, const char *p, size_t n) {
+    if (b->len + n > MAX_PENDING) return -1;
+    if (b->len + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 256;
+        while (cap < b->len + n) cap *= 2;
+        char *q = realloc(b->p, cap);
+        if (!q) return -1;
+        b->p = q;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->len, p, n);
+    b->len += n;
+    return 0;
+}
+
+static void buf_free(buf_t *b) {
+    free(b->p);
+    b->p = NULL;
+    b->len = b->cap = 0;
+}
+
+static void write_all(int fd, const void *p, size_t n) {
+    const char *q = p;
+    while (n) {
+        ssize_t w = write(fd, q, n);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            exit(3); /* the worker went away */
+        }
+        q += w;
+        n -= (size_t)w;
+    }
+}
+
+static int send_all(conn_t *c, const char *p, size_t n) {
+    while (n) {
+        ssize_t w = send(c->fd, p, n, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            return -1; /* a full send buffer for a tiny request or pong: treat as broken */
+        }
+        p += w;
+        n -= (size_t)w;
+        if (T.in_window) T.bytes_up += w;
+    }
+    return 0;
+}
+
+/* Closing ------------------------------------------------------------------------------------ */
+
+static int opened, failed;
+
+static void close_conn(conn_t *c) {
+    if (c->state == S_CLOSED || c->state == S_IDLE) return;
+    close(c->fd);
+    c->state = S_CLOSED;
+    buf_free(&c->in);
+    buf_free(&c->line);
+    buf_free(&c->data);
+}
+
+/* An unexpected end: before its head it failed, after it a disconnect (as loadgen.py). */
+static void fail_conn(conn_t *c, const char *why) {
+    if (c->state == S_CLOSED) return;
+    error_msg("%s: %s", transport == T_SSE ? "SSEClient" : "WSClient", why);
+    if (c->state == S_BODY) {
+        T.disconnects++;
+    } else {
+        T.failures++;
+        failed++;
+    }
+    close_conn(c);
+}
+
+/* Events ------------------------------------------------------------------------------------- */
+
+static long long seq_of(const char *p, size_t n) {
+    const char *dash = memrchr(p, '-', n);
+    if (!dash || dash == p || dash + 1 == p + n) return -1;
+    long long v = 0;
+    for (const char *q = dash + 1; q < p + n; q++) {
+        if (*q < '0' || *q > '9') return -1;
+        v = v * 10 + (*q - '0');
+    }
+    return v;
+}
+
+/* The value of "key":"..." in a JSON envelope (our server's, which escapes no quotes there). */
+static const char *json_str(const char *p, size_t n, const char *key, size_t *out_len) {
+    size_t klen = strlen(key);
+    const char *at = memmem(p, n, key, klen);
+    if (!at) return NULL;
+    const char *start = at + klen;
+    const char *end = memchr(start, '"', (size_t)(p + n - start));
+    if (!end) return NULL;
+    *out_len = (size_t)(end - start);
+    return start;
+}
+
+static double ts_of(const char *p, size_t n) {
+    const char *at = NULL;
+    for (const char *q = p; (q = memmem(q, (size_t)(p + n - q), "\"ts\":", 5)); q += 5) at = q;
+    if (!at) return 0.0 / 0.0;
+    char tmp[40];
+    size_t len = (size_t)(p + n - (at + 5));
+    if (len >= sizeof tmp) len = sizeof tmp - 1;
+    memcpy(tmp, at + 5, len);
+    tmp[len] = 0;
+    return strtod(tmp, NULL);
+}
+
+static void on_event(conn_t *c, int kind, long long seq, double ts, double now, int overflow) {
+    long long last = c->last_seq;
+    if (kind == K_TOKEN) {
+        if (last >= 0 && seq >= 0) {
+            if (seq <= last) {
+                T.dup++;
+                return;
+            }
+            if (seq > last + 1) T.lost += seq - last - 1;
+        }
+        c->last_seq = seq;
+        if (T.in_window) {
+            T.events++;
+            if (T.lat_len == T.lat_cap) {
+                T.lat_cap = T.lat_cap ? T.lat_cap * 2 : 65536;
+                T.lat = realloc(T.lat, T.lat_cap * sizeof(double));
+                if (!T.lat) exit(4);
+            }
+            T.lat[T.lat_len++] = now - ts;
+        }
+    } else if (kind == K_RESET) {
+        /* A reset's id is the position before the oldest retained event. */
+        T.resets++;
+        if (last >= 0 && seq > last) T.lost += seq - last;
+        if (seq >= 0) c->last_seq = seq;
+    } else if (kind == K_END) {
+        if (last >= 0 && seq > last + 1) T.lost += seq - last - 1;
+        c->last_seq = seq;
+        c->saw_end = 1;
+    } else if (overflow) {
+        T.overflows++;
+    } else {
+        error_msg("error event received");
+    }
+}
+
+static int kind_of(const char *name, size_t n) {
+    if (n == 3 && !memcmp(name, "end", 3)) return K_END;
+    if (n == 5 && !memcmp(name, "reset", 5)) return K_RESET;
+    if (n == 5 && !memcmp(name, "error", 5)) return K_ERROR;
+    return K_TOKEN; /* every other type is a delivery, as in loadgen.py */
+}
+
+/* SSE ------------------------------------------------------------------------------------------ */
+
+static void sse_dispatch(conn_t *c, double now) {
+    const char *d = c->data.p ? c->data.p : "";
+    size_t dn = c->data.len;
+    if (dn == 0 && !c->has_id) { /* a comment or retry-only block */
+        c->event[0] = 0;
+        return;
+    }
+    if (dn && d[dn - 1] == '\n') dn--; /* the spec drops the last data line's LF */
+    size_t en = strlen(c->event);
+    int kind = (en == 0 || (en == 7 && !memcmp(c->event, "message", 7))) ? K_TOKEN
+                                                                          : kind_of(c->event, en);
+    long long seq = -1;
+    size_t idn;
+    const char *id = json_str(d, dn, "\"id\":\"", &idn);
+    if (id) seq = seq_of(id, idn);
+    if (seq < 0 && c->has_id) seq = c->id_seq;
+    int overflow = kind == K_ERROR && memmem(d, dn, "overflow", 8) != NULL;
+    on_event(c, kind, seq, ts_of(d, dn), now, overflow);
+    c->data.len = 0;
+    c->event[0] = 0;
+    c->has_id = 0;
+}
+
+static void sse_line(conn_t *c, const char *p, size_t n, double now) {
+    if (n && p[n - 1] == '\r') n--;
+    if (n == 0) {
+        sse_dispatch(c, now);
+        return;
+    }
+    if (p[0] == ':') return; /* a comment: the server's heartbeat */
+    const char *colon = memchr(p, ':', n);
+    size_t fn = colon ? (size_t)(colon - p) : n;
+    const char *v = colon ? colon + 1 : p + n;
+    if (v < p + n && *v == ' ') v++;
+    size_t vn = (size_t)(p + n - v);
+    if (fn == 4 && !memcmp(p, "data", 4)) {
+        if (buf_append(&c->data, v, vn) || buf_append(&c->data, "\n", 1)) c->data.len = 0;
+    } else if (fn == 2 && !memcmp(p, "id", 2)) {
+        c->has_id = 1;
+        c->id_seq = seq_of(v, vn);
+    } else if (fn == 5 && !memcmp(p, "event", 5)) {
+        size_t k = vn < sizeof c->event - 1 ? vn : sizeof c->event - 1;
+        memcpy(c->event, v, k);
+        c->event[k] = 0;
+    } /* retry and unknown fields: nothing to count */
+}
+
+/* SSE text (de-chunked): split into lines, carrying an incomplete line over to the next read. */
+static void sse_feed(conn_t *c, const char *p, size_t n, double now) {
+    while (n) {
+        const char *nl = memchr(p, '\n', n);
+        if (!nl) {
+            if (buf_append(&c->line, p, n)) fail_conn(c, "SSE line longer than 1 MiB");
+            return;
+        }
+        size_t k = (size_t)(nl - p);
+        if (c->line.len) {
+            if (buf_append(&c->line, p, k)) {
+                fail_conn(c, "SSE line longer than 1 MiB");
+                return;
+            }
+            sse_line(c, c->line.p, c->line.len, now);
+            c->line.len = 0;
+        } else {
+            sse_line(c, p, k, now);
+        }
+        p += k + 1;
+        n -= k + 1;
+    }
+}
+
+/* Chunked framing around the SSE text; returns how many bytes of p it consumed. */
+static size_t chunked_feed(conn_t *c, const char *p, size_t n, double now) {
+    size_t pos = 0;
+    while (pos < n && c->state == S_BODY) {
+        if (c->chunk_left == -1) {
+            const char *eol = memmem(p + pos, n - pos, "\r\n", 2);
+            if (!eol) {
+                if (n - pos > 64) fail_conn(c, "bad chunk size line");
+                break;
+            }
+            char *end;
+            long long size = strtoll(p + pos, &end, 16);
+            if (end == p + pos || (end < eol && *end != ';')) {
+                fail_conn(c, "bad chunk size");
+                break;
+            }
+            pos = (size_t)(eol - p) + 2;
+            if (size == 0) { /* the last chunk: the server ended the stream */
+                fail_conn(c, "stream ended by the server");
+                break;
+            }
+            c->chunk_left = size;
+        } else if (c->chunk_left == -2) {
+            if (n - pos < 2) break;
+            if (p[pos] != '\r' || p[pos + 1] != '\n') {
+                fail_conn(c, "chunk not followed by CRLF");
+                break;
+            }
+            pos += 2;
+            c->chunk_left = -1;
+        } else {
+            size_t take = n - pos < (size_t)c->chunk_left ? n - pos : (size_t)c->chunk_left;
+            sse_feed(c, p + pos, take, now);
+            pos += take;
+            c->chunk_left -= (long long)take;
+            if (c->chunk_left == 0) c->chunk_left = -2;
+        }
+    }
+    return pos;
+}
+
+/* WebSocket ------------------------------------------------------------------------------------ */
+
+static void ws_message(conn_t *c, const char *p, size_t n, double now) {
+    size_t tn, idn;
+    const char *type = json_str(p, n, "\"type\":\"", &tn);
+    const char *id = json_str(p, n, "\"id\":\"", &idn);
+    int kind = type ? (tn == 5 && !memcmp(type, "token", 5) ? K_TOKEN : kind_of(type, tn))
+                    : K_ERROR;
+    on_event(c, kind, id ? seq_of(id, idn) : -1, ts_of(p, n), now, 0);
+}
+
+static size_t ws_feed(conn_t *c, const char *p, size_t n, double now) {
+    size_t pos = 0;
+    while (c->state == S_BODY && n - pos >= 2) {
+        unsigned char b0 = (unsigned char)p[pos], b1 = (unsigned char)p[pos + 1];
+        if (b1 & 0x80) {
+            fail_conn(c, "ws: server frames must not be masked");
+            break;
+        }
+        uint64_t len = b1 & 0x7F;
+        size_t head = 2;
+        if (len == 126) {
+            if (n - pos < 4) break;
+            len = ((uint64_t)(unsigned char)p[pos + 2] << 8) | (unsigned char)p[pos + 3];
+            head = 4;
+        } else if (len == 127) {
+            if (n - pos < 10) break;
+            len = 0;
+            for (size_t i = 0; i < 8; i++) len = (len << 8) | (unsigned char)p[pos + 2 + i];
+            head = 10;
+        }
+        if (len > MAX_PENDING) {
+            fail_conn(c, "ws: frame larger than 1 MiB");
+            break;
+        }
+        if (n - pos < head + len) break;
+        const char *payload = p + pos + head;
+        pos += head + len;
+        int opcode = b0 & 0x0F;
+        if (!(b0 & 0x80) || opcode == 0) {
+            fail_conn(c, "ws: fragmented message (the server sends whole frames)");
+            break;
+        }
+        if (opcode == 0x1) {
+            ws_message(c, payload, len, now);
+        } else if (opcode == 0x9) { /* ping: answer a pong with the same payload, masked */
+            char frame[6 + 125];
+            if (len > 125) {
+                fail_conn(c, "ws: ping payload over 125 bytes");
+                break;
+            }
+            const unsigned char mask[4] = {0x12, 0x34, 0x56, 0x78};
+            frame[0] = (char)0x8A;
+            frame[1] = (char)(0x80 | len);
+            memcpy(frame + 2, mask, 4);
+            for (size_t i = 0; i < len; i++) frame[6 + i] = (char)(payload[i] ^ mask[i & 3]);
+            if (send_all(c, frame, 6 + len)) fail_conn(c, "ws: pong failed");
+        } else if (opcode == 0x8) {
+            int code = len >= 2 ? ((unsigned char)payload[0] << 8) | (unsigned char)payload[1]
+                                : 1005;
+            if (code == OVERFLOW_CLOSE) {
+                T.overflows++;
+                close_conn(c);
+            } else if (code == 1000 && c->saw_end) {
+                close_conn(c);
+            } else {
+                char why[64];
+                snprintf(why, sizeof why, "ws: closed %d", code);
+                fail_conn(c, why);
+            }
+        }
+    }
+    return pos;
+}
+
+/* HTTP ------------------------------------------------------------------------------------------ */
+
+static void send_request(conn_t *c) {
+    char req[2048];
+    int n;
+    if (transport == T_SSE) {
+        n = snprintf(req, sizeof req,
+                     "GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", path,
+                     host_header);
+    } else {
+        n = snprintf(req, sizeof req,
+                     "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: "
+                     "Upgrade\r\nSec-WebSocket-Key: " WS_KEY "\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                     path, host_header);
+    }
+    if (n <= 0 || (size_t)n >= sizeof req || send_all(c, req, (size_t)n))
+        fail_conn(c, "could not send the request");
+}
+
+/* The response head; returns the bytes consumed, 0 when it has not arrived yet. */
+static size_t head_feed(conn_t *c, const char *p, size_t n) {
+    const char *end = memmem(p, n, "\r\n\r\n", 4);
+    if (!end) {
+        if (n > 65536) fail_conn(c, "response head larger than 64 KiB");
+        return 0;
+    }
+    size_t hn = (size_t)(end - p) + 4;
+    int status = 0;
+    if (n < 12 || memcmp(p, "HTTP/1.", 7) || sscanf(p + 9, "%3d", &status) != 1) {
+        fail_conn(c, "bad status line");
+        return hn;
+    }
+    int want = transport == T_SSE ? 200 : 101;
+    if (status != want) {
+        char why[64];
+        snprintf(why, sizeof why, "HTTP %d", status);
+        fail_conn(c, why);
+        return hn;
+    }
+    char *head = strndup(p, hn);
+    if (!head) exit(4);
+    for (char *q = head; *q; q++)
+        if (*q >= 'A' && *q <= 'Z') *q = (char)(*q - 'A' + 'a');
+    if (transport == T_SSE) {
+        c->chunked = strstr(head, "\r\ntransfer-encoding: chunked") != NULL;
+    } else {
+        char *acc = strstr(head, "\r\nsec-websocket-accept:");
+        int ok = 0;
+        if (acc) { /* compare against the original case: base64 is case-sensitive */
+            const char *v = p + (acc - head) + 23;
+            while (*v == ' ') v++;
+            ok = !strncmp(v, WS_ACCEPT, strlen(WS_ACCEPT));
+        }
+        if (!ok) {
+            free(head);
+            fail_conn(c, "ws: bad Sec-WebSocket-Accept");
+            return hn;
+        }
+    }
+    free(head);
+    c->state = S_BODY;
+    c->chunk_left = -1;
+    opened++;
+    return hn;
+}
+
+static size_t body_feed(conn_t *c, const char *p, size_t n, double now) {
+    if (transport == T_WS) return ws_feed(c, p, n, now);
+    if (c->chunked) return chunked_feed(c, p, n, now);
+    sse_feed(c, p, n, now);
+    return n;
+}
+
+/* Bytes received on c: parse what they complete, keep the rest. */
+static void on_bytes(conn_t *c, const char *p, size_t n, double now) {
+    if (T.in_window) T.bytes += (long long)n;
+    if (c->in.len) {
+        if (buf_append(&c->in, p, n)) {
+            fail_conn(c, "more than 1 MiB unparsed");
+            return;
+        }
+        p = c->in.p;
+        n = c->in.len;
+    }
+    size_t pos = 0;
+    if (c->state == S_HEAD) {
+        pos = head_feed(c, p, n);
+        if (pos == 0 && c->state == S_HEAD) {
+            if (!c->in.len && buf_append(&c->in, p, n)) fail_conn(c, "head too large");
+            return;
+        }
+    }
+    if (c->state == S_BODY && pos < n) pos += body_feed(c, p + pos, n - pos, now);
+    if (c->state == S_BODY && c->saw_end) close_conn(c);
+    if (c->state == S_CLOSED) return;
+    size_t rest = n - pos;
+    if (c->in.len) { /* p is c->in.p */
+        memmove(c->in.p, c->in.p + pos, rest);
+        c->in.len = rest;
+    } else if (rest && buf_append(&c->in, p + pos, rest)) {
+        fail_conn(c, "more than 1 MiB unparsed");
+    }
+}
+
+/* Main loop --------------------------------------------------------------------------------------- */
+
+static int ep;
+static struct sockaddr_storage addr;
+static socklen_t addr_len;
+
+static void start_connect(conn_t *c) {
+    c->fd = socket(addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (c->fd < 0) {
+        c->state = S_CONNECTING; /* so that fail_conn counts it; close(-1) is harmless */
+        fail_conn(c, strerror(errno));
+        return;
+    }
+    int one = 1;
+    setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->state = S_CONNECTING;
+    c->last_seq = -1;
+    if (connect(c->fd, (struct sockaddr *)&addr, addr_len) < 0 && errno != EINPROGRESS) {
+        fail_conn(c, strerror(errno));
+        return;
+    }
+    struct epoll_event ev = {.events = EPOLLOUT | EPOLLIN, .data.u32 = (uint32_t)(c - conns)};
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev) < 0) fail_conn(c, strerror(errno));
+}
+
+static void on_ready(conn_t *c, uint32_t events, char *scratch) {
+    if (c->state == S_CLOSED) return; /* closed earlier in this batch of events */
+    if (c->state == S_CONNECTING) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        if (err) {
+            fail_conn(c, strerror(err));
+            return;
+        }
+        if (!(events & EPOLLOUT)) return;
+        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)(c - conns)};
+        epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &ev);
+        c->state = S_HEAD;
+        send_request(c);
+        return;
+    }
+    for (;;) {
+        ssize_t r = recv(c->fd, scratch, READ_SIZE, 0);
+        if (r > 0) {
+            on_bytes(c, scratch, (size_t)r, now_ms());
+            if (c->state == S_CLOSED || r < READ_SIZE) return;
+            continue;
+        }
+        if (r < 0 && (errno == EAGAIN || errno == EINTR)) return;
+        fail_conn(c, r == 0 ? "connection closed by the server" : strerror(errno));
+        return;
+    }
+}
+
+static void json_errors(char *out, size_t cap) {
+    size_t n = 0;
+    n += (size_t)snprintf(out + n, cap - n, "[");
+    for (int i = 0; i < T.n_errors && n < cap; i++) {
+        n += (size_t)snprintf(out + n, cap - n, "%s\"", i ? "," : "");
+        for (const char *q = T.errors[i]; *q && n + 8 < cap; q++) {
+            if (*q == '"' || *q == '\\') out[n++] = '\\';
+            out[n++] = (*q >= 32 && *q < 127) ? *q : '?';
+        }
+        n += (size_t)snprintf(out + n, cap - n, "\"");
+    }
+    if (n < cap) snprintf(out + n, cap - n, "]");
+}
+
+static void report_opened(void) {
+    char errs[1500], out[2048];
+    json_errors(errs, sizeof errs);
+    int n = snprintf(out, sizeof out,
+                     "{\"op\":\"opened\",\"clients\":%d,\"failures\":%d,\"errors\":%s}\n", opened,
+                     failed, errs);
+    write_all(1, out, (size_t)n);
+}
+
+static double window_cpu;
+
+static void report_window(void) {
+    char errs[1500], out[4096];
+    json_errors(errs, sizeof errs);
+    int n = snprintf(out, sizeof out,
+                     "{\"op\":\"window\",\"events\":%lld,\"bytes\":%lld,\"bytes_up\":%lld,"
+                     "\"lost\":%lld,\"dup\":%lld,\"resets\":%lld,\"overflows\":%lld,"
+                     "\"disconnects\":%lld,\"failures\":%lld,\"cpu\":%.6f,\"errors\":%s,"
+                     "\"latency_count\":%zu}\n",
+                     T.events, T.bytes, T.bytes_up, T.lost, T.dup, T.resets, T.overflows,
+                     T.disconnects, T.failures, cpu_self() - window_cpu, errs, T.lat_len);
+    write_all(1, out, (size_t)n);
+    if (T.lat_len) write_all(1, T.lat, T.lat_len * sizeof(double));
+    T.lat_len = 0;
+}
+
+/* One command line from the worker; returns 0 to quit. */
+static int command(const char *line) {
+    if (!strcmp(line, "start")) {
+        T.events = T.bytes = T.bytes_up = 0;
+        T.lat_len = 0;
+        window_cpu = cpu_self();
+        T.in_window = 1;
+        write_all(1, "{\"op\":\"started\"}\n", 17);
+    } else if (!strcmp(line, "stop")) {
+        T.in_window = 0;
+        report_window();
+    } else if (!strcmp(line, "quit")) {
+        return 0;
+    } else {
+        fprintf(stderr, "loadclient: unknown command %s\n", line);
+    }
+    return 1;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 7) {
+        fprintf(stderr, "usage: %s HOST PORT sse|ws COUNT HOST_HEADER PATH\n", argv[0]);
+        return 2;
+    }
+    transport = !strcmp(argv[3], "ws") ? T_WS : T_SSE;
+    if (strcmp(argv[3], "ws") && strcmp(argv[3], "sse")) {
+        fprintf(stderr, "loadclient: transport must be sse or ws\n");
+        return 2;
+    }
+    count = atoi(argv[4]);
+    host_header = argv[5];
+    path = argv[6];
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *ai;
+    int rc = getaddrinfo(argv[1], argv[2], &hints, &ai);
+    if (rc) {
+        fprintf(stderr, "loadclient: %s: %s\n", argv[1], gai_strerror(rc));
+        return 2;
+    }
+    memcpy(&addr, ai->ai_addr, ai->ai_addrlen);
+    addr_len = ai->ai_addrlen;
+    freeaddrinfo(ai);
+
+    conns = calloc((size_t)(count > 0 ? count : 1), sizeof *conns);
+    char *scratch = malloc(READ_SIZE);
+    struct epoll_event *evs = malloc(sizeof *evs * 1024);
+    ep = epoll_create1(EPOLL_CLOEXEC);
+    if (!conns || !scratch || !evs || ep < 0) return 4;
+    fcntl(0, F_SETFL, fcntl(0, F_GETFL) | O_NONBLOCK);
+    struct epoll_event sin = {.events = EPOLLIN, .data.u32 = UINT32_MAX};
+    epoll_ctl(ep, EPOLL_CTL_ADD, 0, &sin);
+
+    int next = 0, reported = 0;
+    double deadline = mono_s() + CONNECT_TIMEOUT_S;
+    char cmd[256];
+    size_t cmd_len = 0;
+    for (;;) {
+        /* Keep at most CONNECT_CONCURRENCY connections between connect() and their head. */
+        while (next < count && next - opened - failed < CONNECT_CONCURRENCY)
+            start_connect(&conns[next++]);
+        if (!reported && next == count && opened + failed >= count) {
+            report_opened();
+            reported = 1;
+        }
+        if (!reported && mono_s() > deadline) {
+            for (int i = 0; i < next; i++)
+                if (conns[i].state == S_CONNECTING || conns[i].state == S_HEAD)
+                    fail_conn(&conns[i], "connect: timed out");
+            for (; next < count; next++) {
+                T.failures++;
+                failed++;
+            }
+            continue;
+        }
+        int n = epoll_wait(ep, evs, 1024, 100);
+        if (n < 0 && errno != EINTR) return 5;
+        for (int i = 0; i < n; i++) {
+            if (evs[i].data.u32 != UINT32_MAX) {
+                on_ready(&conns[evs[i].data.u32], evs[i].events, scratch);
+                continue;
+            }
+            for (;;) { /* the worker's commands */
+                ssize_t r = read(0, cmd + cmd_len, sizeof cmd - 1 - cmd_len);
+                if (r == 0) goto quit;
+                if (r < 0) break;
+                cmd_len += (size_t)r;
+                char *nl;
+                while ((nl = memchr(cmd, '\n', cmd_len))) {
+                    *nl = 0;
+                    if (!command(cmd)) goto quit;
+                    size_t used = (size_t)(nl - cmd) + 1;
+                    memmove(cmd, nl + 1, cmd_len - used);
+                    cmd_len -= used;
+                }
+                if (cmd_len == sizeof cmd - 1) cmd_len = 0; /* no newline in 255 bytes: junk */
+            }
+        }
+    }
+quit:
+    for (int i = 0; i < count; i++) close_conn(&conns[i]);
+    return 0;
+}

@@ -1,0 +1,95 @@
+"""Build the native load client (``loadclient.c``) with the machine's C compiler, once.
+
+The benchmark reads SSE and WebSocket streams with it when it can (see the reasons at the top
+of ``loadclient.c``) and falls back to the asyncio clients of :mod:`.loadgen` when there is no
+compiler. The binary is cached under ``$XDG_CACHE_HOME/realtime-lab`` (``~/.cache`` by default),
+named after a hash of the source and the compiler, so an edited source is rebuilt and an
+unchanged one is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from realtime_lab.errors import RealtimeLabError
+
+SOURCE: Final = Path(__file__).with_name("loadclient.c")
+CFLAGS: Final = ("-O2", "-std=gnu11", "-Wall", "-Wextra")
+#: What the native client reads: the streaming transports. Polls keep the asyncio clients
+#: (their cost is requests, not reads, and they are nowhere near a core at these loads).
+NATIVE_TRANSPORTS: Final = frozenset({"sse", "ws"})
+
+
+class NativeBuildError(RealtimeLabError):
+    """The native load client could not be built (no compiler, or it refused the source)."""
+
+
+@dataclass(frozen=True)
+class NativeClient:
+    """A built load client: its path, and the compiler that built it (for the report)."""
+
+    path: Path
+    compiler: str
+
+
+def cache_dir() -> Path:
+    """Where built binaries are kept."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "realtime-lab"
+
+
+def build(cc: str | None = None, directory: Path | None = None) -> NativeClient:
+    """Build (or reuse) the native load client.
+
+    Args:
+        cc: the compiler; default ``$CC``, else ``cc``, else ``gcc``.
+        directory: where to keep the binary; default :func:`cache_dir`.
+
+    Returns:
+        The binary. Hand ``path`` to the load workers (the ``native`` key of ``open``).
+
+    Raises:
+        NativeBuildError: no compiler on ``PATH``, or it failed (its output is in the message);
+            run the asyncio load clients instead.
+    """
+    compiler = cc or os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    found = shutil.which(compiler) if compiler else None
+    if found is None:
+        raise NativeBuildError("no C compiler found (set CC, or install gcc)")
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + found.encode() + " ".join(CFLAGS).encode()).hexdigest()
+    directory = directory or cache_dir()
+    target = directory / f"loadclient-{digest[:16]}"
+    if target.is_file() and os.access(target, os.X_OK):
+        return NativeClient(target, found)
+    directory.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: two benchmarks starting at once never run half a file.
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", dir=directory)
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [found, *CFLAGS, "-o", tmp, str(SOURCE)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise NativeBuildError(f"{found} failed: {done.stderr.strip()[:2000]}")
+        os.replace(tmp, target)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeBuildError(f"{found} could not run: {exc}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return NativeClient(target, found)
+
+
+__all__ = ["NATIVE_TRANSPORTS", "NativeBuildError", "NativeClient", "build", "cache_dir"]
