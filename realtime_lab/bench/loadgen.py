@@ -12,6 +12,12 @@ load client's overhead from tilting the comparison; the worker's own CPU use is 
 the server's so a client-bound point shows up as one. The control plane (creating chats) uses
 aiohttp, where a library's convenience costs nothing.
 
+Even so, these clients spend 10-14 us of CPU per event, which at 1,000 SSE subscribers is more
+than a core of a 2-core machine taken from the server under test. So when the runner hands the
+worker a native binary (``loadclient.c``, see :mod:`.native`), the ticker's SSE and WebSocket
+clients are opened and counted by it instead (:class:`NativeClients`); polls, chats and the
+late-joiner probes stay here.
+
 Commands (dicts, one reply each): ``open`` (connect a point's clients, or start its chat
 rounds), ``window`` (count deliveries between two wall-clock times and reply the tally),
 ``close``, ``stall`` / ``unstall`` (the slow-subscriber scenario), ``quit``.
