@@ -12,7 +12,10 @@ that arrived by then in one write per member. At low load that is one event per 
 as the loop is free, so latency is untouched; when the server falls behind (a fan-out takes
 longer than the gap between events), several events share one write, which is what keeps the
 kernel's per-write cost from growing with the backlog. ``coalesce_ms`` adds a bounded window on
-top, used only while the previous flush itself took longer than that window.
+top, used only while the server is behind: the previous flush took longer than the window *and*
+longer than events are apart (a moving average), so that the next event would have queued behind
+it anyway. A fan-out that finishes before the next event is due is never delayed, however many
+members it has.
 
 A member that is not *steady* (still replaying history, catching up a backlog, or under a chaos
 fault) gets the events one by one through :meth:`StreamConnection.deliver`, which knows how to
@@ -45,6 +48,8 @@ log = logging.getLogger("realtime_lab.server")
 #: Events a broadcast remembers, so that a connection whose replay raced a publish can join.
 RECENT: Final = 1024
 MAX_JOIN_ROUNDS: Final = 5
+#: Weight of the newest gap in the moving average of the time between events.
+GAP_WEIGHT: Final = 0.125
 
 Frame = Callable[[Event], bytes]
 
@@ -68,7 +73,9 @@ class Broadcast:
         self.pending: list[Event] = []
         self._fresh: dict[int, int] = {}  # joined while events were pending: id -> seq it has
         self._handle: asyncio.Handle | None = None
-        self._slow_flush = False  # the last flush took longer than the coalescing window
+        self._slow_flush = False  # behind: the last flush outlasted the window and the gap
+        self._gap = 1.0  # moving average of the seconds between events (starts slow)
+        self._last_event_at = time.perf_counter()
         self.attachment: Attachment | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # What one steady member has been written since the broadcast began: members derive
@@ -80,6 +87,9 @@ class Broadcast:
 
     # Bus sink ----------------------------------------------------------------------------------
     def deliver(self, event: Event) -> None:
+        now = time.perf_counter()
+        self._gap += (now - self._last_event_at - self._gap) * GAP_WEIGHT
+        self._last_event_at = now
         self.recent.append(event)
         self.pending.append(event)
         if self._handle is None:
@@ -139,7 +149,8 @@ class Broadcast:
                     self._deliver_each(conn, events, fresh.get(conn.id))
                     # It counted these itself: none of this flush's shared count is its share.
                     conn.rebase()
-        self._slow_flush = time.perf_counter() - started > self._owner.window
+        elapsed = time.perf_counter() - started
+        self._slow_flush = elapsed > self._owner.window and elapsed > self._gap
 
     @staticmethod
     def _deliver_each(conn: StreamConnection, events: list[Event], after_seq: int | None) -> None:
