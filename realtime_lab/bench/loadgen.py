@@ -717,10 +717,11 @@ class Worker:
     async def window(self, start: float, end: float, probes: int) -> dict[str, Any]:
         """Count deliveries from ``start`` to ``end`` (wall clock) and reply the tally.
 
-        With ``probes``, that many extra clients join a fifth into the window and time their
-        first token (the ticker never starts over, so its time to first token is a late
-        joiner's); they are counted apart from the point's clients, and may wait past the
-        window's end (up to :data:`PROBE_WAIT`) on a saturated server.
+        With ``probes``, that many extra clients join between a fifth and half into the window,
+        each at a random moment, and time their first token (the ticker never starts over, so
+        its time to first token is a late joiner's); they are counted apart from the point's
+        clients, and may wait past the window's end (up to :data:`PROBE_WAIT`) on a saturated
+        server.
         """
         await asyncio.sleep(max(start - time.time(), 0.0))
         cpu = _cpu_self()
@@ -735,7 +736,10 @@ class Worker:
         probe_tally = Tally()
         probe = None
         if probes and self.spec.get("workload") != "chats":
-            probe = asyncio.create_task(self.probe(probe_tally, probes, start + (end - start) / 5))
+            span = end - start
+            probe = asyncio.create_task(
+                self.probe(probe_tally, probes, start + span / 5, start + span / 2)
+            )
         await asyncio.sleep(max(end - time.time(), 0.0))
         tally.in_window = False
         cpu = _cpu_self() - cpu
@@ -759,26 +763,33 @@ class Worker:
             result["errors"] += probe_tally.errors
         return {"op": "result", **result}
 
-    async def probe(self, tally: Tally, count: int, at: float) -> int:
+    async def probe(self, tally: Tally, count: int, earliest: float, latest: float) -> int:
         """Time ``count`` late joiners' first tokens; return how many had none in time.
 
-        A probe still waiting after :data:`PROBE_WAIT` counts with that wait, a lower bound.
+        Each joins at its own random moment between ``earliest`` and ``latest`` (wall clock):
+        the ticker publishes on a fixed schedule, so probes joining at one fixed moment would
+        all meet it at the same phase of its period (at 1 token/s, that made a 50 ms "time to
+        first token" out of what averages 500 ms). A probe still waiting after
+        :data:`PROBE_WAIT` counts with that wait, a lower bound.
         """
-        await asyncio.sleep(max(at - time.time(), 0.0))
-        clients = [self.client(tally, self.spec["channel"], "now") for _ in range(count)]
-        try:
-            async with asyncio.timeout(PROBE_WAIT):
-                await asyncio.gather(*(self.connect(c) for c in clients))
-                await asyncio.wait([c.got_first for c in clients])
-        except TimeoutError:
-            pass
-        finally:
-            for c in clients:
-                c.close()
-        late = [c for c in clients if not c.first_token]
-        for c in late:
-            tally.ttft.append(_now_ms() - c.started_ms)
-        return len(late)
+
+        async def one() -> int:
+            await asyncio.sleep(max(random.uniform(earliest, latest) - time.time(), 0.0))
+            client = self.client(tally, self.spec["channel"], "now")
+            try:
+                async with asyncio.timeout(PROBE_WAIT):
+                    await self.connect(client)
+                    await asyncio.wait([client.got_first])
+            except TimeoutError:
+                pass
+            finally:
+                client.close()
+            if client.first_token:
+                return 0
+            tally.ttft.append(_now_ms() - client.started_ms)
+            return 1
+
+        return sum(await asyncio.gather(*(one() for _ in range(count))))
 
     async def close_all(self) -> None:
         """Close every client (and stop chat rounds)."""

@@ -54,7 +54,7 @@ MEASURES: Final = (
     ("dup", "events duplicated", "events"),
 )
 PAUSED_TICKER_MAX: Final = 1000.0  # the largest ticker_rate PATCH /api/config accepts
-PROBES_PER_WORKER: Final = 2
+PROBES_PER_WORKER: Final = 4
 REPLY_GRACE: Final = 120.0
 #: What one open SSE connection costs the server besides its send buffer (the sweep measures
 #: 9-14 KiB of RSS per idle SSE connection; rounded up).
@@ -406,6 +406,7 @@ def _measures(
         "p99_ms": lat["p99"],
         "max_ms": lat["max"],
         "ttft_ms": median(ttft) if ttft else None,
+        "ttft_samples_ms": sorted(round(v, 2) for v in ttft),
         "bytes_per_token": (total.get("bytes", 0) + total.get("bytes_up", 0)) / events
         if events
         else None,

@@ -150,3 +150,30 @@ def test_native_load_client_must_build_when_asked(
     auto = runner._load_client("auto")
     assert auto["streams"] == "python"
     assert "no C compiler" in auto["note"]
+
+
+def test_late_joiners_meet_the_ticker_at_random_phases(tmp_path: Path) -> None:
+    """At 2 tokens/s a late joiner waits up to 500 ms for the next token, 250 ms on average.
+
+    Probes that all joined at one fixed moment met the ticker's schedule at one phase: their
+    times to first token were all alike (and, as it happened, under 100 ms).
+    """
+    config = BenchConfig(
+        out=tmp_path,
+        transports=["sse"],
+        clients=[2],
+        rates=[2.0],
+        duration=2.5,
+        warmup=0.5,
+        repeat=1,
+        workers=2,
+        progress=False,
+        load_client="python",
+    )
+    run = run_bench(config)["points"][0]["runs"][0]
+    samples = run["ttft_samples_ms"]
+    assert len(samples) == 2 * runner.PROBES_PER_WORKER
+    assert all(0 < v < 1000 for v in samples), samples
+    # Uniform waits over a 500 ms period: all 8 under 150 ms has a chance of 0.3^8 (1 in 15,000).
+    assert max(samples) > 150, samples
+    assert max(samples) - min(samples) > 50, samples
