@@ -41,6 +41,7 @@ from urllib.parse import quote
 import aiohttp
 
 from realtime_lab.bench import wire
+from realtime_lab.bench.native import NATIVE_TRANSPORTS
 from realtime_lab.bench.server import raise_fd_limit
 
 TRANSPORTS: Final = ("sse", "ws", "longpoll", "poll")
@@ -524,6 +525,11 @@ class NativeClients:
         self.proc.stdin.write(command.encode() + b"\n")
         await self.proc.stdin.drain()
 
+    async def start(self) -> None:
+        """Begin a measurement window (its counts start once this returns)."""
+        await self.send("start")
+        await self._reply("started")
+
     async def stop(self) -> dict[str, Any]:
         """End the measurement window; return its tally (``latency`` as raw doubles)."""
         await self.send("stop")
@@ -659,7 +665,7 @@ class Worker:
             for i, readers in enumerate(spec["chat_readers"]):
                 self.tasks.append(asyncio.create_task(self.chat_rounds(i, int(readers))))
             return {"op": "opened", "clients": count, "failures": 0, "errors": []}
-        if spec.get("native") and spec["transport"] in ("sse", "ws"):
+        if spec.get("native") and spec["transport"] in NATIVE_TRANSPORTS:
             self.native, opened = await NativeClients.open(spec["native"], spec, count)
             self.tally.failures = int(opened["failures"])
             self.tally.errors = list(opened["errors"])
@@ -731,8 +737,7 @@ class Worker:
         tally.in_window = True
         native = self.native
         if native is not None:
-            await native.send("start")
-            await native._reply("started")
+            await native.start()
         probe_tally = Tally()
         probe = None
         if probes and self.spec.get("workload") != "chats":

@@ -9,8 +9,6 @@ comment, a ping or a close shows up as a wrong count. The client closes its conn
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
 import math
 import shutil
@@ -22,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from realtime_lab.bench import native
+from realtime_lab.bench import native, wire
 from realtime_lab.protocol.sse import encode_comment, encode_event, encode_retry
+from realtime_lab.transports.sse import chunked
 
 pytestmark = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None,
@@ -60,10 +59,6 @@ def envelope(seq: int, kind: str = "token", ts: float | None = None) -> str:
     ts = time.time() * 1000.0 - 1000.0 if ts is None else ts  # one second ago
     body = {"channel": "t", "id": f"e1-{seq}", "type": kind, "data": {"text": "x"}, "ts": ts}
     return json.dumps(body, separators=(",", ":"))
-
-
-def chunk(payload: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(payload), payload)
 
 
 async def trickle(writer: asyncio.StreamWriter, data: bytes, cuts: list[int]) -> None:
@@ -171,17 +166,17 @@ async def test_sse_counts_tokens_gaps_duplicates_and_resets_however_cut(binary: 
         + b"\n\n"
     )
     body = (
-        chunk(sse_token(1) + sse_token(2))
-        + chunk(sse_token(3))
-        + chunk(encode_comment("ping"))
-        + chunk(encode_retry(300))
-        + chunk(sse_token(5))
-        + chunk(sse_token(5))
-        + chunk(sse_control(9, "reset"))
-        + chunk(sse_token(10)[:17])
-        + chunk(sse_token(10)[17:])
-        + chunk(two_lines)
-        + chunk(sse_control(12, "end"))
+        chunked(sse_token(1) + sse_token(2))
+        + chunked(sse_token(3))
+        + chunked(encode_comment("ping"))
+        + chunked(encode_retry(300))
+        + chunked(sse_token(5))
+        + chunked(sse_token(5))
+        + chunked(sse_control(9, "reset"))
+        + chunked(sse_token(10)[:17])
+        + chunked(sse_token(10)[17:])
+        + chunked(two_lines)
+        + chunked(sse_control(12, "end"))
     )
 
     async def serve(
@@ -215,7 +210,7 @@ async def test_sse_overflow_error_and_server_close(binary: Path) -> None:
         await script.head_then(writer, SSE_HEAD)
         # The server ends the stream after its overflow signal (the last chunk); the client hangs
         # up on seeing it.
-        writer.write(chunk(sse_token(1)) + chunk(overflow) + b"0\r\n\r\n")
+        writer.write(chunked(sse_token(1)) + chunked(overflow) + b"0\r\n\r\n")
         await writer.drain()
 
     _, window, _, _ = await run_client(binary, "sse", serve)
@@ -251,14 +246,13 @@ def ws_frame(opcode: int, payload: bytes) -> bytes:
 
 def ws_head(request: bytes) -> bytes:
     key = next(
-        line.split(b":", 1)[1].strip()
+        line.split(b":", 1)[1].strip().decode()
         for line in request.split(b"\r\n")
         if line.lower().startswith(b"sec-websocket-key:")
     )
-    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
     return (
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        b"Sec-WebSocket-Accept: " + wire.ws_accept(key).encode() + b"\r\n\r\n"
     )
 
 
