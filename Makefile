@@ -27,10 +27,11 @@ test: $(STAMP) ## run the whole suite (browser and nginx tests skip with a reaso
 e2e: $(STAMP) ## run only the browser tests (needs chromium)
 	$(BIN)/python -m pytest -m e2e tests/e2e
 
-lint: $(STAMP) ## ruff check, ruff format --check, mypy --strict
+lint: $(STAMP) ## ruff check, ruff format --check, mypy --strict, import-linter layer contracts
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 style: $(STAMP) ## apply ruff format and safe fixes
 	$(BIN)/ruff format .

@@ -1,80 +1,33 @@
-"""The JSON API: chats, publishing application events, stats, settings, and an OpenAI-compatible
-streaming endpoint.
+"""The JSON API: chats, publishing application events, stats and health.
+
+The admin side (settings, fault injection) is :mod:`realtime_lab.admin`; the OpenAI-compatible
+endpoint is :mod:`realtime_lab.openai_api`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import time
 from typing import Any, Final
 
 from aiohttp import web
-from aiohttp_sse import sse_response
 
-from realtime_lab.errors import UnknownChat
-from realtime_lab.feed.chats import CHAT_PREFIX, Chat
+from realtime_lab.auth import expired_session_cookie, is_valid_user
+from realtime_lab.auth import session_cookie as session_cookie_attributes
+from realtime_lab.errors import AuthError, LimitReached, UnknownChat
+from realtime_lab.feed.chats import Chat
 from realtime_lab.feed.ticker import TICKER_CHANNEL
-from realtime_lab.protocol.envelope import CONTROL_TYPES, TOKEN, dumps
-from realtime_lab.transports.common import (
-    BUS_KEY,
-    CHATS_KEY,
-    HUB_KEY,
-    SETTINGS_KEY,
-    TICKER_KEY,
-    HTTPProblem,
-    channel_name,
-    client_tag,
-    json_response,
-)
+from realtime_lab.protocol.channels import CHAT_PREFIX
+from realtime_lab.protocol.envelope import CONTROL_TYPES, TOKEN
+from realtime_lab.transports.access import USER_PREFIX, identity_of, problem
+from realtime_lab.transports.chatstart import limit_problem, start_chat
+from realtime_lab.transports.keys import ACCESS_KEY, BUS_KEY, CHATS_KEY, HUB_KEY
+from realtime_lab.transports.params import json_body
+from realtime_lab.transports.preamble import CHANNEL_RE, channel_name, client_tag
+from realtime_lab.transports.problems import HTTPProblem, json_response
 
 EVENT_TYPE_RE: Final = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
-MAX_PROMPT: Final = 4000
-
-
-async def json_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object body.
-
-    Raises:
-        HTTPProblem: 415 when not ``application/json``, 400 when not a JSON object; aiohttp's
-            own 413 when larger than ``max_body``.
-    """
-    if request.content_type != "application/json":
-        raise HTTPProblem(415, "unsupported-media-type", "send Content-Type: application/json")
-    raw = await request.read()
-    try:
-        value = json.loads(raw or b"{}")
-    except (ValueError, RecursionError) as exc:
-        raise HTTPProblem(400, "invalid-json", f"body is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise HTTPProblem(400, "invalid-json", "body must be a JSON object")
-    try:
-        dumps(value)  # NaN, Infinity and lone surrogates parse but could never be sent on
-    except (ValueError, UnicodeEncodeError) as exc:
-        raise HTTPProblem(400, "invalid-json", f"body is not strict JSON: {exc}") from exc
-    return value
-
-
-def _number(
-    body: dict[str, Any],
-    name: str,
-    default: float,
-    low: float,
-    high: float,
-    *,
-    integer: bool = False,
-) -> float:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    ok = isinstance(value, int) if integer else isinstance(value, int | float)
-    if not ok or isinstance(value, bool) or not low <= value <= high:
-        kind = "an integer" if integer else "a number"
-        raise HTTPProblem(
-            400, "invalid-parameter", f"{name} must be {kind} between {low:g} and {high:g}"
-        )
-    return float(value)
 
 
 def transport_urls(request: web.Request, channel: str) -> dict[str, str]:
@@ -95,31 +48,18 @@ def _chat_json(request: web.Request, chat: Chat) -> dict[str, Any]:
 
 async def create_chat(request: web.Request) -> web.Response:
     """``POST /api/chats``: start a simulated generation; answer 201 with where to stream it."""
-    body = await json_body(request)
-    settings = request.app[SETTINGS_KEY]
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > MAX_PROMPT:
-        raise HTTPProblem(
-            400,
-            "invalid-parameter",
-            f"prompt must be a non-empty string of at most {MAX_PROMPT} characters",
-        )
-    chat = request.app[CHATS_KEY].start(
-        prompt,
-        seed=int(_number(body, "seed", 0, -(2**31), 2**31, integer=True)),
-        ttft_ms=_number(body, "ttft_ms", settings.ttft_ms, 0, 60_000),
-        token_ms=_number(body, "token_ms", settings.token_ms, 0, 10_000),
-        max_tokens=int(_number(body, "max_tokens", settings.max_tokens, 1, 5000, integer=True)),
-    )
-    await request.app[BUS_KEY].declare(chat.channel)
+    chat = await start_chat(request, await json_body(request))
     return json_response(_chat_json(request, chat), 201, Location=f"/api/chats/{chat.id}")
 
 
 def _chat(request: web.Request) -> Chat:
+    chats, chat_id = request.app[CHATS_KEY], request.match_info["chat_id"]
     try:
-        return request.app[CHATS_KEY].get(request.match_info["chat_id"])
+        chat = chats.get(chat_id)
     except UnknownChat as exc:
         raise HTTPProblem(404, "unknown-chat", str(exc)) from exc
+    request.app[ACCESS_KEY].check_chat(identity_of(request), chat_id, chats)
+    return chat
 
 
 async def get_chat(request: web.Request) -> web.Response:
@@ -144,7 +84,21 @@ async def publish_event(request: web.Request) -> web.Response:
         raise HTTPProblem(
             403, "reserved-channel", f"{channel!r} is fed by the server; publish to another channel"
         )
-    body = await json_body(request)
+    kind, data = _event_body(await json_body(request))
+    return await _publish(request, channel, kind, data)
+
+
+async def _publish(
+    request: web.Request, channel: str, kind: str, data: dict[str, Any]
+) -> web.Response:
+    try:
+        event = await request.app[BUS_KEY].publish(channel, kind, data)
+    except LimitReached as exc:
+        raise limit_problem(exc) from None
+    return json_response(event.to_dict(), 201)
+
+
+def _event_body(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     kind = body.get("type")
     if not isinstance(kind, str) or not EVENT_TYPE_RE.fullmatch(kind):
         raise HTTPProblem(400, "invalid-type", "type must match [a-z][a-z0-9_.-]{0,31}")
@@ -155,8 +109,20 @@ async def publish_event(request: web.Request) -> web.Response:
     data = body.get("data", {})
     if not isinstance(data, dict):
         raise HTTPProblem(400, "invalid-data", "data must be a JSON object")
-    event = await request.app[BUS_KEY].publish(channel, kind, data)
-    return json_response(event.to_dict(), 201)
+    return kind, data
+
+
+async def push_to_user(request: web.Request) -> web.Response:
+    """``POST /api/users/{user}/events``: push an event to every open stream of one user.
+
+    It is a publish to the user's channel ``user.<id>``, which only that user may read: every
+    connection the user has open, on every transport and (on Redis) every process, gets it.
+    """
+    user = request.match_info["user"]
+    if not is_valid_user(user):
+        raise HTTPProblem(400, "invalid-user", "user ids are 1-64 of A-Z a-z 0-9 _ . : -")
+    kind, data = _event_body(await json_body(request))
+    return await _publish(request, USER_PREFIX + user, kind, data)
 
 
 async def channel_info(request: web.Request) -> web.Response:
@@ -189,135 +155,79 @@ async def stats(request: web.Request) -> web.Response:
     return json_response(body)
 
 
-TUNABLE: Final = {
-    # name: (low, high); the dashboard's sliders change these while the server runs
-    "heartbeat": (0.2, 300.0),
-    "ticker_rate": (0.0, 1000.0),
-    "ttft_ms": (0.0, 60_000.0),
-    "token_ms": (0.0, 10_000.0),
-    "longpoll_timeout": (0.0, 60.0),
-}
-
-
-def _config(request: web.Request) -> dict[str, Any]:
-    settings = request.app[SETTINGS_KEY]
-    return {
-        **{name: getattr(settings, name) for name in TUNABLE},
-        "retry_ms": settings.retry_ms,
-        "history": settings.history,
-        "bus": settings.bus.split("?")[0].split("@")[-1],  # no credentials
-        "chaos": settings.chaos,
-        "server_time_ms": time.time() * 1000.0,
-    }
-
-
-async def get_config(request: web.Request) -> web.Response:
-    """``GET /api/config``: the live settings (and the server clock, for offset correction)."""
-    return json_response(_config(request))
-
-
-async def patch_config(request: web.Request) -> web.Response:
-    """``PATCH /api/config``: change live settings (heartbeat, ticker rate, chat pacing)."""
-    body = await json_body(request)
-    settings = request.app[SETTINGS_KEY]
-    unknown = set(body) - set(TUNABLE)
-    if unknown:
-        raise HTTPProblem(400, "invalid-parameter", f"not tunable: {sorted(unknown)}")
-    for name, (low, high) in TUNABLE.items():
-        if name in body:
-            setattr(settings, name, _number(body, name, 0, low, high))
-    request.app[TICKER_KEY].rate = settings.ticker_rate
-    return json_response(_config(request))
-
-
 async def health(request: web.Request) -> web.Response:
     """``GET /api/health``: 200 while the server accepts work."""
     return json_response({"ok": not request.app[HUB_KEY].shutting_down})
 
 
-async def openai_chat_completions(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/chat/completions``: the simulated LLM behind an OpenAI-compatible API.
+# Sessions and tickets ----------------------------------------------------------------------------
 
-    With ``"stream": true`` the answer is SSE: ``data: {chat.completion.chunk}`` per token and a
-    final ``data: [DONE]``, as OpenAI's clients expect. Without it, one ``chat.completion``.
-    """
-    body = await json_body(request)
-    messages = body.get("messages")
-    if (
-        not isinstance(messages, list)
-        or not messages
-        or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
-    ):
-        raise HTTPProblem(
-            400, "invalid-parameter", "messages must be a non-empty list of {role, content} objects"
-        )
-    prompt = messages[-1]["content"][:MAX_PROMPT] or " "
-    settings = request.app[SETTINGS_KEY]
-    chat = request.app[CHATS_KEY].start(
-        prompt,
-        seed=int(_number(body, "seed", 0, -(2**31), 2**31, integer=True)),
-        ttft_ms=settings.ttft_ms,
-        token_ms=settings.token_ms,
-        max_tokens=int(_number(body, "max_tokens", settings.max_tokens, 1, 5000, integer=True)),
+
+async def get_session(request: web.Request) -> web.Response:
+    """``GET /api/session``: whether auth is on, and who the credential names (if anyone)."""
+    access = request.app[ACCESS_KEY]
+    identity = access.identify(request)
+    return json_response(
+        {
+            "auth": access.on,
+            "user": None if identity is None else identity.user,
+            "scopes": [] if identity is None else sorted(identity.scopes),
+            "expires": None if identity is None else identity.expires,
+        }
     )
-    model = str(body.get("model") or "realtime-lab-sim")
-    created = int(time.time())
-    ident = f"chatcmpl-{chat.id}"
-    bus = request.app[BUS_KEY]
-    if not body.get("stream"):
-        assert chat.task is not None
-        await chat.task
-        return json_response(
-            {
-                "id": ident,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "finish_reason": "stop",
-                        "message": {"role": "assistant", "content": chat.text},
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": len(prompt.split()),
-                    "completion_tokens": len(chat.parts),
-                    "total_tokens": len(prompt.split()) + len(chat.parts),
-                },
-            }
-        )
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-        return json.dumps(
-            {
-                "id": ident,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            },
-            ensure_ascii=False,
-            separators=(",", ":"),
-        )
 
-    # allow_all_methods: aiohttp-sse answers anything but GET with 405 by default, and OpenAI's
-    # API is a POST.
-    async with sse_response(
-        request, headers={"X-Accel-Buffering": "no"}, allow_all_methods=True
-    ) as stream:
-        await stream.send(chunk({"role": "assistant", "content": ""}))
-        try:
-            async with bus.subscribe(chat.channel) as events:
-                async for event in events:
-                    if event.type == TOKEN:
-                        await stream.send(chunk({"content": event.data["text"]}))
-                    elif event.type == "end":
-                        reason = event.data.get("reason")
-                        await stream.send(chunk({}, "stop" if reason == "done" else reason))
-                        break
-        except asyncio.CancelledError:
-            request.app[CHATS_KEY].cancel(chat.id)  # the caller hung up: stop generating
-            raise
-        await stream.send("[DONE]")
-    return stream
+async def open_session(request: web.Request) -> web.Response:
+    """``POST /api/session`` with a bearer token: set it as the ``rtl_session`` cookie.
+
+    EventSource and browser WebSockets cannot send an ``Authorization`` header; the cookie is
+    how they are authenticated. It is HttpOnly (no script reads it), SameSite=Lax, and Secure
+    when the request came over HTTPS.
+    """
+    access = request.app[ACCESS_KEY]
+    if not access.on:
+        raise HTTPProblem(404, "auth-off", "auth is off: start the server with --auth-secret")
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise HTTPProblem(401, "unauthenticated", "POST /api/session with Authorization: Bearer")
+    assert access.authority is not None
+    try:
+        identity = access.authority.verify(token.strip())
+    except AuthError as exc:
+        raise problem(exc) from None
+    expires = identity.expires or time.time()
+    response = json_response({"user": identity.user, "scopes": sorted(identity.scopes)})
+    attributes = session_cookie_attributes(
+        token.strip(), secure=access.is_https(request), max_age=max(int(expires - time.time()), 1)
+    )
+    response.set_cookie(**attributes)
+    return response
+
+
+async def close_session(request: web.Request) -> web.Response:
+    """``DELETE /api/session``: clear the session cookie."""
+    access = request.app[ACCESS_KEY]
+    response = json_response({"user": None})
+    response.set_cookie(**expired_session_cookie(secure=access.is_https(request)))
+    return response
+
+
+async def create_ticket(request: web.Request) -> web.Response:
+    """``POST /api/tickets {"channel"}``: a single-use ticket to open that channel's stream.
+
+    For a stream opened where no credential can be sent (a URL handed to another component,
+    an EventSource on another origin): ``?ticket=`` on any transport. It is bound to the user and
+    the channel, and expires after ``--ticket-ttl`` seconds; a reconnect takes a new one.
+    """
+    access = request.app[ACCESS_KEY]
+    identity = identity_of(request)
+    if identity is None:
+        raise HTTPProblem(404, "auth-off", "auth is off: no ticket is needed")
+    body = await json_body(request)
+    channel = body.get("channel")
+    if not isinstance(channel, str) or not CHANNEL_RE.fullmatch(channel):
+        raise HTTPProblem(400, "invalid-channel", "channel must be a valid channel name")
+    access.check_read(identity, channel, request.app[CHATS_KEY])
+    ticket, expires_in = await access.tickets.issue(identity, channel)
+    return json_response({"ticket": ticket, "expires_in": expires_in, "channel": channel}, 201)

@@ -4,36 +4,43 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from realtime_lab import api, dashboard, metrics
+from realtime_lab import admin, api, dashboard, metrics, openai_api
 from realtime_lab.bus import create_bus
 from realtime_lab.config import Settings
 from realtime_lab.feed.chats import ChatRegistry
 from realtime_lab.feed.ticker import Ticker
-from realtime_lab.transports import TRANSPORTS, faults, polling, sse, ws
-from realtime_lab.transports.broadcast import BROADCASTS_KEY, Broadcasts
-from realtime_lab.transports.common import (
+from realtime_lab.transports import TRANSPORTS, polling, sse, ws
+from realtime_lab.transports.access import Access, Handler, Need, guarded
+from realtime_lab.transports.accounting import Hub
+from realtime_lab.transports.broadcast import Broadcasts
+from realtime_lab.transports.chaos import Chaos
+from realtime_lab.transports.heartbeat import Heartbeat
+from realtime_lab.transports.keys import (
+    ACCESS_KEY,
+    BROADCASTS_KEY,
     BUS_KEY,
+    CHAOS_KEY,
     CHATS_KEY,
+    HEARTBEAT_KEY,
     HUB_KEY,
     SETTINGS_KEY,
+    SLOTS_KEY,
     TICKER_KEY,
-    Hub,
-    json_errors,
 )
-from realtime_lab.transports.faults import CHAOS_KEY, Chaos
+from realtime_lab.transports.problems import json_errors
+from realtime_lab.transports.slots import StreamSlots
 from realtime_lab.transports.stream import StreamConnection
 
 log = logging.getLogger("realtime_lab.server")
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-STATIC_DIR = PACKAGE_DIR / "static"
 
 
 def templates_dir() -> Path:
@@ -57,58 +64,74 @@ def make_app(settings: Settings | None = None) -> web.Application:
     app[CHAOS_KEY] = Chaos(enabled=settings.chaos)
     app[CHAOS_KEY].on_resume.append(lambda: _release_held(app))
     app[BROADCASTS_KEY] = Broadcasts(bus, app[CHAOS_KEY], settings.coalesce_ms)
+    app[HEARTBEAT_KEY] = Heartbeat(app[HUB_KEY], settings, app[CHAOS_KEY])
+    app[ACCESS_KEY] = Access(settings, bus)
+    app[SLOTS_KEY] = StreamSlots(settings.max_streams, settings.max_streams_per_client)
 
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_end_streams)
 
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(templates_dir()), autoescape=True)
+    add_routes(app)
+    return app
+
+
+def add_routes(app: web.Application) -> None:
+    """Every route, each API one with what it needs of its caller (see ``access.Need``).
+
+    The transports check access in their own preamble (no wrapper stays on a stream's stack).
+    """
+
+    def guard(need: Need) -> Callable[[Handler], Handler]:
+        return guarded(need, lambda request: request.app[ACCESS_KEY])
+
+    nobody, user, publisher, admin_only = (
+        guard(Need.NOBODY),
+        guard(Need.USER),
+        guard(Need.PUBLISH),
+        guard(Need.ADMIN),
+    )
     r = app.router
     r.add_get("/poll/{channel}", polling.poll)
     r.add_get("/longpoll/{channel}", polling.longpoll)
     r.add_get("/sse/{channel}", sse.sse)
     r.add_get("/ws/{channel}", ws.ws)
-    r.add_post("/api/chats", api.create_chat)
-    r.add_get("/api/chats/{chat_id}", api.get_chat)
-    r.add_delete("/api/chats/{chat_id}", api.cancel_chat)
-    r.add_post("/api/channels/{channel}/events", api.publish_event)
-    r.add_get("/api/channels/{channel}", api.channel_info)
-    r.add_get("/api/stats", api.stats)
-    r.add_get("/api/config", api.get_config)
-    r.add_patch("/api/config", api.patch_config)
-    r.add_get("/api/health", api.health)
-    r.add_post("/v1/chat/completions", api.openai_chat_completions)
-    faults.setup_routes(app)
-    dashboard.setup(app)
-    metrics.setup(app)
-    return app
+    r.add_post("/api/chats", user(api.create_chat))
+    r.add_get("/api/chats/{chat_id}", user(api.get_chat))
+    r.add_delete("/api/chats/{chat_id}", user(api.cancel_chat))
+    r.add_post("/api/channels/{channel}/events", publisher(api.publish_event))
+    r.add_get("/api/channels/{channel}", user(api.channel_info))
+    r.add_post("/api/users/{user}/events", publisher(api.push_to_user))
+    r.add_get("/api/stats", user(api.stats))
+    r.add_get("/api/health", nobody(api.health))
+    r.add_get("/api/session", nobody(api.get_session))
+    r.add_post("/api/session", nobody(api.open_session))
+    r.add_delete("/api/session", nobody(api.close_session))
+    r.add_post("/api/tickets", user(api.create_ticket))
+    r.add_get("/api/config", user(admin.get_config))
+    r.add_patch("/api/config", admin_only(admin.patch_config))
+    # Always routed: without --chaos they answer an explicit 404, not a bare "no such route".
+    r.add_get("/api/chaos", admin_only(admin.get_state))
+    for action in ("drop", "pause", "delay", "fail", "heartbeats", "reset"):
+        r.add_post(f"/api/chaos/{action}", admin_only(getattr(admin, action)))
+    r.add_post("/v1/chat/completions", user(openai_api.openai_chat_completions))
+    dashboard.setup(app, nobody)
+    metrics.setup(app, admin_only)
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     bus, ticker = app[BUS_KEY], app[TICKER_KEY]
     await bus.start()
     ticker.start()
-    beat = asyncio.create_task(_heartbeats(app), name="heartbeats")
+    app[HEARTBEAT_KEY].start()
     try:
         yield
     finally:
-        beat.cancel()
-        await asyncio.gather(beat, return_exceptions=True)
+        await app[HEARTBEAT_KEY].stop()
         await ticker.stop()
         await app[CHATS_KEY].close()
         app[BROADCASTS_KEY].close()
         await bus.close()
-
-
-async def _heartbeats(app: web.Application) -> None:
-    """One task for every connection's heartbeat: a comment (SSE) or a ping (WebSocket)."""
-    hub, settings, chaos = app[HUB_KEY], app[SETTINGS_KEY], app[CHAOS_KEY]
-    while True:
-        await asyncio.sleep(settings.heartbeat)
-        if not chaos.heartbeats:
-            continue
-        for name in ("sse", "ws"):
-            for conn in tuple(hub.stats[name].live.values()):
-                conn.heartbeat()
 
 
 def _release_held(app: web.Application) -> None:

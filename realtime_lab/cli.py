@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import fields
 
+from realtime_lab.bench.cli import add_parser as add_bench_command
+from realtime_lab.clients.cli import add_commands as add_client_commands
 from realtime_lab.config import ENV_PREFIX, Settings
 
 _HELP = {
@@ -33,6 +35,15 @@ _HELP = {
     "shutdown_timeout": "seconds to end streams on SIGINT/SIGTERM",
     "chaos": "enable fault injection under /api/chaos/",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "auth_secret": "HS256 secret of user tokens: with it every API needs a user (see 'token')",
+    "insecure": "serve on a non-loopback address without --auth-secret anyway",
+    "allowed_origins": "comma list of extra origins allowed for CORS and WebSocket",
+    "allowed_hosts": "comma list of Host values answered (default: loopback names)",
+    "trusted_proxies": "comma list of proxy addresses whose X-Forwarded-Proto is believed",
+    "ticket_ttl": "seconds a stream ticket stays valid (it is single use)",
+    "max_streams": "open streams (SSE, WebSocket, waiting long polls) in total",
+    "max_streams_per_client": "open streams per user (auth on) or per client address",
+    "header_timeout": "seconds a client has to send complete request headers",
 }
 
 
@@ -83,10 +94,6 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-#: Other modules add their subcommands here: (name, function that adds the subparser).
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``realtime-lab``."""
     parser = argparse.ArgumentParser(
@@ -95,21 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _serve_parser(sub)
-    _load_extra_commands()
-    for add in EXTRA_COMMANDS:
-        add(sub)
+    add_client_commands(sub)
+    add_bench_command(sub)
     return parser
-
-
-def _load_extra_commands() -> None:
-    import importlib
-
-    for module in ("realtime_lab.clients.cli", "realtime_lab.bench.cli"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,6 +37,17 @@ class Settings:
     shutdown_timeout: float = 5.0  # seconds to end streams on SIGINT/SIGTERM
     chaos: bool = False  # enable /api/chaos fault injection
     log_level: str = "INFO"
+    # Identity and browser policy (off for the local lab; see README "Who may read and publish")
+    auth_secret: str = ""  # HS256 secret of the user tokens; set it and every API needs a user
+    insecure: bool = False  # serve on a non-loopback address without a secret anyway
+    allowed_origins: str = ""  # comma list of origins for CORS and WebSocket (own origin always)
+    allowed_hosts: str = ""  # comma list of Host values answered (default: loopback names)
+    trusted_proxies: str = ""  # comma list of proxy addresses whose X-Forwarded-Proto counts
+    ticket_ttl: float = 30.0  # seconds a stream ticket stays valid (single use)
+    # Bounds on what clients can make the server hold
+    max_streams: int = 20_000  # open streams (SSE, WebSocket, waiting long polls) in total
+    max_streams_per_client: int = 256  # per user (auth on) or per client address (auth off)
+    header_timeout: float = 10.0  # seconds a client has to send complete request headers
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

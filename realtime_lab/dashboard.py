@@ -1,36 +1,76 @@
 """The comparison dashboard: ``GET /`` and its static files.
 
-The page (``templates/index.html``, ``static/dashboard.{js,css}``) needs no build step and no
-internet: the browser's own ``fetch``, ``EventSource`` and ``WebSocket`` drive the four panes,
-and the charts are drawn on plain canvases.
+The page (``templates/index.html``, ``static/*.js``, ``static/dashboard.css``) needs no build
+step and no internet: ES modules loaded by the browser itself, whose own ``fetch``,
+``EventSource`` and ``WebSocket`` drive the panes; the charts are drawn on plain canvases.
+
+Each :data:`PANES` entry is one pane on the page and names the module that runs it: a new
+transport pane is a new ``static/pane-*.js`` module plus one entry here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 import aiohttp_jinja2
 from aiohttp import web
 
 from realtime_lab import __version__
-from realtime_lab.transports.common import SETTINGS_KEY
+from realtime_lab.transports.access import Handler
+from realtime_lab.transports.keys import SETTINGS_KEY
+
+#: The dashboard's CSS and ES modules, served under ``/static/``.
+STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
 
 
 @dataclass(frozen=True, slots=True)
 class PaneSpec:
-    """One pane of the dashboard: the transport it runs and how it is labelled."""
+    """One pane of the dashboard: the transport it runs, how it is labelled, and its module."""
 
     key: str  # the transport's name, as /api/stats reports it
-    label: str
+    label: str  # the pane's heading
+    short: str  # its name in the charts, the summary table and the findings
     browser_api: str
+    color: str  # CSS colour of its heading and chart series
+    module: str  # the file in static/ whose default export is its Pane class
 
 
 PANES: Final = (
-    PaneSpec("poll", "Short polling", "fetch() on a timer"),
-    PaneSpec("longpoll", "Long polling", "fetch(), one waiting request"),
-    PaneSpec("sse", "Server-Sent Events", "EventSource"),
-    PaneSpec("ws", "WebSocket", "WebSocket"),
+    PaneSpec(
+        key="poll",
+        label="Short polling",
+        short="Short poll",
+        browser_api="fetch() on a timer",
+        color="#d9480f",
+        module="pane-poll.js",
+    ),
+    PaneSpec(
+        key="longpoll",
+        label="Long polling",
+        short="Long poll",
+        browser_api="fetch(), one waiting request",
+        color="#7048e8",
+        module="pane-longpoll.js",
+    ),
+    PaneSpec(
+        key="sse",
+        label="Server-Sent Events",
+        short="SSE",
+        browser_api="EventSource",
+        color="#1971c2",
+        module="pane-sse.js",
+    ),
+    PaneSpec(
+        key="ws",
+        label="WebSocket",
+        short="WebSocket",
+        browser_api="WebSocket",
+        color="#2f9e44",
+        module="pane-ws.js",
+    ),
 )
 
 #: The figures each pane shows: (data-metric name, label, tooltip).
@@ -51,6 +91,21 @@ METRICS: Final = (
 )
 
 
+def import_map(static: web.AbstractResource) -> dict[str, dict[str, str]]:
+    """The page's import map: every module's URL to the same URL with ``?v=<version>``.
+
+    The entry point's ``?v=`` does not reach the modules it imports (a relative import drops
+    the query), so without this a browser would keep running old modules after an upgrade.
+    """
+    names = sorted(path.relative_to(STATIC_DIR).as_posix() for path in STATIC_DIR.rglob("*.js"))
+    return {"imports": {str(static.url_for(filename=n)): versioned(static, n) for n in names}}
+
+
+def versioned(static: web.AbstractResource, filename: str) -> str:
+    """The URL of a static file, with the version that makes browsers fetch it anew."""
+    return str(static.url_for(filename=filename).with_query(v=__version__))
+
+
 @aiohttp_jinja2.template("index.html")
 async def index(request: web.Request) -> dict[str, object]:
     """``GET /``: the dashboard page; its script then reads ``/api/config`` and waits for a
@@ -60,15 +115,16 @@ async def index(request: web.Request) -> dict[str, object]:
         "settings": request.app[SETTINGS_KEY],
         "panes": PANES,
         "metrics": METRICS,
-        # The version in the URL makes a browser fetch the new files after an upgrade.
-        "css_url": str(static.url_for(filename="dashboard.css").with_query(v=__version__)),
-        "js_url": str(static.url_for(filename="dashboard.js").with_query(v=__version__)),
+        "css_url": versioned(static, "dashboard.css"),
+        "js_url": versioned(static, "dashboard.js"),
+        "import_map": import_map(static),
     }
 
 
-def setup(app: web.Application) -> None:
+def setup(
+    app: web.Application,
+    guard: Callable[[Handler], Handler],
+) -> None:
     """Add the dashboard's routes (``/`` and ``/static/``) to ``app``."""
-    from realtime_lab.app import STATIC_DIR
-
-    app.router.add_get("/", index)
+    app.router.add_get("/", guard(index))
     app.router.add_static("/static/", STATIC_DIR, name="static")

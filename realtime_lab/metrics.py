@@ -6,7 +6,7 @@ nothing for it; each app gets its own registry (several apps can live in one tes
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Final
 
 from aiohttp import web
@@ -14,7 +14,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from realtime_lab.transports.common import CHATS_KEY, HUB_KEY, Hub
+from realtime_lab.transports.access import Handler
+from realtime_lab.transports.accounting import Hub
+from realtime_lab.transports.keys import CHATS_KEY, HUB_KEY, REGISTRY_KEY
 
 _COUNTERS: Final = {
     "requests": "HTTP requests (WebSocket handshakes included)",
@@ -53,9 +55,6 @@ class HubCollector(Collector):
         )
 
 
-REGISTRY_KEY: Final = web.AppKey("metrics_registry", CollectorRegistry)
-
-
 async def metrics(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus text exposition."""
     body = generate_latest(request.app[REGISTRY_KEY])
@@ -64,9 +63,12 @@ async def metrics(request: web.Request) -> web.Response:
     return response
 
 
-def setup(app: web.Application) -> None:
-    """Register the collector and the ``/metrics`` route."""
+def setup(
+    app: web.Application,
+    guard: Callable[[Handler], Handler],
+) -> None:
+    """Register the collector and the ``/metrics`` route (wrapped in ``guard``)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(HubCollector(app))
     app[REGISTRY_KEY] = registry
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", guard(metrics))

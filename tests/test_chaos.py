@@ -223,7 +223,7 @@ class RawLongPoll:
 
     async def __aenter__(self) -> asyncio.StreamReader:
         reader, self.writer = await asyncio.open_connection("127.0.0.1", self.server.port)
-        self.writer.write(f"GET {self.path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+        self.writer.write(f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         await self.writer.drain()
         return reader
 

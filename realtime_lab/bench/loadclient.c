@@ -10,12 +10,17 @@
  * times each event against a timestamp inside it (wrk, h2load and oha wait for whole responses).
  *
  * It speaks exactly what loadgen.py's SSEClient and WSClient speak and counts the same things
- * the same way (see Client.items there): continuity of the envelope's seq (lost, dup), latency =
- * receive wall clock - the envelope's "ts", control events end/reset/error, the overflow signal
- * (SSE "error" event mentioning overflow, WebSocket close 1013). It is driven by one Python load
- * worker over stdin/stdout:
+ * the same way (see Client.items there): continuity of the envelope's id, latency = receive wall
+ * clock - the envelope's "ts", control events end/reset/error, the overflow signal (SSE "error"
+ * event mentioning overflow, WebSocket close 1013). Continuity is the rule of
+ * realtime_lab/protocol/sequence.py, copied clause for clause in observe() below and tested
+ * against the same table (tests/protocol/sequence_cases.json, via tests/bench/
+ * test_bench_sequence.py): lost = gaps, dup = duplicates, reordered, resets. It is driven by one
+ * Python load worker over stdin/stdout:
  *
  *   argv: HOST PORT TRANSPORT(sse|ws) COUNT HOST_HEADER PATH
+ *         (an after=<event id> in PATH is every connection's start position, as the server
+ *         reads it; after=now, after= or none: the first event opens the run)
  *   out:  {"op":"opened",...}\n            once every connection has its response head (or failed)
  *   in:   start\n                          begin a measurement window; out: {"op":"started"}\n
  *   in:   stop\n                           end it; out: {"op":"window",...,"latency_count":N}\n
@@ -59,6 +64,10 @@
 #define BUSY_ROUND 32
 #define MAX_IDLE_NAPS 50
 #define OVERFLOW_CLOSE 1013
+#define MAX_SKIPPED_RANGES 64 /* as protocol/sequence.py: the oldest skipped ranges go first */
+#define MAX_EPOCH 16          /* protocol/cursor.py: <epoch> is 1-16 of [0-9a-z] */
+#define MAX_SEQ_DIGITS 18     /* and <seq> is 0 or up to 18 digits without a leading 0 */
+#define MAX_ID 40             /* cursor.MAX_CURSOR_LENGTH: anything longer is no id */
 /* RFC 6455 section 1.3's example key and its accept value: a load client need not be random. */
 #define WS_KEY "dGhlIHNhbXBsZSBub25jZQ=="
 #define WS_ACCEPT "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
@@ -66,6 +75,7 @@
 enum { T_SSE, T_WS };
 enum { S_IDLE, S_CONNECTING, S_HEAD, S_BODY, S_CLOSED };
 enum { K_TOKEN, K_END, K_RESET, K_ERROR };
+enum { V_NEW, V_RESET, V_DUPLICATE, V_REORDERED, V_FOREIGN }; /* sequence.Verdict */
 
 typedef struct {
     char *p;
@@ -73,25 +83,40 @@ typedef struct {
 } buf_t;
 
 typedef struct {
+    long long low, high;
+} range_t;
+
+/* protocol/sequence.py's Sequence state: the current run and the seqs skipped in it. */
+typedef struct {
+    int open;                  /* a run exists */
+    size_t epoch_len;          /* the run's epoch: epoch[0..epoch_len) */
+    char epoch[MAX_EPOCH];
+    long long last;            /* the run's last seq */
+    int n_skipped;             /* skipped[0..n_skipped): ascending, so oldest first */
+    range_t skipped[MAX_SKIPPED_RANGES];
+} run_t;
+
+typedef struct {
     int fd;
     int state;
     int chunked;
     long long chunk_left; /* -1: reading a size line; -2: expecting the CRLF after a chunk */
-    long long last_seq;   /* -1: nothing seen yet */
+    run_t run;
     int saw_end;
     buf_t in;   /* raw bytes not yet consumed (head, chunk framing, WebSocket frames) */
     buf_t line; /* SSE: the current, incomplete line */
     buf_t data; /* SSE: the current block's data */
     char event[16];
     int has_id;
-    long long id_seq;
+    size_t id_len; /* SSE: the block's id field, id[0..id_len) (longer ones: MAX_ID + 1) */
+    char id[MAX_ID + 1];
 } conn_t;
 
 /* The tally: window counts reset at "start"; losses, failures and the rest count for life. */
 static struct {
     int in_window;
     long long events, bytes, bytes_up;
-    long long lost, dup, resets, overflows, disconnects, failures;
+    long long lost, dup, reordered, resets, overflows, disconnects, failures;
     double *lat;
     size_t lat_len, lat_cap;
     char errors[MAX_ERRORS][200];
@@ -100,6 +125,7 @@ static struct {
 
 static int transport;
 static const char *host_header, *path;
+static run_t start_run; /* every connection's starting position (after= in PATH) */
 static conn_t *conns;
 static int count;
 
@@ -206,15 +232,131 @@ static void fail_conn(conn_t *c, const char *why) {
 
 /* Events ------------------------------------------------------------------------------------- */
 
-static long long seq_of(const char *p, size_t n) {
-    const char *dash = memrchr(p, '-', n);
-    if (!dash || dash == p || dash + 1 == p + n) return -1;
+/* Whether p[0..n) is an event id, <epoch>-<seq> exactly as protocol/cursor.py's _ID_RE reads
+ * it; if so, *epoch_len is the epoch's length (it starts at p) and *seq the seq. */
+static int parse_id(const char *p, size_t n, size_t *epoch_len, long long *seq) {
+    if (!p || n > MAX_ID) return 0;
+    size_t e = 0;
+    while (e < n && ((p[e] >= '0' && p[e] <= '9') || (p[e] >= 'a' && p[e] <= 'z'))) e++;
+    if (e == 0 || e > MAX_EPOCH || e + 1 >= n || p[e] != '-') return 0;
+    const char *d = p + e + 1;
+    size_t digits = n - e - 1;
+    if (digits > MAX_SEQ_DIGITS || (digits > 1 && d[0] == '0')) return 0;
     long long v = 0;
-    for (const char *q = dash + 1; q < p + n; q++) {
-        if (*q < '0' || *q > '9') return -1;
-        v = v * 10 + (*q - '0');
+    for (size_t i = 0; i < digits; i++) {
+        if (d[i] < '0' || d[i] > '9') return 0;
+        v = v * 10 + (d[i] - '0');
     }
-    return v;
+    *epoch_len = e;
+    *seq = v;
+    return 1;
+}
+
+static void run_open(run_t *r, const char *epoch, size_t epoch_len, long long seq) {
+    r->open = 1;
+    memcpy(r->epoch, epoch, epoch_len);
+    r->epoch_len = epoch_len;
+    r->last = seq;
+    r->n_skipped = 0;
+}
+
+static void skipped_drop_oldest(run_t *r) {
+    r->n_skipped--;
+    memmove(r->skipped, r->skipped + 1, (size_t)r->n_skipped * sizeof r->skipped[0]);
+}
+
+/* Remove seq from the skipped record (splitting its range in place); 0 when it was not there. */
+static int skipped_take(run_t *r, long long seq) {
+    for (int i = r->n_skipped - 1; i >= 0; i--) { /* newest first, as sequence.py */
+        range_t g = r->skipped[i];
+        if (seq > g.high) return 0; /* ranges ascend: no older one holds it either */
+        if (seq < g.low) continue;
+        if (g.low < seq && seq < g.high) { /* split: [low, seq-1] [seq+1, high] */
+            if (r->n_skipped == MAX_SKIPPED_RANGES) { /* one too many: the oldest goes */
+                if (i == 0) { /* the oldest is the lower half itself */
+                    r->skipped[0].low = seq + 1;
+                    return 1;
+                }
+                skipped_drop_oldest(r);
+                i--;
+            }
+            memmove(r->skipped + i + 2, r->skipped + i + 1,
+                    (size_t)(r->n_skipped - i - 1) * sizeof r->skipped[0]);
+            r->skipped[i].high = seq - 1;
+            r->skipped[i + 1].low = seq + 1;
+            r->skipped[i + 1].high = g.high;
+            r->n_skipped++;
+        } else if (g.low < seq) {
+            r->skipped[i].high = seq - 1;
+        } else if (seq < g.high) {
+            r->skipped[i].low = seq + 1;
+        } else { /* the range was just seq */
+            memmove(r->skipped + i, r->skipped + i + 1,
+                    (size_t)(r->n_skipped - i - 1) * sizeof r->skipped[0]);
+            r->n_skipped--;
+        }
+        return 1;
+    }
+    return 0;
+}
+
+/* protocol/sequence.py's Sequence.observe: the verdict on the event id[0..n) (a reset event when
+ * reset), counting into the tally. Deliver V_NEW and V_RESET, drop V_DUPLICATE and V_REORDERED;
+ * V_FOREIGN (not an id, or none) changed nothing. */
+static int observe(run_t *r, const char *id, size_t n, int reset) {
+    size_t epoch_len;
+    long long seq;
+    if (!parse_id(id, n, &epoch_len, &seq)) return V_FOREIGN;
+    if (reset) {
+        T.resets++;
+        run_open(r, id, epoch_len, seq);
+        return V_RESET;
+    }
+    if (!r->open) {
+        run_open(r, id, epoch_len, seq);
+        return V_NEW;
+    }
+    if (epoch_len != r->epoch_len || memcmp(id, r->epoch, epoch_len)) {
+        T.lost++; /* a channel life ended unannounced: a loss of unknown size */
+        run_open(r, id, epoch_len, seq);
+        return V_NEW;
+    }
+    long long last = r->last;
+    if (seq == last + 1) {
+        r->last = seq;
+        return V_NEW;
+    }
+    if (seq > last) {
+        T.lost += seq - last - 1; /* one per id skipped */
+        if (r->n_skipped == MAX_SKIPPED_RANGES) skipped_drop_oldest(r);
+        r->skipped[r->n_skipped++] = (range_t){last + 1, seq - 1};
+        r->last = seq;
+        return V_NEW;
+    }
+    if (skipped_take(r, seq)) {
+        T.reordered++; /* the gap stays counted: both facts are */
+        return V_REORDERED;
+    }
+    T.dup++;
+    return V_DUPLICATE;
+}
+
+/* An after=<value> in the request path: the start position (sequence.Sequence(after)). */
+static void parse_start(const char *p) {
+    const char *q = strchr(p, '?');
+    while (q) {
+        q++;
+        const char *end = strchr(q, '&');
+        size_t n = end ? (size_t)(end - q) : strlen(q);
+        if (n >= 6 && !memcmp(q, "after=", 6)) {
+            size_t epoch_len;
+            long long seq;
+            if (parse_id(q + 6, n - 6, &epoch_len, &seq))
+                run_open(&start_run, q + 6, epoch_len, seq);
+            return;
+        }
+        q = end;
+    }
 }
 
 /* The value of "key":"..." in a JSON envelope (our server's, which escapes no quotes there). */
@@ -241,17 +383,20 @@ static double ts_of(const char *p, size_t n) {
     return strtod(tmp, NULL);
 }
 
-static void on_event(conn_t *c, int kind, long long seq, double ts, double now, int overflow) {
-    long long last = c->last_seq;
-    if (kind == K_TOKEN) {
-        if (last >= 0 && seq >= 0) {
-            if (seq <= last) {
-                T.dup++;
-                return;
-            }
-            if (seq > last + 1) T.lost += seq - last - 1;
+/* One event whose id is id[0..idn) (id NULL: it has none). */
+static void on_event(conn_t *c, int kind, const char *id, size_t idn, double ts, double now,
+                     int overflow) {
+    if (kind == K_ERROR) { /* not part of the sequence */
+        if (overflow) {
+            T.overflows++;
+        } else {
+            error_msg("error event received");
         }
-        c->last_seq = seq;
+        return;
+    }
+    int verdict = observe(&c->run, id, idn, kind == K_RESET);
+    if (verdict == V_DUPLICATE || verdict == V_REORDERED) return; /* its place has passed */
+    if (kind == K_TOKEN) { /* new, or foreign (no id): delivered */
         if (T.in_window) {
             T.events++;
             if (T.lat_len == T.lat_cap) {
@@ -261,20 +406,9 @@ static void on_event(conn_t *c, int kind, long long seq, double ts, double now, 
             }
             T.lat[T.lat_len++] = now - ts;
         }
-    } else if (kind == K_RESET) {
-        /* A reset's id is the position before the oldest retained event. */
-        T.resets++;
-        if (last >= 0 && seq > last) T.lost += seq - last;
-        if (seq >= 0) c->last_seq = seq;
     } else if (kind == K_END) {
-        if (last >= 0 && seq > last + 1) T.lost += seq - last - 1;
-        c->last_seq = seq;
         c->saw_end = 1;
-    } else if (overflow) {
-        T.overflows++;
-    } else {
-        error_msg("error event received");
-    }
+    } /* K_RESET: observe() counted it */
 }
 
 static int kind_of(const char *name, size_t n) {
@@ -297,13 +431,15 @@ static void sse_dispatch(conn_t *c, double now) {
     size_t en = strlen(c->event);
     int kind = (en == 0 || (en == 7 && !memcmp(c->event, "message", 7))) ? K_TOKEN
                                                                           : kind_of(c->event, en);
-    long long seq = -1;
-    size_t idn;
+    /* The envelope's id; the block's id field for an envelope without one. */
+    size_t idn = 0;
     const char *id = json_str(d, dn, "\"id\":\"", &idn);
-    if (id) seq = seq_of(id, idn);
-    if (seq < 0 && c->has_id) seq = c->id_seq;
+    if (!id && c->has_id) {
+        id = c->id;
+        idn = c->id_len;
+    }
     int overflow = kind == K_ERROR && memmem(d, dn, "overflow", 8) != NULL;
-    on_event(c, kind, seq, ts_of(d, dn), now, overflow);
+    on_event(c, kind, id, idn, ts_of(d, dn), now, overflow);
     c->data.len = 0;
     c->event[0] = 0;
     c->has_id = 0;
@@ -325,7 +461,8 @@ static void sse_line(conn_t *c, const char *p, size_t n, double now) {
         if (buf_append(&c->data, v, vn) || buf_append(&c->data, "\n", 1)) c->data.len = 0;
     } else if (fn == 2 && !memcmp(p, "id", 2)) {
         c->has_id = 1;
-        c->id_seq = seq_of(v, vn);
+        c->id_len = vn <= MAX_ID ? vn : MAX_ID + 1; /* too long for an id, whatever it says */
+        memcpy(c->id, v, vn <= MAX_ID ? vn : MAX_ID);
     } else if (fn == 5 && !memcmp(p, "event", 5)) {
         size_t k = vn < sizeof c->event - 1 ? vn : sizeof c->event - 1;
         memcpy(c->event, v, k);
@@ -406,7 +543,7 @@ static void ws_message(conn_t *c, const char *p, size_t n, double now) {
     const char *id = json_str(p, n, "\"id\":\"", &idn);
     int kind = type ? (tn == 5 && !memcmp(type, "token", 5) ? K_TOKEN : kind_of(type, tn))
                     : K_ERROR;
-    on_event(c, kind, id ? seq_of(id, idn) : -1, ts_of(p, n), now, 0);
+    on_event(c, kind, id, id ? idn : 0, ts_of(p, n), now, 0);
 }
 
 static size_t ws_feed(conn_t *c, const char *p, size_t n, double now) {
@@ -593,7 +730,7 @@ static void start_connect(conn_t *c) {
     int one = 1;
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     c->state = S_CONNECTING;
-    c->last_seq = -1;
+    c->run = start_run;
     if (connect(c->fd, (struct sockaddr *)&addr, addr_len) < 0 && errno != EINPROGRESS) {
         fail_conn(c, strerror(errno));
         return;
@@ -662,10 +799,12 @@ static void report_window(void) {
     json_errors(errs, sizeof errs);
     int n = snprintf(out, sizeof out,
                      "{\"op\":\"window\",\"events\":%lld,\"bytes\":%lld,\"bytes_up\":%lld,"
-                     "\"lost\":%lld,\"dup\":%lld,\"resets\":%lld,\"overflows\":%lld,"
+                     "\"lost\":%lld,\"dup\":%lld,\"reordered\":%lld,\"resets\":%lld,"
+                     "\"overflows\":%lld,"
                      "\"disconnects\":%lld,\"failures\":%lld,\"cpu\":%.6f,\"errors\":%s,"
                      "\"latency_count\":%zu}\n",
-                     T.events, T.bytes, T.bytes_up, T.lost, T.dup, T.resets, T.overflows,
+                     T.events, T.bytes, T.bytes_up, T.lost, T.dup, T.reordered, T.resets,
+                     T.overflows,
                      T.disconnects, T.failures, cpu_self() - window_cpu, errs, T.lat_len);
     write_all(1, out, (size_t)n);
     if (T.lat_len) write_all(1, T.lat, T.lat_len * sizeof(double));
@@ -704,6 +843,7 @@ int main(int argc, char **argv) {
     count = atoi(argv[4]);
     host_header = argv[5];
     path = argv[6];
+    parse_start(path);
     struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *ai;
     int rc = getaddrinfo(argv[1], argv[2], &hints, &ai);
     if (rc) {

@@ -43,6 +43,8 @@ import aiohttp
 from realtime_lab.bench import wire
 from realtime_lab.bench.native import NATIVE_TRANSPORTS
 from realtime_lab.bench.server import raise_fd_limit
+from realtime_lab.errors import WebSocketProtocolError
+from realtime_lab.protocol.sequence import DUPLICATE, FOREIGN, NEW, REORDERED, Sequence
 
 TRANSPORTS: Final = ("sse", "ws", "longpoll", "poll")
 CONNECT_CONCURRENCY: Final = 32  # per worker: well under the server's listen backlog (128)
@@ -67,7 +69,9 @@ class Tally:
     ``events``, ``bytes`` (received), ``bytes_up`` (sent), ``requests``, ``latency`` and ``chats``
     count only inside the latest
     measurement window (``in_window``); losses, duplicates and failures count over the clients'
-    whole lives.
+    whole lives. Continuity is the protocol's rule (:mod:`realtime_lab.protocol.sequence`):
+    ``lost`` is its ``gaps`` (one per id skipped), ``dup`` its ``duplicates``, ``reordered`` the
+    late arrivals that filled a gap (also dropped), ``resets`` the reset events.
     """
 
     def __init__(self) -> None:
@@ -80,6 +84,7 @@ class Tally:
         self.ttft = array("d")
         self.lost = 0
         self.dup = 0
+        self.reordered = 0
         self.resets = 0
         self.overflows = 0
         self.disconnects = 0
@@ -104,6 +109,7 @@ class Tally:
             "ttft": self.ttft.tobytes(),
             "lost": self.lost,
             "dup": self.dup,
+            "reordered": self.reordered,
             "resets": self.resets,
             "overflows": self.overflows,
             "disconnects": self.disconnects,
@@ -141,8 +147,12 @@ class Client(asyncio.Protocol):
         self.after = after
         self.tag = tag
         self.started_ms = started_ms
-        # A chat is read from its first event: anything before the first seen seq is a loss.
-        self.last_seq = 0 if from_start else -1
+        # Continuity by seq alone: one client reads one channel life (a reset announces any
+        # other), and wire.Item carries no epoch.
+        self.run = Sequence()
+        if from_start:
+            # A chat is read from its first event: anything before the first seen seq is a loss.
+            self.run.start_at(0)
         self.first_token = False
         self.transport: asyncio.Transport | None = None
         self.head: wire.Head | None = None
@@ -174,7 +184,7 @@ class Client(asyncio.Protocol):
                 return
         try:
             self.body(data, _now_ms())
-        except wire.BenchProtocolError as exc:
+        except (wire.BenchProtocolError, WebSocketProtocolError) as exc:
             self.fail(str(exc))
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -227,18 +237,20 @@ class Client(asyncio.Protocol):
         """Look at the response head (before its body)."""
 
     def items(self, items: list[wire.Item], now: float) -> None:
-        """Account for received events: continuity, latency, ends, errors."""
+        """Account for received events: continuity, latency, ends, errors.
+
+        Tokens (and application events) are delivered unless the rule calls them duplicate or
+        reordered; a token without an id (seq -1, "foreign") is still delivered.
+        """
         tally = self.tally
-        last = self.last_seq
+        run = self.run
+        observe = run.observe_seq
+        gaps, duplicates, reordered, resets = run.gaps, run.duplicates, run.reordered, run.resets
         for kind, seq, ts, payload in items:
             if kind is None or kind not in _CONTROL:
-                if last >= 0 and seq >= 0:
-                    if seq <= last:
-                        tally.dup += 1
-                        continue
-                    if seq > last + 1:
-                        tally.lost += seq - last - 1
-                last = seq
+                verdict = observe(seq)
+                if verdict is not NEW and verdict is not FOREIGN:
+                    continue  # a duplicate, or a late arrival whose place has passed
                 if not self.first_token:
                     self.first_token = True
                     tally.ttft.append(now - self.started_ms)
@@ -247,24 +259,21 @@ class Client(asyncio.Protocol):
                     tally.events += 1
                     tally.latency.append(now - ts)
             elif kind == "reset":
-                # A reset's id is the position before the oldest retained event: what lies
-                # between our last event and it was lost.
-                tally.resets += 1
-                if last >= 0 and seq > last:
-                    tally.lost += seq - last
-                if seq >= 0:
-                    last = seq
+                observe(seq, reset=True)
             elif kind == "end":
-                if last >= 0 and seq > last + 1:
-                    tally.lost += seq - last - 1
-                last = seq
-                self.saw_end = True
+                verdict = observe(seq)
+                if verdict is not DUPLICATE and verdict is not REORDERED:
+                    self.saw_end = True
             elif kind == "error":
                 if b"overflow" in payload:
                     tally.overflows += 1
                 else:
                     tally.error(f"{type(self).__name__}: error event {payload[:120]!r}")
-        self.last_seq = last
+        # The tally sums every client's counters: add what this batch changed.
+        tally.lost += run.gaps - gaps
+        tally.dup += run.duplicates - duplicates
+        tally.reordered += run.reordered - reordered
+        tally.resets += run.resets - resets
         if self.saw_end:
             self.close()
 
@@ -339,7 +348,7 @@ class WSClient(Client):
 
     def body(self, data: bytes, now: float) -> None:
         items: list[wire.Item] = []
-        for opcode, payload in self._frames.feed(data):
+        for opcode, payload, _, _ in self._frames.feed(data):
             if opcode == wire.OP_TEXT:
                 items.append(wire.envelope_item(payload))
             elif opcode == wire.OP_PING:
@@ -754,7 +763,16 @@ class Worker:
             counted = await native.stop()
             # The native client's tally replaces this worker's (it opened no clients of its own);
             # its failures and errors count over its whole life, the opening included.
-            for key in ("events", "bytes", "bytes_up", "lost", "dup", "resets", "overflows"):
+            for key in (
+                "events",
+                "bytes",
+                "bytes_up",
+                "lost",
+                "dup",
+                "reordered",
+                "resets",
+                "overflows",
+            ):
                 result[key] = int(counted[key])
             result["disconnects"] = int(counted["disconnects"])
             result["failures"] = int(counted["failures"])

@@ -52,6 +52,7 @@ MEASURES: Final = (
     ("rss_kb_per_conn", "server RSS per open connection", "KiB"),
     ("lost", "events lost", "events"),
     ("dup", "events duplicated", "events"),
+    ("reordered", "events out of order", "events"),
 )
 PAUSED_TICKER_MAX: Final = 1000.0  # the largest ticker_rate PATCH /api/config accepts
 PROBES_PER_WORKER: Final = 4
@@ -417,6 +418,7 @@ def _measures(
         "rss_kb_per_conn": rss_per_conn,
         "lost": int(total.get("lost", 0)),
         "dup": int(total.get("dup", 0)),
+        "reordered": int(total.get("reordered", 0)),
         "server_cpu_pct": None if server_cpu is None else 100.0 * server_cpu / duration,
         "client_cpu_pct": 100.0 * float(total.get("cpu", 0.0)) / duration,
         "clients_open": open_clients,
@@ -463,6 +465,7 @@ def _window(
         "max_ms": lat["max"],
         "lost": int(total.get("lost", 0)),
         "dup": int(total.get("dup", 0)),
+        "reordered": int(total.get("reordered", 0)),
         "overflows": int(total.get("overflows", 0)),
         "disconnects": int(total.get("disconnects", 0)),
     }

@@ -1,4 +1,4 @@
-"""The event bus: one interface, backends chosen by URL.
+"""The event bus: one channel hub per process over a broker backend chosen by URL.
 
 ``memory://`` (default, embedded) and ``redis://host:port/db`` (several server processes share
 one feed; needs the ``redis`` extra). Backends are imported only when their URL is used.
@@ -8,33 +8,28 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, urlsplit
 
-from realtime_lab.bus.base import (
-    After,
-    Attachment,
-    Bus,
-    ChannelInfo,
-    Replay,
-    Sink,
-    Subscription,
-)
+from realtime_lab.bus.base import After, Attachment, ChannelInfo, Replay, Sink
+from realtime_lab.bus.broker import Broker
+from realtime_lab.bus.hub import Bus
+from realtime_lab.bus.subscription import Subscription
 from realtime_lab.errors import UnknownBusBackend
 
 __all__ = [
     "After",
     "Attachment",
+    "Broker",
     "Bus",
     "ChannelInfo",
     "Replay",
     "Sink",
     "Subscription",
+    "create_broker",
     "create_bus",
 ]
 
 
-def create_bus(url: str, *, history: int = 1000, ttl: float = 300.0) -> Bus:
-    """Build the bus a URL names; ``history`` and ``ttl`` are defaults the URL query may override.
-
-    Then ``await bus.start()`` before use and ``await bus.close()`` at shutdown.
+def create_broker(url: str, *, history: int = 1000, ttl: float = 300.0) -> Broker:
+    """The broker a URL names; ``history`` and ``ttl`` are defaults the URL query may override.
 
     Raises:
         UnknownBusBackend: the scheme is not ``memory`` or ``redis``/``rediss``, or the backend's
@@ -48,15 +43,23 @@ def create_bus(url: str, *, history: int = 1000, ttl: float = 300.0) -> Bus:
     except ValueError as exc:
         raise UnknownBusBackend(f"bad history/ttl in bus URL {url!r}") from exc
     if parts.scheme == "memory":
-        from realtime_lab.bus.memory import MemoryBus
+        from realtime_lab.bus.memory import MemoryBroker
 
-        return MemoryBus(history=history, ttl=ttl, url=url)
+        return MemoryBroker(history=history, ttl=ttl, url=url)
     if parts.scheme in ("redis", "rediss"):
         try:
-            from realtime_lab.bus.redis import RedisBus
+            from realtime_lab.bus.redis import RedisBroker
         except ImportError as exc:
             raise UnknownBusBackend(
                 "the redis bus needs the 'redis' package: pip install 'realtime-lab[redis]'"
             ) from exc
-        return RedisBus(url, history=history, ttl=ttl)
+        return RedisBroker(url, history=history, ttl=ttl)
     raise UnknownBusBackend(f"no bus backend for {url!r}: use memory:// or redis://host:port/db")
+
+
+def create_bus(url: str, *, history: int = 1000, ttl: float = 300.0) -> Bus:
+    """The bus a URL names (see :func:`create_broker`).
+
+    Then ``await bus.start()`` before use and ``await bus.close()`` at shutdown.
+    """
+    return Bus(create_broker(url, history=history, ttl=ttl))

@@ -1,50 +1,37 @@
-"""``memory://``: the embedded bus, one process, no dependencies.
+"""``memory://``: the embedded broker, one process, no dependencies.
 
 URL options: ``memory://?history=1000&ttl=300`` (events kept per channel; seconds a finished
 channel is kept before it expires).
 
-Everything here runs on the event loop thread without awaiting between reading history and
-attaching a sink, so the seam between replay and live events is exact by construction.
+Everything here runs on the event loop thread and never awaits, so a read and the live events
+around it can never interleave: the hub's seam is exact by construction on this backend.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import secrets
 from collections import OrderedDict
 from typing import Any, Final
 
-from realtime_lab.bus.base import (
-    After,
-    Bus,
-    ChannelInfo,
-    FanOut,
-    Replay,
-    Sink,
-    is_live,
-    make_reset,
-    now_ms,
-    reset_reason,
-)
+from realtime_lab.bus.base import After, ChannelInfo, History, now_ms, reset_reason
+from realtime_lab.bus.broker import Broker
 from realtime_lab.errors import BusClosed
 from realtime_lab.protocol.cursor import Cursor, format_id
 from realtime_lab.protocol.envelope import END, Event
-
-log = logging.getLogger(__name__)
 
 MAX_EXPIRED_NAMES: Final = 100_000
 
 
 def new_epoch() -> str:
-    """A fresh channel-life tag: 8 base-36-safe hex digits."""
+    """A fresh channel-life tag: 8 hex digits."""
     return secrets.token_hex(4)
 
 
 class _Channel:
-    """History ring and live sinks of one channel."""
+    """History ring of one channel life."""
 
-    __slots__ = ("_events", "_start", "epoch", "fanout", "finished", "last_seq", "maxlen", "name")
+    __slots__ = ("_events", "_start", "epoch", "finished", "last_seq", "maxlen", "name")
 
     def __init__(self, name: str, maxlen: int, epoch: str) -> None:
         self.name = name
@@ -56,7 +43,6 @@ class _Channel:
         self._start = 0
         self.last_seq = 0
         self.finished = False
-        self.fanout = FanOut()
 
     @property
     def first_seq(self) -> int:
@@ -76,55 +62,22 @@ class _Channel:
         return event
 
     def info(self) -> ChannelInfo:
-        return ChannelInfo(
-            self.name,
-            self.epoch,
-            self.first_seq,
-            self.last_seq,
-            self.finished,
-            len(self.fanout.sinks),
-        )
+        return ChannelInfo(self.name, self.epoch, self.first_seq, self.last_seq, self.finished, 0)
 
-    def replay(self, after: After, limit: int | None) -> Replay:
-        if is_live(after):
-            return Replay([], format_id(self.epoch, self.last_seq))
+    def since(self, after: After, limit: int | None) -> list[Event]:
+        """The retained events where ``after`` resumes (see :meth:`Broker.read`)."""
         info = self.info()
-        events: list[Event] = []
-        reason = reset_reason(info, after)
-        if reason is not None:
-            events.append(make_reset(info, after, reason))
-            from_seq = info.first_seq
-        elif isinstance(after, Cursor):
+        if isinstance(after, Cursor) and reset_reason(info, after) is None:
             from_seq = after.seq + 1
         else:
             from_seq = info.first_seq
         begin = self._start + (from_seq - info.first_seq)
-        end = len(self._events)
-        more = False
-        if limit is not None:
-            room = max(limit - len(events), 0)
-            if end - begin > room:
-                end, more = begin + room, True
-        events.extend(self._events[begin:end])
-        cursor = events[-1].id if events else format_id(self.epoch, from_seq - 1)
-        return Replay(events, cursor, more)
+        end = len(self._events) if limit is None else min(len(self._events), begin + limit)
+        return self._events[begin:end]
 
 
-class _Attachment:
-    __slots__ = ("_bus", "_channel", "_key")
-
-    def __init__(self, bus: MemoryBus, channel: _Channel, key: int) -> None:
-        self._bus, self._channel, self._key = bus, channel, key
-
-    def detach(self) -> None:
-        if self._key:
-            self._channel.fanout.remove(self._key)
-            self._key = 0
-            self._bus._forget_if_idle(self._channel)
-
-
-class MemoryBus(Bus):
-    """The in-process bus (see the module docstring)."""
+class MemoryBroker(Broker):
+    """The in-process broker (see the module docstring)."""
 
     def __init__(self, history: int = 1000, ttl: float = 300.0, url: str = "memory://") -> None:
         if history < 1:
@@ -133,46 +86,43 @@ class MemoryBus(Bus):
         self.history = history
         self.ttl = ttl
         self._channels: dict[str, _Channel] = {}
+        self._subscribed: set[str] = set()
         self._expiry: dict[str, asyncio.TimerHandle] = {}
         self._closed = False
-        # A channel's first life in this bus takes the bus's epoch, so that a position taken on
-        # a channel nobody has published to yet (``<epoch>-0``) stays valid when its first event
+        # A channel's first life takes the broker's epoch, so that a position taken on a
+        # channel nobody has published to yet (``<epoch>-0``) stays valid when its first event
         # comes. Only a channel that expired and comes back needs a fresh epoch; those names are
         # remembered (a bounded set: chat channels, the ones that expire, are never reused).
         self.epoch = new_epoch()
         self._expired: OrderedDict[str, None] = OrderedDict()
 
-    def _channel(self, name: str) -> _Channel:
+    def _check_open(self) -> None:
         if self._closed:
             raise BusClosed("the bus is closed")
-        channel = self._channels.get(name)
-        if channel is None:
-            epoch = new_epoch() if name in self._expired else self.epoch
-            channel = self._channels[name] = _Channel(name, self.history, epoch)
-        return channel
 
-    def _forget_if_idle(self, channel: _Channel) -> None:
-        # Subscribing to a channel nobody publishes to must not leave state behind.
-        idle = channel.last_seq == 0 and not channel.fanout.sinks
-        if idle and self._channels.get(channel.name) is channel:
-            del self._channels[channel.name]
+    def _new(self, name: str) -> _Channel:
+        epoch = new_epoch() if name in self._expired else self.epoch
+        return _Channel(name, self.history, epoch)
+
+    def _forget_if_idle(self, name: str) -> None:
+        # A channel nobody publishes to and nobody follows must not leave state behind.
+        channel = self._channels.get(name)
+        if channel is not None and channel.last_seq == 0 and name not in self._subscribed:
+            del self._channels[name]
 
     async def publish(self, channel: str, type: str, data: dict[str, Any]) -> Event:
-        return self.publish_nowait(channel, type, data)
-
-    def publish_nowait(self, channel: str, type: str, data: dict[str, Any]) -> Event:
-        """Synchronous :meth:`publish`, for producers that already run on the loop."""
-        chan = self._channel(channel)
+        self._check_open()
+        chan = self._channels.get(channel)
+        if chan is None:
+            chan = self._channels[channel] = self._new(channel)
         event = chan.append(type, data)
-        chan.fanout.deliver(event)
+        if channel in self._subscribed:
+            self.handler.on_event(channel, event)
         if type == END and not chan.finished:
             chan.finished = True
-            self._schedule_expiry(chan)
+            loop = asyncio.get_running_loop()
+            self._expiry[channel] = loop.call_later(self.ttl, self._expire, chan)
         return event
-
-    def _schedule_expiry(self, chan: _Channel) -> None:
-        loop = asyncio.get_running_loop()
-        self._expiry[chan.name] = loop.call_later(self.ttl, self._expire, chan)
 
     def _expire(self, chan: _Channel) -> None:
         self._expiry.pop(chan.name, None)
@@ -181,36 +131,36 @@ class MemoryBus(Bus):
         self._expired[chan.name] = None
         if len(self._expired) > MAX_EXPIRED_NAMES:
             self._expired.popitem(last=False)
-        chan.fanout.close_all("channel expired")
+        if chan.name in self._subscribed:
+            self.handler.on_expired(chan.name, chan.epoch)
 
-    async def replay(self, channel: str, after: After, limit: int | None = None) -> Replay:
+    async def read(
+        self, channel: str, after: After, limit: int | None, *, reserve: bool = False
+    ) -> History:
+        self._check_open()
         chan = self._channels.get(channel)
         if chan is None:
-            chan = self._channel(channel)
-            try:
-                return chan.replay(after, limit)
-            finally:
-                self._forget_if_idle(chan)
-        return chan.replay(after, limit)
+            chan = self._new(channel)
+            if not reserve:
+                return History(chan.info(), False, [])
+            self._channels[channel] = chan
+        return History(chan.info(), True, chan.since(after, limit))
 
-    async def attach(self, channel: str, after: After, sink: Sink) -> _Attachment:
-        chan = self._channel(channel)
-        for event in chan.replay(after, None).events:
-            sink.deliver(event)
-        return _Attachment(self, chan, chan.fanout.add(sink))
+    async def subscribe(self, channel: str) -> None:
+        self._check_open()
+        self._subscribed.add(channel)
 
-    async def info(self, channel: str) -> ChannelInfo | None:
-        chan = self._channels.get(channel)
-        return None if chan is None else chan.info()
+    async def unsubscribe(self, channel: str) -> None:
+        self._subscribed.discard(channel)
+        self._forget_if_idle(channel)
 
     async def close(self) -> None:
         self._closed = True
         for handle in self._expiry.values():
             handle.cancel()
         self._expiry.clear()
-        for chan in self._channels.values():
-            chan.fanout.close_all("bus closed")
         self._channels.clear()
+        self._subscribed.clear()
 
     def channel_names(self) -> list[str]:
         """Names of the channels currently held."""

@@ -33,20 +33,16 @@ channel, with an expiry of ``max(ttl, 60 s)`` until its first event, as the memo
 channel while it has sinks).
 
 Each process holds one pub/sub connection and one reader task (the only one that ever connects
-it). A channel is subscribed on the first local attach and unsubscribed when its last local sink
-detaches. Every event is decoded once per process and fanned out with
-:class:`~realtime_lab.bus.base.FanOut` to :class:`SeamSink` wrappers: while a sink is being
-attached (or caught up after a lost pub/sub connection) its wrapper buffers live events, the
-history is read, and the buffer is flushed without gap or duplicate. :meth:`RedisBus.publish`
-returns once this process's reader has fanned the event out, so local sinks have it by then, as
-with the memory bus.
+it). The hub (:mod:`realtime_lab.bus.hub`) subscribes a channel when its first local sink attaches
+and unsubscribes it when the last one leaves; every event is decoded once per process and handed
+to the hub, which joins history and live events and fans them out. When the pub/sub connection
+comes back after a failure, redis-py re-subscribes and the hub is told to catch up from history.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -56,21 +52,11 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from realtime_lab.bus.base import (
-    After,
-    Bus,
-    ChannelInfo,
-    FanOut,
-    Replay,
-    Sink,
-    is_live,
-    make_reset,
-    now_ms,
-    reset_reason,
-)
+from realtime_lab.bus.base import After, ChannelInfo, History, epoch_of, is_live, now_ms
+from realtime_lab.bus.broker import Broker
 from realtime_lab.bus.memory import new_epoch
 from realtime_lab.errors import BusClosed, BusError, InvalidEnvelope
-from realtime_lab.protocol.cursor import Cursor, format_id, parse_id
+from realtime_lab.protocol.cursor import Cursor, format_id
 from realtime_lab.protocol.envelope import END, Event, dumps
 
 log = logging.getLogger(__name__)
@@ -78,8 +64,6 @@ log = logging.getLogger(__name__)
 DEFAULT_PREFIX: Final = "rtlab"
 #: Longest wait for a SUBSCRIBE confirmation before ``attach`` gives up.
 SUBSCRIBE_TIMEOUT: Final = 10.0
-#: Longest wait, in ``publish``, for the local reader to fan the new event out.
-SETTLE_TIMEOUT: Final = 1.0
 #: Shortest life of the epoch an attach reserves for a channel nobody has published to yet.
 MIN_RESERVATION: Final = 60.0
 #: How long, after it expires, a channel is remembered so that its next life gets a new epoch.
@@ -196,204 +180,6 @@ def _decode(payload: bytes) -> Event:
     return event
 
 
-def _epoch_of(event_id: str) -> str:
-    return event_id.rpartition("-")[0]
-
-
-@dataclass(slots=True)
-class _State:
-    """A channel's state as :data:`READ_LUA` saw it, with the history slice it read."""
-
-    info: ChannelInfo  # for a channel that does not exist: an empty one, of its next epoch
-    exists: bool
-    pttl_ms: int = -1  # -1: no expiry; >= 0: the channel expires in that many milliseconds
-    events: list[Event] = field(default_factory=list)
-
-
-def build_replay(info: ChannelInfo, after: After, limit: int | None, events: list[Event]) -> Replay:
-    """The :class:`Replay` for ``after``, given the history slice that starts where it resumes.
-
-    Mirrors :meth:`realtime_lab.bus.memory._Channel.replay` exactly.
-    """
-    if is_live(after):
-        return Replay([], format_id(info.epoch, info.last_seq))
-    out: list[Event] = []
-    reason = reset_reason(info, after)
-    if reason is not None:
-        out.append(make_reset(info, after, reason))
-        from_seq = info.first_seq
-    elif isinstance(after, Cursor):
-        from_seq = after.seq + 1
-    else:
-        from_seq = info.first_seq
-    available = info.last_seq - from_seq + 1
-    more = False
-    if limit is not None and available > max(limit - len(out), 0):
-        more = True
-    out.extend(events)
-    cursor = out[-1].id if out else format_id(info.epoch, from_seq - 1)
-    return Replay(out, cursor, more)
-
-
-class SeamSink:
-    """Wraps one attached sink so that history and live events meet without gap or duplicate.
-
-    It starts *held*: live events from the fan-out are buffered. :meth:`release` delivers the
-    history read meanwhile, then the buffered events after it, and switches to direct delivery.
-    Direct delivery drops events at or before the last one delivered, holds again (and calls
-    ``on_gap``) when one is missing, and calls ``on_epoch`` for an event of another channel life
-    (unless the sink was given nothing yet and the event opens that life: then it follows it).
-    """
-
-    __slots__ = (
-        "_buffer",
-        "_on_epoch",
-        "_on_gap",
-        "_prefix",
-        "_sent",
-        "attaching",
-        "closed",
-        "key",
-        "last",
-        "recheck",
-        "sink",
-    )
-
-    def __init__(
-        self,
-        sink: Sink,
-        on_gap: Callable[[SeamSink], None],
-        on_epoch: Callable[[SeamSink], None],
-    ) -> None:
-        self.sink = sink
-        self.key = 0  # the key in the channel's FanOut
-        self.last = 0
-        self.closed = False
-        self.attaching = True
-        self.recheck = False  # catch up right after the first release
-        self._prefix = ""
-        self._sent = False  # anything given to the sink yet
-        self._buffer: list[Event] | None = []
-        self._on_gap = on_gap
-        self._on_epoch = on_epoch
-
-    def __repr__(self) -> str:
-        return f"SeamSink({self.sink!r})"
-
-    @property
-    def epoch(self) -> str | None:
-        """The channel life this sink follows (``None`` until the first release)."""
-        return self._prefix[:-1] if self._prefix else None
-
-    @property
-    def held(self) -> bool:
-        """Buffering for a catch-up (not for the initial attach)."""
-        return self._buffer is not None and not self.attaching and not self.closed
-
-    @property
-    def live(self) -> bool:
-        return self._buffer is None and not self.closed
-
-    def hold(self) -> None:
-        """Buffer live events until the next :meth:`release`."""
-        if self._buffer is None:
-            self._buffer = []
-
-    def release(self, events: Sequence[Event], epoch: str, last: int) -> None:
-        """Deliver ``events`` (history ending at ``<epoch>-<last>``), then the buffered events."""
-        buffered = self._buffer or []
-        self._buffer = None
-        self.attaching = False
-        self._prefix = epoch + "-"
-        for event in events:
-            if self.closed:
-                return
-            self._sent = True
-            self.sink.deliver(event)
-        self.last = last
-        for event in buffered:
-            if self.closed:
-                return
-            self.deliver(event)
-        if self.recheck and not self.closed:
-            self.recheck = False
-            if self._buffer is None:
-                self._buffer = []
-                self._on_gap(self)
-
-    # Sink protocol -----------------------------------------------------------------------------
-    def deliver(self, event: Event) -> None:
-        if self._buffer is not None:
-            self._buffer.append(event)
-            return
-        if self.closed:
-            return
-        if not event.id.startswith(self._prefix):
-            if self._sent or event.seq != 1:
-                self._on_epoch(self)
-                return
-            # Nothing given yet: the sink follows the new channel life from its start.
-            self._prefix, self.last = _epoch_of(event.id) + "-", 0
-        seq = event.seq
-        if seq <= self.last:
-            return
-        if seq != self.last + 1:
-            self._buffer = [event]
-            self._on_gap(self)
-            return
-        self.last = seq
-        self._sent = True
-        self.sink.deliver(event)
-
-    def close(self, reason: str) -> None:
-        if not self.closed:
-            self.closed = True
-            self._buffer = None
-            self.sink.close(reason)
-
-
-@dataclass(eq=False)
-class _Local:
-    """This process's view of one channel: its sinks and its pub/sub subscription."""
-
-    name: str
-    key: bytes  # the pub/sub channel
-    subscribed: asyncio.Future[None]  # resolved by the SUBSCRIBE confirmation
-    fanout: FanOut = field(default_factory=FanOut)
-    expiry: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
-    seen: tuple[str, int] = ("", 0)  # (epoch, seq) of the newest event the reader handled
-    waiters: list[tuple[str, int, asyncio.Future[None]]] = field(default_factory=list)
-    resync_wanted: bool = False
-    resync_task: asyncio.Task[None] | None = None
-    release_task: asyncio.Task[None] | None = None
-
-    def wake(self, epoch: str | None = None, seq: int = 0) -> None:
-        """Resolve the publish waiters the reader has gone past (all of them without ``epoch``)."""
-        keep = []
-        for waiter in self.waiters:
-            w_epoch, w_seq, future = waiter
-            if epoch is None or w_epoch != epoch or w_seq <= seq:
-                if not future.done():
-                    future.set_result(None)
-            else:
-                keep.append(waiter)
-        self.waiters = keep
-
-
-class _RedisAttachment:
-    __slots__ = ("_bus", "_key", "_local", "_wrapper")
-
-    def __init__(self, bus: RedisBus, local: _Local, key: int, wrapper: SeamSink) -> None:
-        self._bus, self._local, self._key, self._wrapper = bus, local, key, wrapper
-
-    def detach(self) -> None:
-        if self._key:
-            self._local.fanout.remove(self._key)
-            self._key = 0
-            self._wrapper.closed = True  # detached, not closed: its sink is not told
-            self._bus._release_soon(self._local)
-
-
 def redact(url: str) -> str:
     """``host:port/db`` of a Redis URL, for messages (no credentials)."""
     parts = urlsplit(url)
@@ -413,8 +199,18 @@ def split_url(url: str) -> tuple[str, dict[str, str]]:
     return urlunsplit(parts._replace(query=urlencode(theirs))), ours
 
 
-class RedisBus(Bus):
-    """The Redis-backed bus (see the module docstring)."""
+@dataclass(eq=False)
+class _Sub:
+    """One subscribed pub/sub channel of this process."""
+
+    name: str
+    key: bytes
+    confirmed: asyncio.Future[None]  # resolved by the SUBSCRIBE confirmation
+    expiry: dict[str, asyncio.TimerHandle] = field(default_factory=dict)
+
+
+class RedisBroker(Broker):
+    """The Redis broker (see the module docstring)."""
 
     def __init__(
         self,
@@ -448,8 +244,7 @@ class RedisBus(Bus):
         self._publish_script: Any = None
         self._read_script: Any = None
         self._reader: asyncio.Task[None] | None = None
-        self._locals: dict[bytes, _Local] = {}
-        self._sub_lock = asyncio.Lock()
+        self._subs: dict[bytes, _Sub] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._dropping: set[bytes] = set()
         self._closed = False
@@ -508,10 +303,9 @@ class RedisBus(Bus):
                 # asyncio.wait neither raises the tasks' CancelledError nor hides our own.
                 await asyncio.wait(tasks)
         finally:
-            for local in self._locals.values():
-                self._forget(local)
-                local.fanout.close_all("bus closed")
-            self._locals.clear()
+            for sub in self._subs.values():
+                self._forget(sub)
+            self._subs.clear()
             if self._pubsub is not None:
                 await self._pubsub.aclose()
             if self._sub_client is not None:
@@ -523,7 +317,7 @@ class RedisBus(Bus):
         if self._closed:
             raise BusClosed("the bus is closed")
         if self._redis is None:
-            raise BusError("RedisBus is not started: await bus.start() first")
+            raise BusError("the redis bus is not started: await bus.start() first")
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """Run one of our scripts; Redis failures become :class:`BusError`."""
@@ -544,16 +338,11 @@ class RedisBus(Bus):
         ts = now_ms()
         head = b'{"channel":' + dumps(channel) + b',"id":"'
         tail = b'","type":' + dumps(type) + b',"data":' + dumps(data) + b',"ts":' + dumps(ts) + b"}"
-        key = self.live_key(channel)
-        # Only a subscription confirmed before the script runs is sure to carry its PUBLISH.
-        local = self._locals.get(key)
-        if local is not None and not (local.subscribed.done() and not local.subscribed.cancelled()):
-            local = None
         raw_epoch, seq = await self._call(
             self._publish_script,
             keys=self._keys(channel),
             args=[
-                key,
+                self.live_key(channel),
                 head,
                 tail,
                 new_epoch(),
@@ -567,44 +356,20 @@ class RedisBus(Bus):
         epoch = raw_epoch.decode()
         event = Event(channel, format_id(epoch, int(seq)), type, data, ts, int(seq))
         event.cache["json"] = head + event.id.encode() + tail
-        if local is not None and self._locals.get(key) is local:
-            await self._settle(local, epoch, event.seq)
         return event
 
-    async def _settle(self, local: _Local, epoch: str, seq: int) -> None:
-        """Wait (briefly) until the local reader has fanned event ``seq`` out to local sinks."""
-        seen_epoch, seen_seq = local.seen
-        if seen_epoch == epoch and seen_seq >= seq:
-            return
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        local.waiters.append((epoch, seq, future))
-        try:
-            async with asyncio.timeout(SETTLE_TIMEOUT):
-                await future
-        except TimeoutError:
-            log.warning("event %s-%s of %r not seen on pub/sub in time", epoch, seq, local.name)
-        finally:
-            local.waiters = [w for w in local.waiters if w[2] is not future]
-
     # Read side ---------------------------------------------------------------------------------
-    async def _read(
-        self,
-        channel: str,
-        after: After,
-        limit: int | None,
-        *,
-        mode: str | None = None,
-        reserve: bool = False,
-    ) -> _State:
+    async def read(
+        self, channel: str, after: After, limit: int | None, *, reserve: bool = False
+    ) -> History:
         self._check_open()
         c_epoch, c_seq = "", 0
-        if mode is None:
-            if is_live(after):
-                mode = "live"
-            elif isinstance(after, Cursor):
-                mode, c_epoch, c_seq = "cursor", after.epoch, after.seq
-            else:
-                mode = "all"
+        if is_live(after) or limit == 0:
+            mode = "live"
+        elif isinstance(after, Cursor):
+            mode, c_epoch, c_seq = "cursor", after.epoch, after.seq
+        else:
+            mode = "all"
         result = await self._call(
             self._read_script,
             keys=self._keys(channel),
@@ -619,125 +384,75 @@ class RedisBus(Bus):
                 new_epoch(),
             ],
         )
-        local = self._locals.get(self.live_key(channel))
-        subscribers = 0 if local is None else len(local.fanout.sinks)
         if not result[0]:
-            return _State(ChannelInfo(channel, result[1].decode(), 1, 0, False, 0), exists=False)
+            return History(ChannelInfo(channel, result[1].decode(), 1, 0, False, 0), False, [])
         epoch, last, first, finished, pttl = result[1:6]
-        info = ChannelInfo(
-            channel, epoch.decode(), int(first), int(last), bool(finished), subscribers
-        )
+        info = ChannelInfo(channel, epoch.decode(), int(first), int(last), bool(finished), 0)
         try:
             events = [_decode(payload) for payload in result[6:]]
         except InvalidEnvelope as exc:
             raise BusError(f"corrupt event in redis history of {channel!r}: {exc}") from exc
-        return _State(info, True, int(pttl), events)
+        sub = self._subs.get(self.live_key(channel))
+        if sub is not None and info.finished and int(pttl) >= 0:
+            self._schedule_expiry(sub, info.epoch, int(pttl) / 1000.0)
+        return History(info, True, events)
 
-    async def replay(self, channel: str, after: After, limit: int | None = None) -> Replay:
-        # A channel that does not exist answers as the empty first life it will have, as with
-        # the memory bus: ``<bus epoch>-0`` stays valid when its first event comes.
-        state = await self._read(channel, after, limit)
-        return build_replay(state.info, after, limit, state.events)
-
-    async def info(self, channel: str) -> ChannelInfo | None:
-        if self._closed:
-            return None  # as the memory bus, which forgets every channel on close
-        state = await self._read(channel, None, None, mode="info")
-        return state.info if state.exists else None
-
-    async def declare(self, channel: str) -> None:
-        # Reserved as attach reserves a missing channel: it exists (with an expiry) until its
-        # first event makes it permanent.
-        await self._read(channel, None, None, mode="info", reserve=True)
-
-    # Attach ------------------------------------------------------------------------------------
-    async def attach(self, channel: str, after: After, sink: Sink) -> _RedisAttachment:
+    # Subscriptions -----------------------------------------------------------------------------
+    async def subscribe(self, channel: str) -> None:
         self._check_open()
-        local, wrapper, attachment = await self._join(channel, sink)
-        try:
-            await self._confirmed(local)
-            # A missing channel is created (reserved until its first event, see the module doc),
-            # as the memory bus creates it on attach: the ids we hand out are the ones to come.
-            state = await self._read(channel, after, None, reserve=True)
-            replay = build_replay(state.info, after, None, state.events)
-            assert replay.cursor is not None
-            wrapper.release(replay.events, state.info.epoch, parse_id(replay.cursor).seq)
-        except BaseException:
-            attachment.detach()
-            raise
-        self._note_finished(local, state)
-        return attachment
-
-    async def _join(self, channel: str, sink: Sink) -> tuple[_Local, SeamSink, _RedisAttachment]:
-        """Add ``sink``, wrapped and held, to the channel's local fan-out; subscribe if needed."""
         key = self.live_key(channel)
-        async with self._sub_lock:
-            self._check_open()
-            local = self._locals.get(key)
-            if local is None:
-                local = _Local(channel, key, asyncio.get_running_loop().create_future())
-                self._locals[key] = local
-                try:
-                    await self._send("SUBSCRIBE", key)
-                except BaseException:
-                    del self._locals[key]
-                    local.subscribed.cancel()
-                    self._pubsub.channels.pop(key, None)
-                    raise
-            wrapper = self._wrap(local, sink)
-            wrapper.key = local.fanout.add(wrapper)
-            return local, wrapper, _RedisAttachment(self, local, wrapper.key, wrapper)
-
-    def _wrap(self, local: _Local, sink: Sink) -> SeamSink:
-        def on_gap(_: SeamSink) -> None:
-            self._resync(local)
-
-        def on_epoch(wrapper: SeamSink) -> None:
-            self._drop(local, wrapper, "channel expired")
-
-        return SeamSink(sink, on_gap, on_epoch)
-
-    async def _confirmed(self, local: _Local) -> None:
-        if not local.subscribed.done():
-            await asyncio.wait({local.subscribed}, timeout=SUBSCRIBE_TIMEOUT)
-        self._check_open()
-        if not local.subscribed.done() or local.subscribed.cancelled():
-            raise BusError(f"redis did not confirm the subscription to {local.name!r}")
-
-    def _release_soon(self, local: _Local) -> None:
-        """Unsubscribe from a channel that has no local sink left (in a task: it awaits)."""
-        if local.fanout.sinks or local.release_task is not None or self._closed:
-            return
-        local.release_task = self._spawn(self._release(local), f"redis-bus-release {local.name}")
-
-    async def _release(self, local: _Local) -> None:
+        sub = self._subs.get(key)
+        if sub is None:
+            sub = _Sub(channel, key, asyncio.get_running_loop().create_future())
+            self._subs[key] = sub
+            try:
+                await self._send("SUBSCRIBE", key)
+            except BaseException:
+                self._drop_sub(sub)
+                raise
         try:
-            if not local.subscribed.done():
-                # Let the SUBSCRIBE confirmation arrive first, so that replies stay paired.
-                await asyncio.wait({local.subscribed})
-            async with self._sub_lock:
-                if local.fanout.sinks or self._locals.get(local.key) is not local:
-                    return
-                del self._locals[local.key]
-                self._forget(local)
-                await self._send("UNSUBSCRIBE", local.key)
-        finally:
-            local.release_task = None
+            if not sub.confirmed.done():
+                await asyncio.wait({sub.confirmed}, timeout=SUBSCRIBE_TIMEOUT)
+            self._check_open()
+            if not sub.confirmed.done() or sub.confirmed.cancelled():
+                raise BusError(f"redis did not confirm the subscription to {channel!r}")
+        except BaseException:
+            if self._subs.get(key) is sub:
+                self._drop_sub(sub)
+                if not self._closed:
+                    await self._send("UNSUBSCRIBE", key)
+            raise
 
-    def _forget(self, local: _Local) -> None:
-        for handle in local.expiry.values():
+    def _drop_sub(self, sub: _Sub) -> None:
+        if self._subs.get(sub.key) is sub:
+            del self._subs[sub.key]
+        self._forget(sub)
+        self._pubsub.channels.pop(sub.key, None)
+
+    async def unsubscribe(self, channel: str) -> None:
+        sub = self._subs.get(self.live_key(channel))
+        if sub is None or self._closed:
+            return
+        if not sub.confirmed.done():
+            # Let the SUBSCRIBE confirmation arrive first, so that replies stay paired.
+            await asyncio.wait({sub.confirmed}, timeout=SUBSCRIBE_TIMEOUT)
+        if self._subs.get(sub.key) is sub:
+            del self._subs[sub.key]
+            self._forget(sub)
+            await self._send("UNSUBSCRIBE", sub.key)
+
+    def _forget(self, sub: _Sub) -> None:
+        for handle in sub.expiry.values():
             handle.cancel()
-        local.expiry.clear()
-        local.wake()
-        if not local.subscribed.done():
-            local.subscribed.cancel()
+        sub.expiry.clear()
+        if not sub.confirmed.done():
+            sub.confirmed.cancel()
 
     async def _drop_stray(self, key: bytes) -> None:
-        """Unsubscribe from a pub/sub channel we have no local state for (a cancelled attach)."""
+        """Unsubscribe from a pub/sub channel we have no subscription for (a cancelled one)."""
         try:
-            async with self._sub_lock:
-                if key not in self._locals:
-                    await self._send("UNSUBSCRIBE", key)
+            if key not in self._subs:
+                await self._send("UNSUBSCRIBE", key)
         finally:
             self._dropping.discard(key)
 
@@ -763,88 +478,17 @@ class RedisBus(Bus):
             log.warning("%s %r failed: %r", command, key, exc)
 
     # Expiry ------------------------------------------------------------------------------------
-    def _note_finished(self, local: _Local, state: _State) -> None:
-        if state.info.finished and state.pttl_ms >= 0:
-            self._schedule_expiry(local, state.info.epoch, state.pttl_ms / 1000.0)
-
-    def _schedule_expiry(self, local: _Local, epoch: str, delay: float) -> None:
-        if epoch in local.expiry or self._closed:
+    def _schedule_expiry(self, sub: _Sub, epoch: str, delay: float) -> None:
+        if epoch in sub.expiry or self._closed:
             return
         loop = asyncio.get_running_loop()
-        local.expiry[epoch] = loop.call_later(delay, self._expire, local, epoch)
+        sub.expiry[epoch] = loop.call_later(delay, self._expire, sub, epoch)
 
-    def _expire(self, local: _Local, epoch: str) -> None:
-        """The channel life ``epoch`` expired: close its local sinks, as the memory bus does."""
-        local.expiry.pop(epoch, None)
-        for sink in tuple(local.fanout.sinks.values()):
-            if isinstance(sink, SeamSink) and sink.epoch == epoch:
-                self._drop(local, sink, "channel expired")
-        self._release_soon(local)
-
-    def _drop(self, local: _Local, wrapper: SeamSink, reason: str) -> None:
-        """Remove ``wrapper`` from the fan-out and close its sink with ``reason``."""
-        local.fanout.remove(wrapper.key)
-        try:
-            wrapper.close(reason)
-        except Exception:
-            log.exception("closing sink %r failed", wrapper.sink)
-        self._release_soon(local)
-
-    # Catch-up ----------------------------------------------------------------------------------
-
-    def _resync(self, local: _Local, everyone: bool = False) -> None:
-        """Catch the held sinks of ``local`` (all of them with ``everyone``) up from history."""
-        if self._closed:
-            return
-        if everyone:
-            for sink in local.fanout.sinks.values():
-                if isinstance(sink, SeamSink):
-                    if sink.live:
-                        sink.hold()
-                    elif sink.attaching:
-                        sink.recheck = True
-        local.resync_wanted = True
-        if local.resync_task is None:
-            local.resync_task = self._spawn(
-                self._resync_loop(local), f"redis-bus-resync {local.name}"
-            )
-
-    async def _resync_loop(self, local: _Local) -> None:
-        delay = 0.05
-        try:
-            while local.resync_wanted and not self._closed:
-                local.resync_wanted = False
-                groups: dict[tuple[str, int], list[SeamSink]] = {}
-                for sink in local.fanout.sinks.values():
-                    if isinstance(sink, SeamSink) and sink.held and sink.epoch is not None:
-                        groups.setdefault((sink.epoch, sink.last), []).append(sink)
-                for (epoch, last), sinks in groups.items():
-                    try:
-                        state = await self._read(local.name, Cursor(epoch, last), None)
-                    except (RedisError, OSError, BusError) as exc:
-                        log.warning("catching %r up failed (%s); retrying", local.name, exc)
-                        local.resync_wanted = True
-                        await asyncio.sleep(delay)
-                        delay = min(delay * 2, 2.0)
-                        break
-                    if not state.exists or state.info.epoch != epoch:
-                        for sink in sinks:
-                            if sink.held:
-                                self._drop(local, sink, "channel expired")
-                        continue
-                    replay = build_replay(state.info, Cursor(epoch, last), None, state.events)
-                    assert replay.cursor is not None
-                    seq = parse_id(replay.cursor).seq
-                    for sink in sinks:
-                        if sink.held:
-                            try:
-                                sink.release(replay.events, epoch, seq)
-                            except Exception:
-                                log.exception("sink %r failed; it is detached", sink.sink)
-                                self._drop(local, sink, "sink failed")
-                    self._note_finished(local, state)
-        finally:
-            local.resync_task = None
+    def _expire(self, sub: _Sub, epoch: str) -> None:
+        """The channel life ``epoch`` expired in Redis: tell the hub, as the memory bus does."""
+        sub.expiry.pop(epoch, None)
+        if self._subs.get(sub.key) is sub:
+            self.handler.on_expired(sub.name, epoch)
 
     # Pub/sub reader ----------------------------------------------------------------------------
     async def _read_loop(self) -> None:
@@ -863,8 +507,6 @@ class RedisBus(Bus):
             except (RedisError, OSError) as exc:
                 log.warning("redis bus pub/sub connection failed (%s); reconnecting", exc)
                 await conn.disconnect(nowait=True)
-                for local in self._locals.values():
-                    local.wake()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
@@ -880,35 +522,29 @@ class RedisBus(Bus):
         kind, key = message["type"], message["channel"]
         if kind not in ("message", "subscribe"):
             return
-        local = self._locals.get(key)
-        if local is None:
-            # Leftovers of an UNSUBSCRIBE in flight, or of a cancelled attach: make sure.
+        sub = self._subs.get(key)
+        if sub is None:
+            # Leftovers of an UNSUBSCRIBE in flight, or of a cancelled subscribe: make sure.
             if key not in self._dropping:
                 self._dropping.add(key)
                 self._spawn(self._drop_stray(key), "redis-bus-drop-stray")
             return
         if kind == "subscribe":
-            if not local.subscribed.done():
-                local.subscribed.set_result(None)
+            if not sub.confirmed.done():
+                sub.confirmed.set_result(None)
             else:
                 # A confirmation we did not ask for: redis-py re-subscribed after a reconnect,
                 # so events may have been missed meanwhile.
-                local.wake()
-                self._resync(local, everyone=True)
+                self.handler.on_gap(sub.name)
             return
         try:
             event = _decode(message["data"])
         except InvalidEnvelope as exc:
             log.warning("dropping a malformed envelope on %r: %s", key, exc)
             return
-        epoch = _epoch_of(event.id)
-        local.seen = (epoch, event.seq)
-        local.fanout.deliver(event)
+        self.handler.on_event(sub.name, event)
         if event.type == END:
-            self._schedule_expiry(local, epoch, self.ttl)
-        local.wake(epoch, event.seq)
-        if not local.fanout.sinks:
-            self._release_soon(local)
+            self._schedule_expiry(sub, epoch_of(event.id), self.ttl)
 
 
-__all__ = ["RedisBus", "SeamSink", "build_replay", "split_url"]
+__all__ = ["RedisBroker", "split_url"]

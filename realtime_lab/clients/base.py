@@ -32,14 +32,13 @@ from yarl import URL
 from realtime_lab.clients.stats import ClientStats
 from realtime_lab.errors import (
     ClientError,
-    InvalidCursor,
     InvalidEnvelope,
     ReconnectsExhausted,
     ServerRefused,
 )
-from realtime_lab.feed.chats import CHAT_PREFIX
-from realtime_lab.protocol.cursor import LIVE, parse_id
+from realtime_lab.protocol.channels import chat_id_of
 from realtime_lab.protocol.envelope import END, RESET, Event
+from realtime_lab.protocol.sequence import Sequence, Verdict
 
 log = logging.getLogger("realtime_lab.client")
 
@@ -47,7 +46,6 @@ log = logging.getLogger("realtime_lab.client")
 RETRYABLE_4XX: Final = frozenset({408, 429})
 #: Failures of one connection that a reconnect may cure.
 TRANSIENT: Final = (aiohttp.ClientError, OSError, TimeoutError, asyncio.IncompleteReadError)
-MAX_OUT_OF_ORDER_RANGES: Final = 64
 
 #: One event as a transport read it, with the wall-clock time (ms) it arrived.
 Received = tuple[Event, float]
@@ -89,75 +87,39 @@ class Finished(Exception):
 
 
 class Sequencer:
-    """De-duplication and gap detection from event ids (``<epoch>-<seq>``).
+    """De-duplication and gap counting for one client, by the protocol's continuity rule.
 
-    Within one epoch ids are consecutive, so a seq at or below the last one is a duplicate (or a
-    late arrival, whose gap was already counted), and a jump is a gap. A ``reset`` re-bases the
-    expected position on its own id (the position just before the oldest retained event); an
-    epoch change that no ``reset`` announced is counted as a gap.
+    :class:`~realtime_lab.protocol.sequence.Sequence` judges each id (a jump counts one gap per
+    skipped id, an unannounced epoch change one gap, a late arrival that fills a gap is
+    "reordered", anything else at or below the last id a duplicate); this adds the verdicts to
+    the client's :class:`ClientStats` (``out_of_order`` counts the reordered ones).
     """
 
     def __init__(self, stats: ClientStats, after: str | None = None) -> None:
         self.stats = stats
-        self.epoch: str | None = None
-        self.seq = 0
-        # Seq ranges skipped by gaps in the current epoch, to tell a late event from a duplicate.
-        self._missing: list[tuple[int, int]] = []
-        if after is not None and after not in ("", LIVE):
-            with contextlib.suppress(InvalidCursor):
-                cursor = parse_id(after)
-                self.epoch, self.seq = cursor.epoch, cursor.seq
+        self.sequence = Sequence(after)
 
     def accept(self, event: Event) -> bool:
         """Account for ``event``; ``True`` when it must be yielded, ``False`` to drop it."""
-        try:
-            cursor = parse_id(event.id)
-        except InvalidCursor:
-            return True  # not ours to judge; Event.from_dict already validated real envelopes
-        if event.type == RESET:
-            self.stats.resets += 1
-            self._rebase(cursor.epoch, cursor.seq)
-            return True
-        if self.epoch is None:
-            self._rebase(cursor.epoch, cursor.seq)
-            return True
-        if cursor.epoch != self.epoch:
-            self.stats.gaps += 1
-            self._rebase(cursor.epoch, cursor.seq)
-            return True
-        if cursor.seq <= self.seq:
-            if self._fills_gap(cursor.seq):
-                self.stats.out_of_order += 1
-            else:
-                self.stats.duplicates += 1
+        sequence = self.sequence
+        gaps = sequence.gaps
+        verdict = sequence.observe(event.id, reset=event.type == RESET)
+        stats = self.stats
+        stats.gaps += sequence.gaps - gaps
+        if verdict is Verdict.RESET:
+            stats.resets += 1
+        elif verdict is Verdict.DUPLICATE:
+            stats.duplicates += 1
             return False
-        if cursor.seq > self.seq + 1:
-            self.stats.gaps += 1
-            self._missing.append((self.seq + 1, cursor.seq - 1))
-            del self._missing[:-MAX_OUT_OF_ORDER_RANGES]
-        self.seq = cursor.seq
+        elif verdict is Verdict.REORDERED:
+            stats.out_of_order += 1
+            return False
+        # new, reset, and foreign ids (not ours to judge: Event.from_dict validated the envelope)
         return True
 
     def forget(self) -> None:
         """Start over: the next event sets the base, as at the start without a position."""
-        self.epoch, self.seq = None, 0
-        self._missing.clear()
-
-    def _rebase(self, epoch: str, seq: int) -> None:
-        self.epoch, self.seq = epoch, seq
-        self._missing.clear()
-
-    def _fills_gap(self, seq: int) -> bool:
-        for index, (low, high) in enumerate(self._missing):
-            if low <= seq <= high:
-                # Each missing seq is reported late once; a second copy is a duplicate.
-                del self._missing[index]
-                if low < seq:
-                    self._missing.append((low, seq - 1))
-                if seq < high:
-                    self._missing.append((seq + 1, high))
-                return True
-        return False
+        self.sequence.forget()
 
 
 class StreamClient(ABC):
@@ -435,11 +397,12 @@ class StreamClient(ABC):
             stats.first_event_s = time.monotonic() - self._started
 
     def _chat_id(self) -> str:
-        if not self.channel.startswith(CHAT_PREFIX) or len(self.channel) == len(CHAT_PREFIX):
+        chat_id = chat_id_of(self.channel)
+        if chat_id is None:
             raise ClientError(
                 f"{self.channel!r} is not a chat channel; only chats can be cancelled"
             )
-        return self.channel[len(CHAT_PREFIX) :]
+        return chat_id
 
 
 def decode_envelope(value: Any, where: str) -> Event | None:

@@ -21,7 +21,6 @@ from typing import Any, TextIO
 import aiohttp
 from yarl import URL
 
-from realtime_lab.cli import EXTRA_COMMANDS
 from realtime_lab.clients import TRANSPORTS, StreamClient, open_stream
 from realtime_lab.errors import ClientError
 from realtime_lab.protocol.envelope import TOKEN, Event
@@ -243,7 +242,3 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     """Register ``tail`` and ``chat`` on the ``realtime-lab`` parser."""
     _add_tail(sub)
     _add_chat(sub)
-
-
-if add_commands not in EXTRA_COMMANDS:
-    EXTRA_COMMANDS.append(add_commands)

@@ -37,8 +37,8 @@ class ClientStats:
             body, chunked-encoding framing (HTTP); handshake answer, frame headers and payloads
             (WebSocket). Compressed sizes if the server compressed.
         events: events yielded to the caller (duplicates not included).
-        gaps: places where events may be missing: a sequence jump inside one epoch, or an
-            epoch change that no ``reset`` announced.
+        gaps: ids skipped inside one epoch (one per id), plus one per epoch change that no
+            ``reset`` announced (see :mod:`realtime_lab.protocol.sequence`).
         duplicates: events dropped because their id was already delivered.
         out_of_order: events dropped because they arrived after a later one (the gap they fill
             was already reported).

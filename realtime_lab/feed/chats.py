@@ -13,15 +13,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from realtime_lab.bus.base import Bus
+from realtime_lab.bus import Bus
 from realtime_lab.errors import UnknownChat
 from realtime_lab.feed.llm import paced_tokens
+from realtime_lab.protocol.channels import CHAT_PREFIX as CHAT_PREFIX  # re-exported
 from realtime_lab.protocol.envelope import END, TOKEN
 
 log = logging.getLogger(__name__)
 
 Status = Literal["running", "done", "cancelled", "error"]
-CHAT_PREFIX = "chat."
 
 
 @dataclass(slots=True)

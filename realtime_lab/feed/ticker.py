@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from realtime_lab.bus.base import Bus
+from realtime_lab.bus import Bus
 from realtime_lab.feed.llm import ticker_word
 from realtime_lab.protocol.envelope import TOKEN
 

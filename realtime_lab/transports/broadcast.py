@@ -18,8 +18,12 @@ it anyway. A fan-out that finishes before the next event is due is never delayed
 members it has.
 
 A member that is not *steady* (still replaying history, catching up a backlog, or under a chaos
-fault) gets the events one by one through :meth:`StreamConnection.deliver`, which knows how to
-pace, hold or delay them.
+fault) gets the events one by one through its ``deliver``, which knows how to pace, hold or delay
+them.
+
+Joining: a connection is first attached to the channel on its own (:meth:`Bus.attach`, where the
+hub joins its history and the live events without gap or duplicate), and then, in the same step
+of the event loop, moved into the broadcast at the position it reached. No history is read here.
 """
 
 from __future__ import annotations
@@ -27,31 +31,84 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
-from aiohttp import web
-
-from realtime_lab.bus.base import Attachment, Bus
+from realtime_lab.bus import After, Bus
+from realtime_lab.bus.hub import Attachment
 from realtime_lab.errors import BusError
-from realtime_lab.protocol.cursor import LIVE, parse_id
+from realtime_lab.protocol.cursor import LIVE, Cursor
 from realtime_lab.protocol.envelope import END, Event
-from realtime_lab.transports.faults import Chaos
-
-if TYPE_CHECKING:
-    from realtime_lab.bus.base import After
-    from realtime_lab.transports.stream import StreamConnection
+from realtime_lab.transports.chaos import Chaos
 
 log = logging.getLogger("realtime_lab.server")
 
-#: Events a broadcast remembers, so that a connection whose replay raced a publish can join.
-RECENT: Final = 1024
 MAX_JOIN_ROUNDS: Final = 5
 #: Weight of the newest gap in the moving average of the time between events.
 GAP_WEIGHT: Final = 0.125
 
 Frame = Callable[[Event], bytes]
+
+
+class Member(Protocol):
+    """What a broadcast needs of a connection it writes for."""
+
+    @property
+    def id(self) -> int:
+        """Unique among the process's connections."""
+        ...
+
+    @property
+    def steady(self) -> bool:
+        """``True`` while the broadcast may write for it (nothing queued, held or delayed)."""
+        ...
+
+    @property
+    def socket(self) -> asyncio.Transport:
+        """The transport the broadcast writes the shared bytes to."""
+        ...
+
+    @property
+    def send_buffer(self) -> int:
+        """Unsent bytes past which the connection has fallen too far behind."""
+        ...
+
+    @property
+    def done(self) -> asyncio.Future[str]:
+        """Resolved once the connection has ended."""
+        ...
+
+    last_id: str | None
+
+    def deliver(self, event: Event) -> None:
+        """Take one event on its own (replay, backlog, chaos)."""
+
+    def start_replay(self) -> None:
+        """What it is given from now on is history: pace it."""
+
+    def end_replay(self) -> None:
+        """What it is given from now on is live."""
+
+    def join(self, group: Broadcast) -> None:
+        """It has become a member of ``group``."""
+
+    def leave(self, group: Broadcast) -> None:
+        """It is no longer a member of ``group``."""
+
+    def rebase(self) -> None:
+        """It was sent the last flush event by event: none of its shared count is its share."""
+
+    def lost(self) -> None:
+        """Its socket is gone."""
+
+    def overflow(self) -> None:
+        """It fell more than ``send_buffer`` behind."""
+
+    def finish_stream(self) -> None:
+        """The channel's ``end`` was written to it."""
+
+    def close(self, reason: str) -> None:
+        """The channel ended under it."""
 
 
 class Broadcast:
@@ -68,10 +125,10 @@ class Broadcast:
         self.channel = channel
         self.key = key
         self.frame = frame
-        self.members: dict[int, StreamConnection] = {}
-        self.recent: deque[Event] = deque(maxlen=RECENT)
+        self.members: dict[int, Member] = {}
         self.pending: list[Event] = []
-        self._fresh: dict[int, int] = {}  # joined while events were pending: id -> seq it has
+        # Members that have events the broadcast has not written yet: id -> the seq they have.
+        self._ahead: dict[int, int] = {}
         self._handle: asyncio.Handle | None = None
         self._slow_flush = False  # behind: the last flush outlasted the window and the gap
         self._gap = 1.0  # moving average of the seconds between events (starts slow)
@@ -90,7 +147,6 @@ class Broadcast:
         now = time.perf_counter()
         self._gap += (now - self._last_event_at - self._gap) * GAP_WEIGHT
         self._last_event_at = now
-        self.recent.append(event)
         self.pending.append(event)
         if self._handle is None:
             loop = asyncio.get_running_loop()
@@ -117,13 +173,15 @@ class Broadcast:
         if not events:
             return
         started = time.perf_counter()
-        fresh, self._fresh = self._fresh, {}
+        ahead = self._ahead
+        if ahead:
+            self._ahead = {cid: seq for cid, seq in ahead.items() if seq > events[-1].seq}
         members = tuple(self.members.values())
         last = events[-1]
         if self._owner.chaos.active:
             # Faults act per connection: every member takes the slow path.
             for conn in members:
-                self._deliver_each(conn, events, fresh.get(conn.id))
+                self._deliver_each(conn, events, ahead.get(conn.id))
         else:
             frame = self.frame
             data = frame(last) if len(events) == 1 else b"".join(frame(e) for e in events)
@@ -133,62 +191,53 @@ class Broadcast:
             self.last_id = last.id
             is_end = last.type == END
             for conn in members:
-                if conn.steady and conn.id not in fresh:
-                    transport = conn.transport_
+                if conn.steady and conn.id not in ahead:
+                    transport = conn.socket
                     if transport.is_closing():
                         conn.lost()
                         continue
                     transport.write(data)
-                    if transport.get_write_buffer_size() > conn.limit:
+                    if transport.get_write_buffer_size() > conn.send_buffer:
                         conn.last_id = last.id
                         conn.overflow()
                     elif is_end:
                         conn.last_id = last.id
                         conn.finish_stream()
                 else:
-                    self._deliver_each(conn, events, fresh.get(conn.id))
+                    self._deliver_each(conn, events, ahead.get(conn.id))
                     # It counted these itself: none of this flush's shared count is its share.
                     conn.rebase()
         elapsed = time.perf_counter() - started
         self._slow_flush = elapsed > self._owner.window and elapsed > self._gap
 
     @staticmethod
-    def _deliver_each(conn: StreamConnection, events: list[Event], after_seq: int | None) -> None:
+    def _deliver_each(conn: Member, events: list[Event], after_seq: int | None) -> None:
         for event in events:
             if after_seq is None or event.seq > after_seq:
                 conn.deliver(event)
 
     # Membership --------------------------------------------------------------------------------
-    def add(self, conn: StreamConnection, epoch: str, seq: int) -> bool:
+    def add(self, conn: Member, epoch: str | None, seq: int) -> bool:
         """Let ``conn``, which has every event up to ``<epoch>-<seq>``, follow the broadcast.
 
         Returns:
-            ``False`` when the broadcast cannot bridge the gap from that position (another
-            epoch, or older than what it remembers): replay from the bus again, then retry.
+            ``False`` when the broadcast stands elsewhere (another channel life, or past
+            ``seq``): attach the connection again from where it is, then retry.
         """
-        recent = self.recent
-        if recent:
-            newest = recent[-1]
-            if newest.id.rsplit("-", 1)[0] != epoch:
-                return False
-            if newest.seq > seq:
-                if recent[0].seq > seq + 1:
-                    return False
-                for event in recent:
-                    if event.seq > seq:
-                        conn.deliver(event)
-            seq = max(seq, newest.seq)
-        if self.pending:
-            self._fresh[conn.id] = seq
+        own_epoch, own_seq = (None, 0) if self.attachment is None else self.attachment.position
+        if own_epoch is not None and (epoch != own_epoch or seq < own_seq):
+            return False
+        if seq > own_seq or self.pending:
+            self._ahead[conn.id] = seq
         self.members[conn.id] = conn
         conn.join(self)
         return True
 
-    def remove(self, conn: StreamConnection) -> None:
+    def remove(self, conn: Member) -> None:
         """Stop writing to ``conn``. Idempotent; the last one out detaches from the bus."""
         if self.members.pop(conn.id, None) is not None:
             conn.leave(self)
-            self._fresh.pop(conn.id, None)
+            self._ahead.pop(conn.id, None)
         if not self.members:
             self._owner.forget(self)
 
@@ -206,52 +255,32 @@ class Broadcasts:
         return len(self._groups)
 
     async def attach(
-        self, conn: StreamConnection, channel: str, after: After, key: str, frame: Frame
+        self, conn: Member, channel: str, after: After, key: str, frame: Frame
     ) -> Broadcast:
         """Replay ``after`` to ``conn``, then make it a member of the channel's broadcast.
 
-        The replay goes through ``conn.deliver`` (paced by the connection); the broadcast then
-        bridges whatever was published meanwhile, so nothing is skipped or repeated at the seam.
+        The replay goes through ``conn.deliver`` (paced by the connection); the hub joins it to
+        the live events, and the connection moves into the broadcast where it then stands.
         Call ``broadcast.remove(conn)`` when the connection ends.
         """
-        group = await self._group(channel, key, frame)
-        try:
-            return await self._join(group, conn, channel, after)
-        except BaseException:
-            if not group.members:
-                self.forget(group)
-            raise
-
-    async def _join(
-        self, group: Broadcast, conn: StreamConnection, channel: str, after: After
-    ) -> Broadcast:
-        position: After = after
         for _ in range(MAX_JOIN_ROUNDS):
-            if position == LIVE:
-                # The group has everything from its own attach on; the client wants nothing older.
-                newest = group.recent[-1] if group.recent else None
-                info = None if newest is not None else await self.bus.info(channel)
-                if newest is not None:
-                    epoch, seq = newest.id.rsplit("-", 1)[0], newest.seq
-                elif info is not None:
-                    epoch, seq = info.epoch, info.last_seq
-                else:
-                    replay = await self.bus.replay(channel, LIVE)
-                    cursor = parse_id(replay.cursor or "")
-                    epoch, seq = cursor.epoch, cursor.seq
-            else:
-                replay = await self.bus.replay(channel, position)
-                for event in replay.events:
-                    conn.deliver(event)
-                if replay.cursor is None:  # pragma: no cover - every backend gives a cursor
-                    raise BusError(f"no position on {channel!r}")
-                cursor = parse_id(replay.cursor)
-                epoch, seq = cursor.epoch, cursor.seq
-            if conn.done.done() or group.closed:
+            group = await self._group(channel, key, frame)
+            conn.start_replay()
+            try:
+                attachment = await self.bus.attach(channel, after, conn)
+            except BaseException:
+                if not group.members:
+                    self.forget(group)
+                raise
+            finally:
+                conn.end_replay()
+            epoch, seq = attachment.position
+            attachment.detach()
+            if conn.done.done() or group.closed or group.add(conn, epoch, seq):
                 return group
-            if group.add(conn, epoch, seq):
-                return group
-            position = parse_id(f"{epoch}-{seq}")
+            if epoch is None:  # pragma: no cover - an attach always leaves a position
+                break
+            after = Cursor(epoch, seq)
         raise BusError(f"could not catch up with {channel!r}: it moves faster than replays")
 
     async def _group(self, channel: str, key: str, frame: Frame) -> Broadcast:
@@ -288,6 +317,3 @@ class Broadcasts:
         """Forget every broadcast (at shutdown, after their members ended)."""
         for group in tuple(self._groups.values()):
             self.forget(group)
-
-
-BROADCASTS_KEY: Final = web.AppKey("broadcasts", Broadcasts)

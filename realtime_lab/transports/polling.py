@@ -11,25 +11,15 @@ import asyncio
 
 from aiohttp import web
 
-from realtime_lab.bus.base import After, Replay
+from realtime_lab.bus import After, Replay
 from realtime_lab.errors import InvalidCursor
-from realtime_lab.protocol.cursor import parse_id
+from realtime_lab.protocol.cursor import Cursor, parse_id
 from realtime_lab.protocol.envelope import Event, dumps
-from realtime_lab.transports.common import (
-    BUS_KEY,
-    HUB_KEY,
-    SETTINGS_KEY,
-    Counters,
-    HTTPProblem,
-    LiveConnection,
-    MeteredResponse,
-    after_param,
-    client_tag,
-    cursor_or_none,
-    existing_channel,
-    number_param,
-)
-from realtime_lab.transports.faults import CHAOS_KEY
+from realtime_lab.transports.accounting import Counters, LiveConnection, MeteredResponse
+from realtime_lab.transports.keys import BUS_KEY, CHAOS_KEY, HUB_KEY, SETTINGS_KEY
+from realtime_lab.transports.params import query_number
+from realtime_lab.transports.preamble import Opening, open_request
+from realtime_lab.transports.problems import HTTPProblem
 
 
 def render(replay: Replay) -> bytes:
@@ -42,40 +32,35 @@ def render(replay: Replay) -> bytes:
     )
 
 
-async def _begin(
-    request: web.Request, transport: str
-) -> tuple[str, After, int, str | None, Counters]:
+async def _begin(request: web.Request, transport: str) -> tuple[Opening, int]:
+    """The preamble, and the ``limit`` every poll takes (a long poll claims a stream slot)."""
+    opening = await open_request(request, transport, stream=transport == "longpoll")
     settings = request.app[SETTINGS_KEY]
-    counters = Counters(requests=1)
-    client = client_tag(request)
     try:
-        request.app[CHAOS_KEY].maybe_fail(transport)
-        channel = await existing_channel(request)
-        after = after_param(request.query.get("after"))
-        limit = int(request.app[SETTINGS_KEY].poll_limit)
-        limit = int(number_param(request, "limit", limit, 1, settings.poll_max_limit, integer=True))
-    except (HTTPProblem, web.HTTPException):
-        counters.errors += 1
-        request.app[HUB_KEY].record(transport, client, counters)
-        raise
-    if cursor_or_none(after) is not None:
-        counters.reconnects += 1
-    return channel, after, limit, client, counters
+        limit = query_number(
+            request, "limit", settings.poll_limit, 1, settings.poll_max_limit, integer=True
+        )
+    except HTTPProblem as exc:
+        opening.release()
+        raise opening.refuse(request, exc) from None
+    return opening, int(limit)
 
 
 async def poll(request: web.Request) -> web.StreamResponse:
     """``GET /poll/{channel}?after=ID&limit=N``: whatever is new, at once."""
-    channel, after, limit, client, counters = await _begin(request, "poll")
-    replay = await request.app[BUS_KEY].replay(channel, after, limit)
+    opening, limit = await _begin(request, "poll")
+    after, counters = opening.after, opening.counters
+    replay = await request.app[BUS_KEY].replay(opening.channel, after, limit)
     if request.app[CHAOS_KEY].paused and replay.events:
         replay = _held(after)
     counters.events += len(replay.events)
-    return MeteredResponse(render(replay), "poll", client, counters, request.app)
+    hub = request.app[HUB_KEY]
+    return MeteredResponse(render(replay), "poll", opening.client, counters, hub)
 
 
 def _held(after: After) -> Replay:
     """The answer while a chaos pause holds events back: none, and a cursor that skips none."""
-    return Replay([], str(after) if cursor_or_none(after) else None)
+    return Replay([], str(after) if isinstance(after, Cursor) else None)
 
 
 class _Waiter(LiveConnection):
@@ -117,57 +102,64 @@ async def longpoll(request: web.Request) -> web.StreamResponse:
     ``limit``; with an empty list when ``timeout`` passes first. Waiters are woken by the
     publish itself (they are bus sinks), never by a timer that re-checks.
     """
-    channel, after, limit, client, counters = await _begin(request, "longpoll")
-    settings = request.app[SETTINGS_KEY]
+    opening, limit = await _begin(request, "longpoll")
     try:
-        timeout = number_param(
-            request, "timeout", settings.longpoll_timeout, 0, settings.longpoll_max_timeout
+        channel, after, client, counters = (
+            opening.channel,
+            opening.after,
+            opening.client,
+            opening.counters,
         )
-    except HTTPProblem:
-        counters.errors += 1
-        request.app[HUB_KEY].record("longpoll", client, counters)
-        raise
-    bus, hub, chaos = request.app[BUS_KEY], request.app[HUB_KEY], request.app[CHAOS_KEY]
-    replay = await bus.replay(channel, after, limit)
-    if chaos.paused and replay.events:
-        # Wait from ``after`` itself, so neither the answer nor a timeout skips held events.
-        replay = _held(after)
-    if not replay.events and timeout > 0 and not hub.shutting_down:
-        waiter = _Waiter(channel, client, counters)
-        hub.register(waiter)
+        settings = request.app[SETTINGS_KEY]
         try:
-            position: After = after
-            if replay.cursor is not None:
-                try:
-                    position = parse_id(replay.cursor)
-                except InvalidCursor:
-                    position = after
-            attachment = await bus.attach(channel, position, waiter)
+            timeout = query_number(
+                request, "timeout", settings.longpoll_timeout, 0, settings.longpoll_max_timeout
+            )
+        except HTTPProblem as exc:
+            raise opening.refuse(request, exc) from None
+        bus, hub, chaos = request.app[BUS_KEY], request.app[HUB_KEY], request.app[CHAOS_KEY]
+        replay = await bus.replay(channel, after, limit)
+        if chaos.paused and replay.events:
+            # Wait from ``after`` itself, so neither the answer nor a timeout skips held events.
+            replay = _held(after)
+        if not replay.events and timeout > 0 and not hub.shutting_down:
+            waiter = _Waiter(channel, client, counters)
+            hub.register(waiter)
             try:
-                async with asyncio.timeout(timeout):
-                    woke = await asyncio.shield(waiter.woken)
-                    if woke == "event" and chaos.paused:
-                        await asyncio.wait(
-                            (chaos.unpaused(), waiter.interrupted),
-                            return_when=asyncio.FIRST_COMPLETED,
-                        )
-                        if waiter.interrupted.done():
-                            woke = waiter.interrupted.result()
-            except TimeoutError:
-                woke = "timeout"
+                position: After = after
+                if replay.cursor is not None:
+                    try:
+                        position = parse_id(replay.cursor)
+                    except InvalidCursor:
+                        position = after
+                attachment = await bus.attach(channel, position, waiter)
+                try:
+                    async with asyncio.timeout(timeout):
+                        woke = await asyncio.shield(waiter.woken)
+                        if woke == "event" and chaos.paused:
+                            await asyncio.wait(
+                                (chaos.unpaused(), waiter.interrupted),
+                                return_when=asyncio.FIRST_COMPLETED,
+                            )
+                            if waiter.interrupted.done():
+                                woke = waiter.interrupted.result()
+                except TimeoutError:
+                    woke = "timeout"
+                finally:
+                    attachment.detach()
             finally:
-                attachment.detach()
-        finally:
-            # The answer's bytes are not known yet: the response records the counters once sent.
-            hub.stats["longpoll"].live.pop(waiter.id, None)
-        if woke == "drop" and request.transport is not None:
-            # A network cut: no answer at all. aiohttp's write then fails with the
-            # ConnectionError it expects, and the bytes it could not send count as zero.
-            request.transport.abort()
-        replay = (
-            await bus.replay(channel, position, limit)
-            if woke == "event"
-            else Replay([], replay.cursor)
-        )
-    counters.events += len(replay.events)
-    return MeteredResponse(render(replay), "longpoll", client, counters, request.app)
+                # The answer's bytes are not known yet: the response records the counters once sent.
+                hub.stats["longpoll"].live.pop(waiter.id, None)
+            if woke == "drop" and request.transport is not None:
+                # A network cut: no answer at all. aiohttp's write then fails with the
+                # ConnectionError it expects, and the bytes it could not send count as zero.
+                request.transport.abort()
+            replay = (
+                await bus.replay(channel, position, limit)
+                if woke == "event"
+                else Replay([], replay.cursor)
+            )
+        counters.events += len(replay.events)
+        return MeteredResponse(render(replay), "longpoll", client, counters, hub)
+    finally:
+        opening.release()

@@ -23,19 +23,15 @@ from aiohttp import web
 from realtime_lab.protocol.cursor import Cursor
 from realtime_lab.protocol.envelope import TOKEN, Event, dumps
 from realtime_lab.protocol.sse import encode_comment, encode_event, encode_retry
-from realtime_lab.transports.broadcast import BROADCASTS_KEY
-from realtime_lab.transports.common import (
+from realtime_lab.transports.accounting import Counters, MeteredResponse
+from realtime_lab.transports.keys import (
+    BROADCASTS_KEY,
     BUS_KEY,
+    CHAOS_KEY,
     HUB_KEY,
     SETTINGS_KEY,
-    Counters,
-    HTTPProblem,
-    MeteredResponse,
-    after_param,
-    client_tag,
-    existing_channel,
 )
-from realtime_lab.transports.faults import CHAOS_KEY
+from realtime_lab.transports.preamble import open_request
 from realtime_lab.transports.stream import (
     END_OF_STREAM,
     SHUTDOWN,
@@ -113,21 +109,15 @@ async def sse(request: web.Request) -> web.StreamResponse:
     """``GET /sse/{channel}``: the event stream (see the module docstring)."""
     app = request.app
     hub, bus, settings, chaos = app[HUB_KEY], app[BUS_KEY], app[SETTINGS_KEY], app[CHAOS_KEY]
-    client = client_tag(request)
-    counters = Counters(requests=1)
+    opening = await open_request(request, "sse", resume_header=True, stream=True)
+    channel, after, client, counters = (
+        opening.channel,
+        opening.after,
+        opening.client,
+        opening.counters,
+    )
     try:
-        chaos.maybe_fail("sse")
-        channel = await existing_channel(request)
-        # The browser sends Last-Event-ID when it reconnects; it wins over the URL's ?after,
-        # which still holds the position the stream was first opened at.
-        header = request.headers.get("Last-Event-ID")
-        after = (
-            after_param(header, "Last-Event-ID")
-            if header is not None
-            else after_param(request.query.get("after"))
-        )
         if isinstance(after, Cursor):
-            counters.reconnects += 1
             info = await bus.info(channel)
             if (
                 info is not None
@@ -138,40 +128,38 @@ async def sse(request: web.Request) -> web.StreamResponse:
                 # 204 tells an EventSource to stop reconnecting: the stream is over. Only for the
                 # end's own id: a later seq was never issued and is answered with a reset.
                 return MeteredResponse(
-                    b"", "sse", client, counters, app, status=204, content_type=None
+                    b"", "sse", client, counters, hub, status=204, content_type=None
                 )
-    except (HTTPProblem, web.HTTPException):
-        counters.errors += 1
-        hub.record("sse", client, counters)
-        raise
 
-    response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(request)
-    conn = SSEConnection(request, channel, client, hub, chaos, settings.send_buffer)
-    conn.counters = counters
-    writer = request._payload_writer  # headers as aiohttp wrote them
-    counters.bytes += writer.output_size
-    hub.register(conn)
-    group = None
-    key, frame = ("sse.c", sse_chunk) if conn.is_chunked else ("sse", sse_frame)
-    try:
-        conn.write(conn.raw(encode_retry(settings.retry_ms)))
-        conn.start_replay()
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+        conn = SSEConnection(request, channel, client, chaos, settings.send_buffer)
+        conn.counters = counters
+        writer = request._payload_writer  # headers as aiohttp wrote them
+        counters.bytes += writer.output_size
+        hub.register(conn)
+        group = None
+        key, frame = ("sse.c", sse_chunk) if conn.is_chunked else ("sse", sse_frame)
         try:
+            conn.write(conn.raw(encode_retry(settings.retry_ms)))
             group = await app[BROADCASTS_KEY].attach(conn, channel, after, key, frame)
+            reason = await conn.done
         finally:
-            conn.end_replay()
-        reason = await conn.done
+            conn.discard()
+            if group is not None:
+                group.remove(conn)
+            hub.unregister(conn)
+        transport = request.transport
+        if (
+            reason in (END_OF_STREAM, SHUTDOWN)
+            and transport is not None
+            and not transport.is_closing()
+        ):
+            before = writer.output_size
+            await response.write_eof()
+            hub.record("sse", client, Counters(bytes=writer.output_size - before))
+        # After an overflow, a chaos drop or a lost client the socket is already closing: aiohttp's
+        # own write_eof then fails quietly with a ConnectionError it expects.
+        return response
     finally:
-        conn.discard()
-        if group is not None:
-            group.remove(conn)
-        hub.unregister(conn)
-    transport = request.transport
-    if reason in (END_OF_STREAM, SHUTDOWN) and transport is not None and not transport.is_closing():
-        before = writer.output_size
-        await response.write_eof()
-        hub.record("sse", client, Counters(bytes=writer.output_size - before))
-    # After an overflow, a chaos drop or a lost client the socket is already closing: aiohttp's
-    # own write_eof then fails quietly with a ConnectionError it expects.
-    return response
+        opening.release()

@@ -3,8 +3,10 @@
 A :class:`StreamConnection` writes an event's pre-encoded bytes (cached on the event, identical
 for every subscriber) straight to the socket's transport. In steady state it does not even do
 that itself: its channel's :class:`~realtime_lab.transports.broadcast.Broadcast` writes the same
-bytes to every steady member in one loop (see that module). :meth:`deliver` is the per-connection
-path, for history replays, catch-up backlogs and chaos faults. There is no queue and no task per
+bytes to every steady member in one loop (see that module), and the connection's counters are
+its share of what the broadcast counted. :meth:`deliver` is the per-connection path, for history
+replays (paced by :class:`~realtime_lab.transports.backlog.Backlog`) and chaos faults
+(:class:`~realtime_lab.transports.faultpath.FaultPath`). There is no queue and no task per
 subscriber on the hot path.
 
 Overflow policy: asyncio buffers what the kernel will not take yet. When that buffer passes
@@ -12,13 +14,6 @@ Overflow policy: asyncio buffers what the kernel will not take yet. When that bu
 signal (an SSE ``error`` event / WebSocket close 1013, both naming the id to resume from) and the
 socket is closed, and aborted after a short grace if the client never reads it. Memory per
 subscriber is therefore bounded by ``send_buffer`` plus one event, whatever the client does.
-
-Catching up: the history a resuming client asks for is not its fault, and may be far larger than
-``send_buffer``. The replay that ``bus.attach`` delivers (between :meth:`start_replay` and
-:meth:`end_replay`) is written only as fast as the client takes it: what does not fit under half
-of ``send_buffer`` waits as references to the bus's own events and is written by a short-lived
-task as the socket drains. Live events that arrive meanwhile queue behind it, and it is their
-lag, not the replay's size, that ``send_buffer`` bounds.
 """
 
 from __future__ import annotations
@@ -27,17 +22,16 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections import deque
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from aiohttp import web
 
 from realtime_lab.protocol.envelope import END, Event
-from realtime_lab.transports.common import Counters, Hub, LiveConnection
-from realtime_lab.transports.faults import Chaos
-
-if TYPE_CHECKING:
-    from realtime_lab.transports.broadcast import Broadcast
+from realtime_lab.transports.accounting import Counters, LiveConnection
+from realtime_lab.transports.backlog import Backlog
+from realtime_lab.transports.broadcast import Broadcast
+from realtime_lab.transports.chaos import Chaos
+from realtime_lab.transports.faultpath import FaultPath
 
 log = logging.getLogger("realtime_lab.server")
 
@@ -55,27 +49,17 @@ class StreamConnection(LiveConnection):
 
     __slots__ = (
         "_backlog",
-        "_backlog_live",
-        "_backlog_replay",
-        "_catch_up",
         "_chaos",
-        "_delay_timer",
-        "_delayed",
-        "_delayed_bytes",
         "_drain",
         "_fast_from",
-        "_held",
-        "_held_bytes",
-        "_hub",
-        "_limit",
+        "_faults",
         "_replaying",
-        "_transport",
         "done",
         "group",
         "last_id",
-        "limit",
+        "send_buffer",
+        "socket",
         "steady",
-        "transport_",
     )
 
     def __init__(
@@ -83,7 +67,6 @@ class StreamConnection(LiveConnection):
         request: web.Request,
         channel: str,
         client: str | None,
-        hub: Hub,
         chaos: Chaos,
         send_buffer: int,
     ) -> None:
@@ -91,7 +74,7 @@ class StreamConnection(LiveConnection):
         transport = request.transport
         if transport is None:
             raise ConnectionResetError("client went away before the stream started")
-        self._transport: asyncio.Transport = transport
+        self.socket: asyncio.Transport = transport  # the broadcast writes to it directly
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # Without a cap, Linux grows a socket's send buffer to megabytes (4 MB on loopback)
@@ -99,28 +82,15 @@ class StreamConnection(LiveConnection):
             # client would hold that much kernel memory, uncounted. Cap it at send_buffer too.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
-        self.transport_ = transport  # the broadcast writes to it directly
-        self.limit = send_buffer
+        self.send_buffer = send_buffer
         # Pause (and so wake the catch-up writer's drain) at half the overflow limit.
         transport.set_write_buffer_limits(high=max(send_buffer // 2, 1))
         self._drain = request._payload_writer.drain
-        self._hub = hub
         self._chaos = chaos
-        self._limit = send_buffer
-        # Writes held back by a chaos pause: (bytes, event id, is_end).
-        self._held: list[tuple[bytes, str, bool]] = []
-        self._held_bytes = 0
-        # Writes a chaos delay holds, oldest first: (due time, bytes, event id, is_end). One
-        # timer drains them in order, so changing the delay never lets a newer write overtake.
-        self._delayed: deque[tuple[float, bytes, str, bool]] | None = None  # made when needed
-        self._delay_timer: asyncio.TimerHandle | None = None
-        self._delayed_bytes = 0
-        # Events accepted while catching up and not written yet, oldest first.
-        self._backlog: deque[Event] | None = None  # made when needed: idle connections are many
-        self._backlog_replay = 0  # how many at the head of the backlog came from the replay
-        self._backlog_live = 0  # frame bytes of the live events in the backlog
+        # Made when needed: idle connections are many.
+        self._faults: FaultPath | None = None
+        self._backlog: Backlog | None = None
         self._replaying = False
-        self._catch_up: asyncio.Task[None] | None = None
         self.last_id: str | None = None  # of the last event written: where to resume from
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         # Broadcast membership: while steady, the broadcast writes for us and counts once for
@@ -143,20 +113,27 @@ class StreamConnection(LiveConnection):
         if self.done.done():
             return
         if self._backlog or (
-            self._replaying and self._transport.get_write_buffer_size() > self._limit // 2
+            self._replaying and self.socket.get_write_buffer_size() > self.send_buffer // 2
         ):
             self._queue(event)
         else:
-            self._send(event)
+            self.send(event)
 
-    def _send(self, event: Event) -> None:
+    def send(self, event: Event) -> None:
+        """Write one event now (or hand it to the chaos slow path)."""
         self.counters.events += 1
         data = self.frame(event)
         is_end = event.type == END
-        if self._chaos.active or self._delayed:
-            self._slow_send(data, event.id, is_end)
+        if self._chaos.active or (self._faults is not None and self._faults.busy):
+            if self._faults is None:
+                self._faults = FaultPath(self, self._chaos)
+            self._faults.send(data, event.id, is_end)
             return
-        self.last_id = event.id
+        self.write_event(data, event.id, is_end)
+
+    def write_event(self, data: bytes, event_id: str, is_end: bool) -> None:
+        """Write one event's bytes; after ``end`` the connection is over."""
+        self.last_id = event_id
         self.write(data)
         if is_end:
             self.finish(END_OF_STREAM)
@@ -168,7 +145,7 @@ class StreamConnection(LiveConnection):
     def join(self, group: Broadcast) -> None:
         """Called by the broadcast when this connection becomes a member."""
         self.group = group
-        self._update_steady()
+        self.update_steady()
 
     def leave(self, group: Broadcast) -> None:
         """Called by the broadcast when this connection stops being a member."""
@@ -176,9 +153,14 @@ class StreamConnection(LiveConnection):
         self.steady = False
         self.group = None
 
-    def _update_steady(self) -> None:
+    def update_steady(self) -> None:
+        """Let the broadcast write for us exactly while nothing of ours is queued or held."""
+        faults = self._faults
         steady = self.group is not None and not (
-            self._replaying or self._backlog or self._delayed or self._held or self.done.done()
+            self._replaying
+            or self._backlog
+            or (faults is not None and faults.busy)
+            or self.done.done()
         )
         if steady and not self.steady:
             group = self.group
@@ -232,74 +214,38 @@ class StreamConnection(LiveConnection):
         once. A new replay (a WebSocket ``resume``) supersedes whatever was still queued.
         """
         if self._backlog is not None:
-            self._backlog.clear()  # the same deque a running catch-up task reads
-        self._backlog_replay = self._backlog_live = 0
+            self._backlog.clear()
         self._replaying = True
-        self._update_steady()
+        self.update_steady()
 
     def end_replay(self) -> None:
         """The attach returned: events from now on are live (see :meth:`start_replay`)."""
         self._replaying = False
-        self._update_steady()
+        self.update_steady()
 
     def discard(self) -> None:
         """Stop writing queued events (the handler is leaving). Idempotent."""
         if self._backlog is not None:
-            self._backlog.clear()
-        if self._catch_up is not None:
-            self._catch_up.cancel()
+            self._backlog.stop()
 
     def _queue(self, event: Event) -> None:
         if self._backlog is None:
-            self._backlog = deque()
-        self._backlog.append(event)
+            name = f"{self.transport}-catch-up-{self.id}"
+            self._backlog = Backlog(self, self._drain, name)
+        self._backlog.add(event, replayed=self._replaying)
         if self.steady:
-            self._update_steady()
-        if self._replaying:
-            self._backlog_replay += 1
-        else:
-            self._backlog_live += len(self.frame(event))
-            if self._backlog_live > self._limit:
-                self._backlog.clear()
-                self.overflow()
-                return
-        if self._catch_up is None:
-            self._catch_up = asyncio.create_task(
-                self._write_backlog(), name=f"{self.transport}-catch-up-{self.id}"
-            )
-
-    async def _write_backlog(self) -> None:
-        backlog = self._backlog
-        assert backlog is not None
-        try:
-            while backlog and not self.done.done():
-                if self._transport.is_closing():
-                    self.finish(LOST)
-                elif self._transport.get_write_buffer_size() > self._limit // 2:
-                    await self._drain()  # the transport paused above that mark: wait for room
-                else:
-                    event = backlog.popleft()
-                    if self._backlog_replay:
-                        self._backlog_replay -= 1
-                    else:
-                        self._backlog_live -= len(self.frame(event))
-                    self._send(event)
-        except ConnectionError:
-            self.finish(LOST)
-        finally:
-            self._catch_up = None
-            self._update_steady()
+            self.update_steady()
 
     # Writing -----------------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         """Write bytes to the socket now; a failed write ends the connection, once."""
-        transport = self._transport
+        transport = self.socket
         if transport.is_closing():
             self.finish(LOST)
             return
         transport.write(data)
         self.counters.bytes += len(data)
-        if transport.get_write_buffer_size() > self._limit:
+        if transport.get_write_buffer_size() > self.send_buffer:
             self.overflow()
 
     def overflow(self) -> None:
@@ -311,83 +257,33 @@ class StreamConnection(LiveConnection):
             self.transport,
             self.id,
             self.channel,
-            self._limit,
+            self.send_buffer,
             self.last_id,
         )
         self.counters.overflows += 1
         signal = self.overflow_signal()
-        if signal and not self._transport.is_closing():
-            self._transport.write(signal)
+        if signal and not self.socket.is_closing():
+            self.socket.write(signal)
             self.counters.bytes += len(signal)
         self.finish(OVERFLOW)
-        self._transport.close()
+        self.socket.close()
         # close() waits to flush; a client that never reads would keep the buffer for ever.
-        asyncio.get_running_loop().call_later(ABORT_GRACE_S, self._transport.abort)
+        asyncio.get_running_loop().call_later(ABORT_GRACE_S, self.socket.abort)
 
     def finish(self, reason: str) -> None:
         """Mark the connection ended; the handler wakes up and closes it accordingly."""
         if not self.done.done():
             self.done.set_result(reason)
-            self._update_steady()
+            self.update_steady()
 
     def shutdown(self) -> None:
         self.finish(SHUTDOWN)
 
     def drop(self) -> None:
         self.finish(DROPPED)
-        self._transport.abort()
-
-    # Chaos slow path ---------------------------------------------------------------------------
-    def _slow_send(self, data: bytes, event_id: str, is_end: bool) -> None:
-        if self._chaos.paused:
-            self._held.append((data, event_id, is_end))
-            self._held_bytes += len(data)
-            self._update_steady()
-            if self._held_bytes > self._limit:
-                self._held.clear()
-                self.overflow()
-        elif self._chaos.write_delay > 0 or self._delayed:
-            loop = asyncio.get_running_loop()
-            if self._delayed is None:
-                self._delayed = deque()
-            self._delayed.append((loop.time() + self._chaos.write_delay, data, event_id, is_end))
-            self._delayed_bytes += len(data)
-            self._update_steady()
-            if self._delayed_bytes > self._limit:
-                self._delayed = None
-                self._delayed_bytes = 0
-                self.overflow()
-            elif self._delay_timer is None:
-                self._delay_timer = loop.call_at(self._delayed[0][0], self._write_delayed)
-        else:
-            self._late_write(data, event_id, is_end)
-
-    def _write_delayed(self) -> None:
-        self._delay_timer = None
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        delayed = self._delayed
-        while delayed and delayed[0][0] <= now:
-            _, data, event_id, is_end = delayed.popleft()
-            self._delayed_bytes -= len(data)
-            self._late_write(data, event_id, is_end)
-        if self.done.done() or not delayed:
-            self._delayed = None
-        else:
-            self._delay_timer = loop.call_at(delayed[0][0], self._write_delayed)
-        self._update_steady()
-
-    def _late_write(self, data: bytes, event_id: str, is_end: bool) -> None:
-        if self.done.done():
-            return
-        self.last_id = event_id
-        self.write(data)
-        if is_end:
-            self.finish(END_OF_STREAM)
+        self.socket.abort()
 
     def release_held(self) -> None:
         """Send what a chaos pause held back (called when the pause ends)."""
-        held, self._held, self._held_bytes = self._held, [], 0
-        for data, event_id, is_end in held:
-            self._slow_send(data, event_id, is_end)
-        self._update_steady()
+        if self._faults is not None:
+            self._faults.release_held()

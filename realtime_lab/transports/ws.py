@@ -23,29 +23,30 @@ import asyncio
 import contextlib
 import json
 import logging
-import struct
 from typing import Any, Final
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from realtime_lab.bus.base import After, Bus
+from realtime_lab.auth import Identity
+from realtime_lab.bus import After, Bus
 from realtime_lab.errors import UnknownChat
-from realtime_lab.feed.chats import CHAT_PREFIX
-from realtime_lab.protocol.cursor import Cursor
+from realtime_lab.protocol.channels import CHAT_PREFIX
 from realtime_lab.protocol.envelope import ERROR, Event, dumps
-from realtime_lab.transports.broadcast import BROADCASTS_KEY, Broadcast
-from realtime_lab.transports.common import (
+from realtime_lab.protocol.websocket import PING_FRAME, close_frame, close_frame_size, text_frame
+from realtime_lab.transports.accounting import Hub
+from realtime_lab.transports.broadcast import Broadcast
+from realtime_lab.transports.chaos import Chaos
+from realtime_lab.transports.keys import (
+    ACCESS_KEY,
+    BROADCASTS_KEY,
     BUS_KEY,
+    CHAOS_KEY,
     CHATS_KEY,
     HUB_KEY,
     SETTINGS_KEY,
-    Counters,
-    HTTPProblem,
-    after_param,
-    client_tag,
-    existing_channel,
 )
-from realtime_lab.transports.faults import CHAOS_KEY
+from realtime_lab.transports.preamble import Opening, after_param, open_request
+from realtime_lab.transports.problems import HTTPProblem
 from realtime_lab.transports.stream import (
     DROPPED,
     END_OF_STREAM,
@@ -57,20 +58,9 @@ from realtime_lab.transports.stream import (
 
 log = logging.getLogger("realtime_lab.server")
 
-PING_FRAME: Final = b"\x89\x00"
 TRY_AGAIN_LATER: Final = 1013
-
-
-def text_frame(payload: bytes) -> bytes:
-    """An unmasked, final WebSocket text frame (RFC 6455 section 5.2)."""
-    size = len(payload)
-    if size < 126:
-        header = struct.pack("!BB", 0x81, size)
-    elif size < 1 << 16:
-        header = struct.pack("!BBH", 0x81, 126, size)
-    else:
-        header = struct.pack("!BBQ", 0x81, 127, size)
-    return header + payload
+#: Invalid client messages answered before the connection is closed with 1008.
+MAX_REFUSED: Final = 10
 
 
 def ws_frame(event: Event) -> bytes:
@@ -102,7 +92,7 @@ class WSConnection(StreamConnection):
                 "ws connection %d sent no pong within a heartbeat interval; dropping it", self.id
             )
             self.finish(LOST)
-            self._transport.abort()
+            self.socket.abort()
             return
         self.awaiting_pong = True
         self.counters.heartbeats += 1
@@ -110,9 +100,7 @@ class WSConnection(StreamConnection):
 
     def overflow_signal(self) -> bytes:
         # A close frame written raw: it queues behind the unsent data, like everything else.
-        reason = f"overflow: resume after {self.last_id}".encode()[:120]
-        payload = struct.pack("!H", TRY_AGAIN_LATER) + reason
-        return struct.pack("!BB", 0x88, len(payload)) + payload
+        return close_frame(TRY_AGAIN_LATER, f"overflow: resume after {self.last_id}")
 
     def send_control(self, value: dict[str, Any]) -> None:
         """Send a message that is not a bus event (errors about the client's own messages)."""
@@ -134,28 +122,49 @@ async def ws(request: web.Request) -> web.StreamResponse:
     """``GET /ws/{channel}``: the WebSocket endpoint (see the module docstring)."""
     app = request.app
     hub, bus, settings, chaos = app[HUB_KEY], app[BUS_KEY], app[SETTINGS_KEY], app[CHAOS_KEY]
-    client = client_tag(request)
-    counters = Counters(requests=1)
     try:
-        chaos.maybe_fail("ws")
-        channel = await existing_channel(request)
-        after = after_param(request.query.get("after"))
-    except (HTTPProblem, web.HTTPException):
-        counters.errors += 1
-        hub.record("ws", client, counters)
-        raise
-    if isinstance(after, Cursor):
-        counters.reconnects += 1
+        opening = await open_request(request, "ws", stream=True, browser_origin=True)
+    except HTTPProblem as exc:
+        if exc.status != 429:
+            raise
+        # A browser's WebSocket never sees a refused handshake's status: say it with a close
+        # code it does see (1013, try again later) and the reason.
+        return await _refuse_upgrade(request, settings.ws_max_message, exc.message)
+    try:
+        return await _serve(request, opening, hub, bus, settings.ws_max_message, chaos)
+    finally:
+        opening.release()
 
-    sock = web.WebSocketResponse(
-        autoping=False, max_msg_size=settings.ws_max_message, compress=False
+
+async def _refuse_upgrade(request: web.Request, max_msg: int, why: str) -> web.WebSocketResponse:
+    sock = web.WebSocketResponse(autoping=False, max_msg_size=max_msg, compress=False)
+    await sock.prepare(request)
+    await _close(sock, TRY_AGAIN_LATER, why[:120])
+    return sock
+
+
+async def _serve(
+    request: web.Request,
+    opening: Opening,
+    hub: Hub,
+    bus: Bus,
+    max_msg: int,
+    chaos: Chaos,
+) -> web.StreamResponse:
+    channel, after, client, counters = (
+        opening.channel,
+        opening.after,
+        opening.client,
+        opening.counters,
     )
+    settings = request.app[SETTINGS_KEY]
+    sock = web.WebSocketResponse(autoping=False, max_msg_size=max_msg, compress=False)
     await sock.prepare(request)
     counters.bytes += request._payload_writer.output_size  # the 101 handshake answer
-    conn = WSConnection(request, channel, client, hub, chaos, settings.send_buffer)
+    conn = WSConnection(request, channel, client, chaos, settings.send_buffer)
     conn.counters = counters
     hub.register(conn)
-    session = _Session(request, sock, conn, bus, channel)
+    session = _Session(request, sock, conn, bus, channel, opening.identity)
     reader = asyncio.create_task(session.read(), name=f"ws-reader-{conn.id}")
     try:
         await session.attach(after)
@@ -194,11 +203,6 @@ async def _close(
                 await sock.close(code=code, message=message.encode())
 
 
-def close_frame_size(message: str = "") -> int:
-    """Bytes of a server close frame: 2 header bytes, the 2-byte code, the reason."""
-    return 4 + len(message.encode())
-
-
 class _Session:
     """The reading half of one WebSocket, and its current bus attachment."""
 
@@ -209,23 +213,22 @@ class _Session:
         conn: WSConnection,
         bus: Bus,
         channel: str,
+        identity: Identity | None,
     ) -> None:
         self.request = request
         self.sock = sock
         self.conn = conn
         self.bus = bus
         self.channel = channel
+        self.identity = identity
         self.group: Broadcast | None = None
+        self.refused = 0  # invalid messages so far
 
     async def attach(self, after: After) -> None:
         self.detach()
-        self.conn.start_replay()
-        try:
-            self.group = await self.request.app[BROADCASTS_KEY].attach(
-                self.conn, self.channel, after, "ws", ws_frame
-            )
-        finally:
-            self.conn.end_replay()
+        self.group = await self.request.app[BROADCASTS_KEY].attach(
+            self.conn, self.channel, after, "ws", ws_frame
+        )
 
     def detach(self) -> None:
         if self.group is not None:
@@ -238,6 +241,13 @@ class _Session:
             msg = await sock.receive()
             if msg.type == WSMsgType.TEXT:
                 await self.on_text(msg.data)
+                if self.refused >= MAX_REFUSED:
+                    # A client that keeps sending junk is not a client to keep answering.
+                    log.warning("ws %d: %d invalid messages; closing", conn.id, self.refused)
+                    await _close(
+                        sock, WSCloseCode.POLICY_VIOLATION, "too many invalid messages", conn
+                    )
+                    return
             elif msg.type == WSMsgType.PING:
                 await sock.pong(msg.data)
             elif msg.type == WSMsgType.PONG:
@@ -270,8 +280,12 @@ class _Session:
         if kind == "cancel":
             if not self.channel.startswith(CHAT_PREFIX):
                 return self._refuse("not-a-chat", "only chat channels can be cancelled")
+            chats, chat_id = self.request.app[CHATS_KEY], self.channel[len(CHAT_PREFIX) :]
             try:
-                self.request.app[CHATS_KEY].cancel(self.channel[len(CHAT_PREFIX) :])
+                self.request.app[ACCESS_KEY].check_chat(self.identity, chat_id, chats)
+                chats.cancel(chat_id)
+            except HTTPProblem as exc:
+                return self._refuse(exc.code, exc.message)
             except UnknownChat as exc:
                 return self._refuse("unknown-chat", str(exc))
         elif kind == "resume":
@@ -291,4 +305,7 @@ class _Session:
     def _refuse(self, code: str, message: str) -> None:
         log.warning("ws %d: refused a client message: %s", self.conn.id, message)
         self.conn.counters.errors += 1
+        self.refused += 1
+        if self.refused >= MAX_REFUSED:
+            return  # read() closes the connection
         self.conn.send_control(_problem(self.channel, code, message))

@@ -22,7 +22,8 @@ async def test_continuity_counts_gaps_and_duplicates() -> None:
     tally.in_window = True
     client = loadgen.SSEClient(tally, "h", "ticker", "now", "t", 990.0)
     client.items([_tok(5), _tok(6), _tok(6), _tok(9), _tok(8), _tok(10)], now=1004.0)
-    assert (tally.lost, tally.dup) == (2, 2)  # 7 and 8 missed (8 came late: a duplicate)
+    # 7 and 8 skipped; 8 came late (reordered, its gap still counted); the second 6 a duplicate.
+    assert (tally.lost, tally.dup, tally.reordered) == (2, 1, 1)
     assert tally.events == 4
     assert list(tally.latency) == [4.0] * 4
     assert list(tally.ttft) == [14.0]
@@ -50,7 +51,8 @@ async def test_reset_counts_what_history_could_not_serve() -> None:
     client = loadgen.SSEClient(tally, "h", "ticker", "now", "t", 0.0)
     # After seq 10, a reset whose id is 40 (the position before the oldest retained, 41).
     client.items([_tok(10), Item("reset", 40, 2.0, b"{}"), _tok(41), _tok(42)], now=5.0)
-    assert (tally.resets, tally.lost, tally.dup) == (1, 30, 0)
+    # The reset announces the loss of 11-40: counted as a reset, not as lost ids.
+    assert (tally.resets, tally.lost, tally.dup) == (1, 0, 0)
 
 
 async def test_overflow_error_is_counted() -> None:

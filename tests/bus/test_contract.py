@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from realtime_lab.bus import Bus
-from realtime_lab.bus.memory import MemoryBus
+from realtime_lab.bus import Bus, create_bus
 from realtime_lab.errors import BusClosed, SubscriberOverflow
 from realtime_lab.protocol.cursor import LIVE, Cursor, parse_id
 from realtime_lab.protocol.envelope import END, RESET, Event, dumps
@@ -236,11 +235,11 @@ async def test_position_before_the_first_event_stays_valid(bus: Bus) -> None:
 
 async def test_restarted_memory_bus_resets_old_cursor() -> None:
     channel = new_channel()
-    first = MemoryBus()
-    events = [first.publish_nowait(channel, "token", {"i": i}) for i in range(3)]
+    first = create_bus("memory://")
+    events = [await first.publish(channel, "token", {"i": i}) for i in range(3)]
     await first.close()
 
-    second = MemoryBus()
+    second = create_bus("memory://")
     try:
         fresh = await second.publish(channel, "token", {})
         replay = await second.replay(channel, parse_id(events[-1].id))

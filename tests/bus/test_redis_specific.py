@@ -11,7 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from realtime_lab.bus import create_bus
-from realtime_lab.bus.redis import RedisBus, SeamSink, split_url
+from realtime_lab.bus import Bus
+from realtime_lab.bus.redis import RedisBroker, split_url
 from realtime_lab.errors import BusClosed, BusError
 from realtime_lab.protocol.cursor import parse_id
 from realtime_lab.protocol.envelope import END, RESET, Event
@@ -19,7 +20,7 @@ from tests.redis_server import RedisServer, free_port, redis_server_binary
 
 from .conftest import Recorder, wait_until
 
-MakeRedisBus = Callable[..., Awaitable[RedisBus]]
+MakeRedisBus = Callable[..., Awaitable[Bus]]
 
 
 def new_channel() -> str:
@@ -29,11 +30,11 @@ def new_channel() -> str:
 @pytest.fixture
 async def make_redis_bus(redis_url: str) -> AsyncIterator[MakeRedisBus]:
     """Started Redis buses sharing one key prefix: like server processes sharing one feed."""
-    made: list[RedisBus] = []
+    made: list[Bus] = []
 
-    async def make(history: int = 1000, ttl: float = 300.0) -> RedisBus:
+    async def make(history: int = 1000, ttl: float = 300.0) -> Bus:
         bus = create_bus(redis_url, history=history, ttl=ttl)
-        assert isinstance(bus, RedisBus)
+        assert isinstance(bus.broker, RedisBroker)
         await bus.start()
         made.append(bus)
         return bus
@@ -61,55 +62,14 @@ def test_split_url_keeps_redis_options_and_takes_ours() -> None:
     url, ours = split_url("redis://h:1/2?history=5&ttl=0.5&prefix=abc&socket_timeout=3")
     assert url == "redis://h:1/2?socket_timeout=3"
     assert ours == {"history": "5", "ttl": "0.5", "prefix": "abc"}
-    bus = create_bus("redis://h:1/2?history=5&ttl=0.5&prefix=abc")
-    assert isinstance(bus, RedisBus)
-    assert (bus.history, bus.ttl, bus.prefix) == (5, 0.5, "abc")
-    default = create_bus("redis://h:1/2")
-    assert isinstance(default, RedisBus)
+    broker = create_bus("redis://h:1/2?history=5&ttl=0.5&prefix=abc").broker
+    assert isinstance(broker, RedisBroker)
+    assert (broker.history, broker.ttl, broker.prefix) == (5, 0.5, "abc")
+    default = create_bus("redis://h:1/2").broker
+    assert isinstance(default, RedisBroker)
     assert (default.history, default.ttl, default.prefix) == (1000, 300.0, "rtlab")
     with pytest.raises(ValueError, match="history"):
-        RedisBus("redis://h:1/2", history=0, ttl=1)
-
-
-def _event(epoch: str, seq: int) -> Event:
-    return Event("c", f"{epoch}-{seq}", "token", {}, 0.0, seq)
-
-
-def test_seam_sink_buffers_dedupes_and_reports_gaps() -> None:
-    gaps: list[SeamSink] = []
-    foreign: list[SeamSink] = []
-    rec = Recorder.__new__(Recorder)
-    rec.events, rec.closed = [], None
-    rec._changed = asyncio.Event()
-    seam = SeamSink(rec, gaps.append, foreign.append)
-
-    for seq in (2, 3, 4):  # live events while history is being read
-        seam.deliver(_event("ab", seq))
-    seam.release([_event("ab", 1), _event("ab", 2)], "ab", 2)
-    assert rec.seqs == [1, 2, 3, 4]  # 2 is not delivered twice
-
-    seam.deliver(_event("ab", 4))
-    assert rec.seqs == [1, 2, 3, 4]
-    seam.deliver(_event("ab", 6))  # 5 is missing: hold and ask for a catch-up
-    assert rec.seqs == [1, 2, 3, 4]
-    assert gaps == [seam]
-    assert seam.held
-    seam.deliver(_event("ab", 7))
-    seam.release([_event("ab", 5), _event("ab", 6)], "ab", 6)
-    assert rec.seqs == [1, 2, 3, 4, 5, 6, 7]
-    assert seam.live
-
-    seam.deliver(_event("cd", 1))  # another channel life
-    assert foreign == [seam]
-    assert rec.seqs[-1] == 7
-
-    fresh = SeamSink(rec, gaps.append, foreign.append)
-    fresh.release([], "ab", 0)  # attached to a reserved life, given nothing yet
-    fresh.deliver(_event("cd", 1))  # the reservation lapsed: follow the life that started
-    fresh.deliver(_event("cd", 2))
-    assert rec.seqs[-2:] == [1, 2]
-    assert fresh.epoch == "cd"
-    assert foreign == [seam]
+        RedisBroker("redis://h:1/2", history=0, ttl=1)
 
 
 # Lifecycle ---------------------------------------------------------------------------------------
@@ -117,12 +77,12 @@ def test_seam_sink_buffers_dedupes_and_reports_gaps() -> None:
 async def test_start_fails_clearly_and_use_before_start_is_refused(
     redis_server: RedisServer,
 ) -> None:
-    nowhere = RedisBus(f"redis://127.0.0.1:{free_port()}/0", history=10, ttl=1)
+    nowhere = Bus(RedisBroker(f"redis://127.0.0.1:{free_port()}/0", history=10, ttl=1))
     with pytest.raises(BusError, match="cannot reach redis"):
         await nowhere.start()
     await nowhere.close()
 
-    unstarted = RedisBus(redis_server.url(), history=10, ttl=1)
+    unstarted = Bus(RedisBroker(redis_server.url(), history=10, ttl=1))
     with pytest.raises(BusError, match="start"):
         await unstarted.publish("c", "token", {})
     await unstarted.close()
@@ -194,7 +154,7 @@ async def test_two_buses_share_one_feed(make_redis_bus: MakeRedisBus) -> None:
     await first.attach(channel, None, on_first)
     await second.attach(channel, None, on_second)
 
-    async def produce(bus: RedisBus, name: str) -> list[Event]:
+    async def produce(bus: Bus, name: str) -> list[Event]:
         out = []
         for i in range(50):
             out.append(await bus.publish(channel, "token", {"by": name, "i": i}))
@@ -266,7 +226,7 @@ async def test_subscribes_on_first_attach_and_unsubscribes_after_last(
 ) -> None:
     bus = await make_redis_bus()
     channel = new_channel()
-    key = bus.live_key(channel)
+    key = live_key(bus, channel)
     assert await numsub(raw, key) == 0
     one = await bus.attach(channel, None, Recorder())
     two = await bus.attach(channel, None, Recorder())
@@ -296,7 +256,7 @@ async def test_cancelled_attach_leaves_no_subscription(
 ) -> None:
     bus = await make_redis_bus()
     channel = new_channel()
-    key = bus.live_key(channel)
+    key = live_key(bus, channel)
     for steps in range(4):  # cancel at successive points of the attach
         task = asyncio.create_task(bus.attach(channel, None, Recorder()))
         for _ in range(steps):
@@ -407,7 +367,7 @@ async def test_survives_a_redis_restart() -> None:
     if redis_server_binary() is None:
         pytest.skip("redis-server is not installed")
     with RedisServer() as server:
-        bus = RedisBus(server.url(prefix="restart"), history=100, ttl=10)
+        bus = Bus(RedisBroker(server.url(prefix="restart"), history=100, ttl=10))
         await bus.start()
         try:
             rec = Recorder()
@@ -437,3 +397,9 @@ async def test_survives_a_redis_restart() -> None:
             assert [e.id for e in fresh.events] == [new.id]
         finally:
             await bus.close()
+
+
+def live_key(bus: Bus, channel: str) -> bytes:
+    broker = bus.broker
+    assert isinstance(broker, RedisBroker)
+    return broker.live_key(channel)

@@ -1,6 +1,14 @@
-"""De-duplication, gap counting and statistics, without a server."""
+"""De-duplication, gap counting and statistics, without a server.
+
+The rule itself is protocol/sequence.py's, tested against tests/protocol/sequence_cases.json;
+here the same table checks what the client makes of its verdicts (yield or drop, which counter).
+"""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -8,9 +16,14 @@ from realtime_lab.clients import ClientStats, Sequencer
 from realtime_lab.clients.stats import MAX_LATENCIES, percentile
 from realtime_lab.protocol.envelope import Event
 
+CASES: list[dict[str, Any]] = json.loads(
+    (Path(__file__).parents[1] / "protocol" / "sequence_cases.json").read_text(encoding="utf-8")
+)
+
 
 def ev(event_id: str, type_: str = "token") -> Event:
-    return Event("c", event_id, type_, {}, 0.0, int(event_id.split("-")[1]))
+    seq = event_id.rpartition("-")[2]
+    return Event("c", event_id, type_, {}, 0.0, int(seq) if seq.isdigit() else 0)
 
 
 def feed(sequencer: Sequencer, *ids: str) -> list[str]:
@@ -37,17 +50,17 @@ def test_duplicates_are_dropped_and_counted() -> None:
     assert stats.gaps == 0
 
 
-def test_a_jump_is_a_gap_but_the_event_is_yielded() -> None:
+def test_a_jump_counts_one_gap_per_skipped_id_and_the_event_is_yielded() -> None:
     stats = ClientStats()
     assert feed(Sequencer(stats), "a-1", "a-4", "a-5", "a-9") == ["a-1", "a-4", "a-5", "a-9"]
-    assert stats.gaps == 2
+    assert stats.gaps == 2 + 3  # 2-3, then 6-8
 
 
 def test_a_late_event_is_out_of_order_once_then_a_duplicate() -> None:
     stats = ClientStats()
     passed = feed(Sequencer(stats), "a-1", "a-4", "a-3", "a-3", "a-2", "a-1")
     assert passed == ["a-1", "a-4"]  # never yielded after a later one: order is kept
-    assert stats.gaps == 1
+    assert stats.gaps == 2  # a-2 and a-3 were skipped; filling them later does not undo that
     assert stats.out_of_order == 2  # a-3, a-2 filled the reported gap
     assert stats.duplicates == 2  # the second a-3, and a-1
 
@@ -94,6 +107,39 @@ def test_an_epoch_change_without_a_reset_is_a_gap() -> None:
     ]
     assert stats.gaps == 2
     assert stats.resets == 0
+
+
+def test_a_foreign_id_is_yielded_and_counted_nowhere() -> None:
+    stats = ClientStats()
+    assert feed(Sequencer(stats), "a-1", "not-an-id!", "a-2") == ["a-1", "not-an-id!", "a-2"]
+    assert (stats.gaps, stats.duplicates, stats.resets, stats.out_of_order) == (0, 0, 0, 0)
+
+
+def test_forget_starts_over() -> None:
+    stats = ClientStats()
+    sequencer = Sequencer(stats, after="a-5")
+    sequencer.forget()
+    assert feed(sequencer, "b-1", "b-2") == ["b-1", "b-2"]
+    assert stats.gaps == 0
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_the_shared_table(case: dict[str, Any]) -> None:
+    stats = ClientStats()
+    sequencer = Sequencer(stats, after=case["after"])
+    for event, verdict in zip(case["events"], case["verdicts"], strict=True):
+        if event.get("forget"):
+            sequencer.forget()
+            continue
+        passed = sequencer.accept(ev(event["id"], "reset" if event["reset"] else "token"))
+        assert passed == (verdict in ("new", "reset", "foreign")), (event, verdict)
+    expected = case["counts"]
+    assert (stats.gaps, stats.duplicates, stats.out_of_order, stats.resets) == (
+        expected["gaps"],
+        expected["duplicates"],
+        expected["reordered"],
+        expected["resets"],
+    )
 
 
 def test_summary_has_percentiles_and_every_counter() -> None:

@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestServer
 
 from realtime_lab.clients import ServerRefused, open_stream
 from realtime_lab.protocol.sse import encode_event, encode_retry
-from realtime_lab.transports.common import BUS_KEY, HUB_KEY
+from realtime_lab.transports.keys import BUS_KEY, HUB_KEY
 from tests.clients.helpers import FAST, collect, next_event, start_chat
 from tests.conftest import StartServer
 

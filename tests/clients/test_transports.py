@@ -16,7 +16,7 @@ from realtime_lab.clients import (
     open_stream,
 )
 from realtime_lab.feed.llm import answer_text
-from realtime_lab.transports.common import BUS_KEY
+from realtime_lab.transports.keys import BUS_KEY
 from tests.clients.helpers import FAST, collect, next_event, start_chat, text_of
 from tests.conftest import StartServer, free_port
 

@@ -35,6 +35,8 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 PANES = ("poll", "longpoll", "sse", "ws")
+# The dashboard installs its test hook, `window.lab`, only when asked to.
+TEST_HOOK = "window.__RTL_TEST__ = true;"
 WAIT_MS = 30_000  # generous: two shared cores, other test suites running at the same time
 
 # What Chromium itself logs when a request fails on the network or with an error status. A chaos
@@ -182,11 +184,13 @@ async def open_dashboard(
     browser: Any, request: pytest.FixtureRequest
 ) -> AsyncIterator[OpenDashboard]:
     """Factory: ``dash = await open_dashboard(server)`` opens the page in a fresh 1280x800
-    context. The page is screenshot when the test ends, whatever the outcome."""
+    context, with the page's test hook (``window.lab``) asked for. The page is screenshot when
+    the test ends, whatever the outcome."""
     opened: list[Dashboard] = []
 
     async def open_(server: RunningServer) -> Dashboard:
         context = await browser.new_context(viewport=VIEWPORT, accept_downloads=True)
+        await context.add_init_script(TEST_HOOK)
         page = await context.new_page()
         dash = Dashboard(page, server.url)
         opened.append(dash)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from realtime_lab.feed.llm import answer_text, answer_tokens
-from realtime_lab.transports.common import SETTINGS_KEY
+from realtime_lab.transports.keys import SETTINGS_KEY
 from tests.conftest import StartServer
 from tests.e2e.conftest import PANES, WAIT_MS, Dashboard, OpenDashboard
 

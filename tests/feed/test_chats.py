@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from realtime_lab.bus.memory import MemoryBus
+from realtime_lab.bus import Bus, create_bus
 from realtime_lab.errors import UnknownChat
 from realtime_lab.feed.chats import ChatRegistry
 from realtime_lab.feed.llm import answer_text, answer_tokens
@@ -16,20 +16,20 @@ from realtime_lab.protocol.envelope import Event
 
 
 @pytest.fixture
-async def bus() -> AsyncIterator[MemoryBus]:
-    memory = MemoryBus()
+async def bus() -> AsyncIterator[Bus]:
+    memory = create_bus("memory://")
     yield memory
     await memory.close()
 
 
 @pytest.fixture
-async def chats(bus: MemoryBus) -> AsyncIterator[ChatRegistry]:
+async def chats(bus: Bus) -> AsyncIterator[ChatRegistry]:
     registry = ChatRegistry(bus)
     yield registry
     await registry.close()
 
 
-async def read_until_end(bus: MemoryBus, channel: str, timeout: float = 10.0) -> list[Event]:
+async def read_until_end(bus: Bus, channel: str, timeout: float = 10.0) -> list[Event]:
     events = []
     async with asyncio.timeout(timeout), bus.subscribe(channel) as sub:
         async for event in sub:
@@ -39,7 +39,7 @@ async def read_until_end(bus: MemoryBus, channel: str, timeout: float = 10.0) ->
     raise AssertionError("the channel ended without an end event")
 
 
-async def test_chat_publishes_its_answer_then_done(bus: MemoryBus, chats: ChatRegistry) -> None:
+async def test_chat_publishes_its_answer_then_done(bus: Bus, chats: ChatRegistry) -> None:
     chat = chats.start("Why stream", seed=5, ttft_ms=5, token_ms=1, max_tokens=40)
     assert chat.status == "running"
     assert chat.channel == f"chat.{chat.id}"
@@ -63,7 +63,7 @@ async def test_chat_publishes_its_answer_then_done(bus: MemoryBus, chats: ChatRe
     assert info.finished
 
 
-async def test_cancel_ends_the_stream_with_cancelled(bus: MemoryBus, chats: ChatRegistry) -> None:
+async def test_cancel_ends_the_stream_with_cancelled(bus: Bus, chats: ChatRegistry) -> None:
     # 500 tokens at 20 ms would take 10 s: only the cancel can end it within the test.
     chat = chats.start("Cancel me", seed=1, ttft_ms=0, token_ms=20, max_tokens=500)
     events: list[Event] = []
@@ -92,7 +92,7 @@ async def test_unknown_chat(chats: ChatRegistry) -> None:
     assert "nope" not in chats
 
 
-async def test_close_cancels_running_chats_and_ends_their_streams(bus: MemoryBus) -> None:
+async def test_close_cancels_running_chats_and_ends_their_streams(bus: Bus) -> None:
     registry = ChatRegistry(bus)
     running = [registry.start(f"p{i}", ttft_ms=0, token_ms=50, max_tokens=500) for i in range(3)]
     assert registry.running == 3
@@ -104,7 +104,7 @@ async def test_close_cancels_running_chats_and_ends_their_streams(bus: MemoryBus
         assert replay.events[-1].data["reason"] == "cancelled"
 
 
-async def test_ticker_publishes_at_roughly_its_rate(bus: MemoryBus) -> None:
+async def test_ticker_publishes_at_roughly_its_rate(bus: Bus) -> None:
     ticker = Ticker(bus, rate=50.0)
     loop = asyncio.get_running_loop()
     async with bus.subscribe(TICKER_CHANNEL) as sub:
@@ -128,7 +128,7 @@ async def test_ticker_publishes_at_roughly_its_rate(bus: MemoryBus) -> None:
     assert elapsed < 10
 
 
-async def test_ticker_pauses_at_rate_zero_and_stops(bus: MemoryBus) -> None:
+async def test_ticker_pauses_at_rate_zero_and_stops(bus: Bus) -> None:
     ticker = Ticker(bus, rate=0.0)
     ticker.start()
     try:

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from realtime_lab.transports.common import CHATS_KEY
+from realtime_lab.transports.keys import CHATS_KEY
 from tests.conftest import RunningServer, StartServer
 from tests.reliability.helpers import (
     TRANSPORTS,

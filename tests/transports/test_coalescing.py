@@ -14,7 +14,7 @@ import pytest
 from realtime_lab.protocol.envelope import Event
 from realtime_lab.transports import broadcast
 from realtime_lab.transports.broadcast import Broadcast, Broadcasts
-from realtime_lab.transports.faults import Chaos
+from realtime_lab.transports.chaos import Chaos
 
 
 class Clock:
@@ -49,9 +49,9 @@ class FakeConn:
 
     def __init__(self, ident: int, transport: FakeTransport) -> None:
         self.id = ident
-        self.transport_ = transport
+        self.socket = transport
         self.steady = True
-        self.limit = 1 << 20
+        self.send_buffer = 1 << 20
         self.last_id: str | None = None
 
     def join(self, group: Broadcast) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from realtime_lab.protocol.sse import SSEDecoder
 from realtime_lab.transports import stream
-from realtime_lab.transports.common import BUS_KEY
+from realtime_lab.transports.keys import BUS_KEY
 from tests.conftest import RunningServer, StartServer
 from tests.transports.collect import (
     WS_UPGRADE,

@@ -1,0 +1,57 @@
+"""Starting a chat from a request body: shared by ``POST /api/chats`` and the fetch stream."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from aiohttp import web
+
+from realtime_lab.errors import LimitReached
+from realtime_lab.feed.chats import Chat
+from realtime_lab.transports.access import identity_of
+from realtime_lab.transports.keys import BUS_KEY, CHATS_KEY, SETTINGS_KEY
+from realtime_lab.transports.params import body_number
+from realtime_lab.transports.problems import HTTPProblem
+
+MAX_PROMPT: Final = 4000
+
+
+def limit_problem(exc: LimitReached) -> HTTPProblem:
+    """The HTTP answer to a bound that was reached (429 with ``Retry-After``, 413, 507)."""
+    headers = None
+    if exc.retry_after is not None:
+        headers = {"Retry-After": str(max(int(exc.retry_after + 0.999), 1))}
+    return HTTPProblem(exc.status, exc.code, str(exc), headers=headers)
+
+
+async def start_chat(request: web.Request, body: dict[str, Any]) -> Chat:
+    """Validate a chat request body and start the chat, owned by the caller.
+
+    Raises:
+        HTTPProblem: 400 for a bad field, 429 when the caller (or the server) runs as many
+            chats as it may.
+    """
+    settings = request.app[SETTINGS_KEY]
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > MAX_PROMPT:
+        raise HTTPProblem(
+            400,
+            "invalid-parameter",
+            f"prompt must be a non-empty string of at most {MAX_PROMPT} characters",
+        )
+    identity = identity_of(request)
+    try:
+        chat = request.app[CHATS_KEY].start(
+            prompt,
+            seed=int(body_number(body, "seed", 0, -(2**31), 2**31, integer=True)),
+            ttft_ms=body_number(body, "ttft_ms", settings.ttft_ms, 0, 60_000),
+            token_ms=body_number(body, "token_ms", settings.token_ms, 0, 10_000),
+            max_tokens=int(
+                body_number(body, "max_tokens", settings.max_tokens, 1, 5000, integer=True)
+            ),
+            **({} if identity is None else {"owner": identity.user}),
+        )
+    except LimitReached as exc:
+        raise limit_problem(exc) from None
+    await request.app[BUS_KEY].declare(chat.channel)
+    return chat

@@ -1,0 +1,90 @@
+// realtime_lab/static/net.js: the side queue, the connection budget, the JSON API client.
+import assert from "node:assert/strict";
+import test from "node:test";
+
+import { load } from "./static.mjs";
+
+const { ConnectionBudget, SideQueue, createApi, errorText } = await load("net.js");
+const { Clock } = await load("clock.js");
+
+test("the side queue runs one task at a time, in order, past failures", async () => {
+  const queue = new SideQueue();
+  const log = [];
+  let release;
+  const first = queue.run(
+    () =>
+      new Promise((resolve) => {
+        log.push("first starts");
+        release = resolve;
+      }),
+  );
+  const second = queue.run(async () => {
+    log.push("second starts");
+    throw new Error("boom");
+  });
+  const third = queue.run(async () => log.push("third starts"));
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.deepEqual(log, ["first starts"]);
+  release();
+  await first;
+  await assert.rejects(second, /boom/);
+  await third;
+  assert.deepEqual(log, ["first starts", "second starts", "third starts"]);
+});
+
+test("the budget counts connections and keeps the peak", () => {
+  let changes = 0;
+  const budget = new ConnectionBudget(() => (changes += 1));
+  budget.take();
+  budget.take();
+  budget.give();
+  budget.give();
+  budget.give(); // never below zero
+  assert.deepEqual([budget.now, budget.peak, budget.limit, changes], [0, 2, 6, 5]);
+});
+
+test("api: JSON in and out, one connection held while it runs", async () => {
+  const budget = new ConnectionBudget();
+  const seen = [];
+  const fetch = async (path, init) => {
+    seen.push({ path, init, held: budget.now });
+    return { ok: false, status: 409, text: async () => '{"error": {"code": "c", "message": "m"}}' };
+  };
+  const api = createApi({ budget, clock: new Clock({ now: () => 3, origin: 10 }), fetch });
+  const res = await api("POST", "/api/x", { a: 1 });
+  assert.deepEqual(res, {
+    ok: false,
+    status: 409,
+    json: { error: { code: "c", message: "m" } },
+    sent: 3,
+    t0: 13,
+    t1: 13,
+  });
+  assert.equal(seen[0].held, 1);
+  assert.equal(seen[0].init.body, '{"a":1}');
+  assert.equal(seen[0].init.headers["Content-Type"], "application/json");
+  assert.equal(budget.now, 0);
+  assert.equal(errorText(res), "409 c: m");
+});
+
+test("api: a body that is not JSON is null; an unreachable server rejects", async () => {
+  const budget = new ConnectionBudget();
+  const clock = new Clock({ now: () => 0, origin: 0 });
+  const text = createApi({
+    budget,
+    clock,
+    fetch: async () => ({ ok: true, status: 200, text: async () => "<html>" }),
+  });
+  assert.equal((await text("GET", "/x")).json, null);
+  const down = createApi({
+    budget,
+    clock,
+    fetch: async () => {
+      throw new TypeError("Failed to fetch");
+    },
+  });
+  await assert.rejects(down("GET", "/x"), TypeError);
+  assert.equal(budget.now, 0);
+  assert.equal(errorText({ status: 502, json: null }), "HTTP 502");
+  assert.equal(errorText(undefined), "HTTP ?");
+});

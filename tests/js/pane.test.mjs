@@ -1,0 +1,276 @@
+// realtime_lab/static/pane.js: what every transport pane shares, driven with a stand-in DOM
+// and a transport that only records what the pane asks of it.
+import assert from "node:assert/strict";
+import test from "node:test";
+
+import { load } from "./static.mjs";
+
+class FakeText {
+  constructor(data) {
+    this.data = data;
+  }
+  get length() {
+    return this.data.length;
+  }
+  appendData(text) {
+    this.data += text;
+  }
+  deleteData(offset, count) {
+    this.data = this.data.slice(0, offset) + this.data.slice(offset + count);
+  }
+}
+
+globalThis.document = { createTextNode: (text) => new FakeText(text) };
+
+function element(dataset = {}) {
+  return {
+    dataset,
+    textContent: "",
+    title: "",
+    disabled: true,
+    scrollTop: 0,
+    scrollHeight: 99,
+    listeners: {},
+    bad: false,
+    classList: {},
+    replaceChildren(...children) {
+      this.children = children;
+    },
+    addEventListener(type, handler) {
+      this.listeners[type] = handler;
+    },
+  };
+}
+
+function fakeRoot() {
+  const parts = {
+    state: element(),
+    answer: element(),
+    note: element(),
+    cut: element(),
+  };
+  const metrics = ["tokens", "integrity", "reconnects"].map((name) => {
+    const dd = element({ metric: name });
+    dd.classList.toggle = (_, on) => (dd.bad = on);
+    return dd;
+  });
+  return {
+    dataset: { transport: "test", label: "Test", color: "#123456" },
+    parts,
+    metrics,
+    querySelector: (selector) => parts[/data-role=(\w+)/.exec(selector)[1]],
+    querySelectorAll: () => metrics,
+  };
+}
+
+const { Pane } = await load("pane.js");
+const { Clock } = await load("clock.js");
+const { ConnectionBudget } = await load("net.js");
+
+class RecordingPane extends Pane {
+  constructor(root, deps) {
+    super(root, deps);
+    this.opens = [];
+    this.shuts = [];
+  }
+  open(after) {
+    this.opens.push(after);
+  }
+  shut(code, reason) {
+    this.shuts.push([code, reason]);
+  }
+}
+
+/** A pane on a fake page, and what it reported to the page. */
+function setup({ after = "", mode = "chat" } = {}) {
+  const page = { now: 100, refreshes: 0, ended: [], stats: null };
+  const clock = new Clock({ now: () => page.now, origin: 1_000_000 });
+  clock.add(0, 0, 5); // server clock 5 ms ahead
+  const root = fakeRoot();
+  const pane = new RecordingPane(root, {
+    clock,
+    budget: new ConnectionBudget(),
+    refresh: () => (page.refreshes += 1),
+    onEnded: (p) => page.ended.push(p.ended),
+    fetchStats: async (client) => {
+      page.statsFor = client;
+      return page.stats;
+    },
+    options: { pollIntervalMs: () => 250, longpollTimeoutS: () => 25 },
+    base: "http://127.0.0.1:8000/",
+  });
+  const run = { id: "page-1", mode, channel: "chat-1", after, t0: 40 };
+  pane.begin(run);
+  return { pane, page, root, run };
+}
+
+const token = (seq, text, ts = undefined) => ({
+  id: `e1-${seq}`,
+  type: "token",
+  data: { text },
+  ts,
+});
+
+test("begin opens from the run's position, tagged with the run and transport", () => {
+  const { pane, root } = setup();
+  assert.deepEqual(pane.opens, [""]);
+  assert.equal(pane.tag, "page-1-test");
+  assert.equal(pane.state, "connecting");
+  assert.equal(root.dataset.state, "connecting");
+  assert.equal(root.parts.cut.disabled, false);
+  assert.equal(pane.query("e1-4", { timeout: "25" }), "client=page-1-test&timeout=25&after=e1-4");
+  assert.equal(pane.query(""), "client=page-1-test");
+});
+
+test("tokens in order are shown once, timed against the server clock", () => {
+  const { pane, page } = setup();
+  pane.opened();
+  page.now = 190;
+  pane.handle(token(1, "Hel", 1_000_150), 1_000_180); // received at server time 1_000_185
+  pane.frame(JSON.stringify(token(2, "lo")));
+  assert.equal(pane.textNode.data, "Hello");
+  assert.equal(pane.m.tokens, 2);
+  assert.equal(pane.m.ttft, 150); // now - run.t0
+  assert.deepEqual(pane.m.latencies, [35]);
+  assert.deepEqual(pane.m.latencyPoints, [[0.15, 35]]);
+  assert.equal(pane.lastId, "e1-2");
+  assert.equal(pane.resumeFrom(), "e1-2");
+  const s = pane.summary();
+  assert.deepEqual([s.gaps, s.duplicates, s.out_of_order, s.resets], [0, 0, 0, 0]);
+  assert.equal(s.label, "Test");
+});
+
+test("a duplicate is dropped and counted; a late id that fills a gap counts as reordered", () => {
+  const { pane } = setup();
+  pane.handle(token(1, "a"), 0);
+  pane.handle(token(1, "a"), 0);
+  pane.handle(token(4, "d"), 0);
+  pane.handle(token(2, "b"), 0);
+  pane.handle(token(2, "b"), 0); // its gap is filled now: a duplicate
+  assert.equal(pane.textNode.data, "ad");
+  assert.equal(pane.lastId, "e1-4");
+  const s = pane.summary();
+  assert.deepEqual([s.gaps, s.duplicates, s.out_of_order], [2, 2, 1]);
+  pane.render(s);
+  assert.equal(pane.metricEls.integrity.textContent, "2\u2009/\u20092\u2009/\u20091");
+  assert.equal(pane.metricEls.integrity.bad, true);
+  assert.equal(pane.metricEls.tokens.textContent, "2");
+});
+
+test("a reset re-bases the count and says so", () => {
+  const { pane, root } = setup();
+  pane.handle(token(1, "a"), 0);
+  pane.handle({ id: "e1-9", type: "reset", data: { reason: "trimmed", oldest: "e1-5" } }, 0);
+  pane.handle(token(10, "b"), 0);
+  assert.equal(pane.textNode.data, "ab");
+  assert.equal(pane.lastId, "e1-10");
+  assert.match(
+    root.parts.note.textContent,
+    /^reset \(trimmed\): events may be missing before e1-5/,
+  );
+  const s = pane.summary();
+  assert.deepEqual([s.gaps, s.resets], [0, 1]);
+});
+
+test("a message without an event id is shown, not counted", () => {
+  const { pane, root } = setup();
+  pane.handle({ type: "error", data: { code: "bad_after", message: "no such id" } }, 0);
+  assert.equal(root.parts.note.textContent, "server: bad_after no such id");
+  pane.frame("not json");
+  assert.equal(root.parts.note.textContent, "a message that is not JSON was ignored");
+  assert.equal(pane.m.tokens, 0);
+  assert.equal(pane.lastId, null);
+});
+
+test("the end event finishes the pane and tells the page", () => {
+  const { pane, page, root } = setup();
+  pane.handle(token(1, "a"), 0);
+  pane.handle({ id: "e1-2", type: "end", data: { reason: "done" } }, 0);
+  assert.equal(pane.ended, "done");
+  assert.equal(pane.active, false);
+  assert.equal(pane.state, "closed");
+  assert.equal(root.dataset.end, "done");
+  assert.deepEqual(page.ended, ["done"]);
+  assert.equal(pane.shuts.length, 1);
+  pane.handle(token(3, "late"), 0); // nothing after the end
+  assert.equal(pane.textNode.data, "a");
+});
+
+test("a refused request (4xx) ends the pane with an error", () => {
+  const { pane, page, root } = setup();
+  pane.failed({ status: 404, error: { message: "no such channel" } });
+  assert.equal(pane.ended, "error");
+  assert.deepEqual(page.ended, ["error"]);
+  assert.equal(root.parts.note.textContent, "ended: error");
+});
+
+test("a failure is retried from the last id after a growing pause: a reconnect", (t) => {
+  const timers = [];
+  const realSetTimeout = globalThis.setTimeout;
+  globalThis.setTimeout = (callback, ms) => timers.push({ callback, ms });
+  t.after(() => (globalThis.setTimeout = realSetTimeout));
+
+  const { pane, root } = setup();
+  pane.opened();
+  pane.handle(token(1, "a"), 0);
+  pane.failed({ status: 503 });
+  assert.equal(pane.state, "reconnecting");
+  assert.equal(root.parts.note.textContent, "HTTP 503; retrying in 200 ms");
+  pane.failed({ why: "request failed" });
+  assert.deepEqual(
+    timers.map((timer) => timer.ms),
+    [200, 400],
+  );
+  timers[1].callback();
+  assert.deepEqual(pane.opens, ["", "e1-1"]);
+  pane.opened();
+  assert.equal(pane.m.failures, 2);
+  assert.equal(pane.m.reconnects, 1);
+  assert.equal(root.parts.note.textContent, "reconnected (1); resumed after e1-1");
+
+  pane.stop();
+  timers[0].callback(); // a retry from before the stop: ignored
+  assert.deepEqual(pane.opens, ["", "e1-1"]);
+  assert.equal(root.parts.note.textContent, "stopped");
+});
+
+test("cut drops the connection and opens again from the last id", () => {
+  const { pane, root } = setup();
+  pane.opened();
+  pane.handle(token(1, "a"), 0);
+  const gen = pane.gen;
+  root.parts.cut.listeners.click();
+  assert.equal(pane.gen, gen + 1);
+  assert.deepEqual(pane.shuts.at(-1), [4000, "cut by the dashboard"]);
+  assert.deepEqual(pane.opens, ["", "e1-1"]);
+  assert.equal(root.parts.note.textContent, "cut; resuming after e1-1");
+  pane.opened();
+  assert.equal(pane.m.reconnects, 1);
+});
+
+test("the server's figures for this pane's client, as they come", async () => {
+  const { pane, page } = setup();
+  page.stats = { bytes: 1234, requests: 3 };
+  page.now = 1040;
+  await pane.refreshStats();
+  assert.equal(page.statsFor, "page-1-test");
+  assert.deepEqual(pane.m.bytesPoints, [
+    [0, 0],
+    [1, 1234],
+  ]);
+  pane.handle(token(1, "a"), 0);
+  const s = pane.summary();
+  assert.deepEqual([s.bytes, s.requests_server, s.bytes_per_token], [1234, 3, 1234]);
+  page.stats = null;
+  await pane.refreshStats();
+  assert.equal(pane.m.bytesPoints.length, 2);
+});
+
+test("the ticker keeps only the end of its text", () => {
+  const { pane } = setup({ after: "now", mode: "ticker" });
+  pane.handle(token(7, "x".repeat(5000)), 0);
+  pane.handle(token(8, "y".repeat(2000)), 0);
+  assert.equal(pane.textNode.length, 3000);
+  assert.ok(pane.textNode.data.endsWith("y".repeat(2000)));
+  assert.equal(pane.summary().gaps, 0); // a live start: the first id opens the run
+});
