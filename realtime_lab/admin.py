@@ -11,7 +11,13 @@ from aiohttp import web
 
 from realtime_lab.transports import TRANSPORTS
 from realtime_lab.transports.chaos import Chaos
-from realtime_lab.transports.keys import CHAOS_KEY, HUB_KEY, SETTINGS_KEY, TICKER_KEY
+from realtime_lab.transports.keys import (
+    CHAOS_KEY,
+    HEARTBEAT_KEY,
+    HUB_KEY,
+    SETTINGS_KEY,
+    TICKER_KEY,
+)
 from realtime_lab.transports.params import json_body, number
 from realtime_lab.transports.problems import HTTPProblem, json_response
 
@@ -56,6 +62,8 @@ async def patch_config(request: web.Request) -> web.Response:
         if name in body:
             setattr(settings, name, _number(body, name, low, high))
     request.app[TICKER_KEY].rate = settings.ticker_rate
+    if "heartbeat" in body:
+        request.app[HEARTBEAT_KEY].reschedule()  # not after the old interval has run out
     return json_response(_config(request))
 
 

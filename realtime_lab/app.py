@@ -11,18 +11,22 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from realtime_lab import admin, api, dashboard, metrics, openai_api
+from realtime_lab import admin, api, dashboard, httpserver, metrics, openai_api
+from realtime_lab.auth import RedactingFilter
 from realtime_lab.bus import create_bus
 from realtime_lab.config import Settings
+from realtime_lab.cors import setup_cors
 from realtime_lab.feed.chats import ChatRegistry
 from realtime_lab.feed.ticker import Ticker
-from realtime_lab.transports import TRANSPORTS, polling, sse, ws
+from realtime_lab.transports import TRANSPORTS, fetch, polling, sse, ws
+from realtime_lab.transports.abortgrace import AbortGrace
 from realtime_lab.transports.access import Access, Handler, Need, guarded
 from realtime_lab.transports.accounting import Hub
 from realtime_lab.transports.broadcast import Broadcasts
 from realtime_lab.transports.chaos import Chaos
 from realtime_lab.transports.heartbeat import Heartbeat
 from realtime_lab.transports.keys import (
+    ABORT_GRACE_KEY,
     ACCESS_KEY,
     BROADCASTS_KEY,
     BUS_KEY,
@@ -49,14 +53,34 @@ def templates_dir() -> Path:
     return shipped if shipped.is_dir() else PACKAGE_DIR.parent / "templates"
 
 
+#: The access logs: ``run``'s, and aiohttp's default (test servers, other runners).
+ACCESS_LOGGER = "realtime_lab.access"
+_ACCESS_LOGGERS = (ACCESS_LOGGER, "aiohttp.access")
+
+
+def redact_access_logs() -> None:
+    """Keep tokens and tickets out of the access logs (idempotent)."""
+    for name in _ACCESS_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactingFilter) for f in logger.filters):
+            logger.addFilter(RedactingFilter())
+
+
 def make_app(settings: Settings | None = None) -> web.Application:
     """Build the application. Serve it with :func:`run` (or an ``AppRunner`` with
     ``handler_cancellation=True``, so that a client hanging up ends its stream at once)."""
     settings = settings or Settings()
+    redact_access_logs()
     app = web.Application(client_max_size=settings.max_body)
     app.on_response_prepare.append(json_errors)
     app[SETTINGS_KEY] = settings
-    bus = create_bus(settings.bus, history=settings.history, ttl=settings.channel_ttl)
+    bus = create_bus(
+        settings.bus,
+        history=settings.history,
+        ttl=settings.channel_ttl,
+        history_bytes=settings.history_bytes,
+        max_channels=settings.max_channels,
+    )
     app[BUS_KEY] = bus
     app[CHATS_KEY] = ChatRegistry(bus, ttl=settings.channel_ttl)
     app[TICKER_KEY] = Ticker(bus, settings.ticker_rate)
@@ -67,12 +91,14 @@ def make_app(settings: Settings | None = None) -> web.Application:
     app[HEARTBEAT_KEY] = Heartbeat(app[HUB_KEY], settings, app[CHAOS_KEY])
     app[ACCESS_KEY] = Access(settings, bus)
     app[SLOTS_KEY] = StreamSlots(settings.max_streams, settings.max_streams_per_client)
+    app[ABORT_GRACE_KEY] = AbortGrace(app[CHATS_KEY], settings.fetch_abort_grace)
 
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_end_streams)
 
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(templates_dir()), autoescape=True)
     add_routes(app)
+    setup_cors(app, [o for o in settings.allowed_origins.split(",") if o.strip()])
     return app
 
 
@@ -97,6 +123,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/sse/{channel}", sse.sse)
     r.add_get("/ws/{channel}", ws.ws)
     r.add_post("/api/chats", user(api.create_chat))
+    r.add_post("/api/chats/stream", fetch.fetch_stream)  # checks access itself: it streams
     r.add_get("/api/chats/{chat_id}", user(api.get_chat))
     r.add_delete("/api/chats/{chat_id}", user(api.cancel_chat))
     r.add_post("/api/channels/{channel}/events", publisher(api.publish_event))
@@ -114,7 +141,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/api/chaos", admin_only(admin.get_state))
     for action in ("drop", "pause", "delay", "fail", "heartbeats", "reset"):
         r.add_post(f"/api/chaos/{action}", admin_only(getattr(admin, action)))
-    r.add_post("/v1/chat/completions", user(openai_api.openai_chat_completions))
+    openai_api.setup(app, user)
     dashboard.setup(app, nobody)
     metrics.setup(app, admin_only)
 
@@ -129,6 +156,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     finally:
         await app[HEARTBEAT_KEY].stop()
         await ticker.stop()
+        app[ABORT_GRACE_KEY].close()
         await app[CHATS_KEY].close()
         app[BROADCASTS_KEY].close()
         await bus.close()
@@ -153,13 +181,20 @@ async def _end_streams(app: web.Application) -> None:
 
 
 def run(settings: Settings) -> None:
-    """Serve until SIGINT/SIGTERM, then stop within ``settings.shutdown_timeout`` seconds."""
-    web.run_app(
-        make_app(settings),
+    """Serve until SIGINT/SIGTERM, then stop within ``settings.shutdown_timeout`` seconds.
+
+    The server is aiohttp's, hardened (:mod:`realtime_lab.httpserver`): a client has
+    ``settings.header_timeout`` seconds to send its request headers, and malformed requests get
+    a JSON error and one log line. The access log never shows a token or a ticket.
+    """
+    access_log = logging.getLogger(ACCESS_LOGGER)
+    app = make_app(settings)
+    httpserver.run_app(
+        app,
         host=settings.host,
         port=settings.port,
+        header_timeout=settings.header_timeout,
         shutdown_timeout=settings.shutdown_timeout,
-        handler_cancellation=True,
-        access_log=logging.getLogger("realtime_lab.access"),
-        print=lambda *args: log.info(" ".join(str(a) for a in args)),
+        access_log=access_log,
+        print=log.info,
     )

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
 
+from realtime_lab import app as server
+from realtime_lab.auth import exposure_error
+from realtime_lab.auth.cli import add_token_command
 from realtime_lab.bench.cli import add_parser as add_bench_command
 from realtime_lab.clients.cli import add_commands as add_client_commands
 from realtime_lab.config import ENV_PREFIX, Settings
+from realtime_lab.logs import setup_logging
 
 _HELP = {
     "host": "interface to listen on",
     "port": "TCP port to listen on",
     "bus": "event bus URL: memory:// (embedded) or redis://host:port/db",
     "history": "events kept per channel for resuming",
+    "history_bytes": "bytes of history kept per channel at most (older events are trimmed)",
+    "max_channels": "channels held at once; publishing to a new one beyond is refused (507)",
     "channel_ttl": "seconds a finished channel (a chat) is kept before it expires",
     "heartbeat": "seconds between SSE heartbeat comments and WebSocket pings",
     "retry_ms": "SSE retry: field, the browser's reconnection delay",
@@ -43,6 +48,7 @@ _HELP = {
     "ticket_ttl": "seconds a stream ticket stays valid (it is single use)",
     "max_streams": "open streams (SSE, WebSocket, waiting long polls) in total",
     "max_streams_per_client": "open streams per user (auth on) or per client address",
+    "fetch_abort_grace": "seconds a cut fetch stream's chat waits for a resume before cancel",
     "header_timeout": "seconds a client has to send complete request headers",
 }
 
@@ -85,12 +91,18 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"realtime-lab serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    refusal = exposure_error(
+        settings.host, has_secret=bool(settings.auth_secret), insecure=settings.insecure
     )
-    from realtime_lab.app import run
-
-    run(settings)
+    if refusal is not None:
+        print(f"realtime-lab serve: {refusal}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log_level)
+    try:
+        server.run(settings)
+    except ValueError as exc:  # a malformed origin, host, proxy entry or a short secret
+        print(f"realtime-lab serve: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -104,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     add_client_commands(sub)
     add_bench_command(sub)
+    add_token_command(sub)
     return parser
 
 

@@ -19,6 +19,8 @@ class Settings:
     port: int = 8080
     bus: str = "memory://"
     history: int = 1000  # events kept per channel
+    history_bytes: int = 1024 * 1024  # and at most this many bytes of them
+    max_channels: int = 10_000  # channels held at once (chats, user channels, app channels)
     channel_ttl: float = 300.0  # seconds a finished channel (and chat) is kept
     heartbeat: float = 15.0  # seconds between SSE comments / WebSocket pings
     retry_ms: int = 1000  # the SSE ``retry:`` sent at the start of each stream
@@ -47,6 +49,7 @@ class Settings:
     # Bounds on what clients can make the server hold
     max_streams: int = 20_000  # open streams (SSE, WebSocket, waiting long polls) in total
     max_streams_per_client: int = 256  # per user (auth on) or per client address (auth off)
+    fetch_abort_grace: float = 3.0  # seconds a cut fetch stream's chat waits for a resume
     header_timeout: float = 10.0  # seconds a client has to send complete request headers
 
     @classmethod

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from realtime_lab import __version__
 from realtime_lab.transports.access import Handler
-from realtime_lab.transports.keys import SETTINGS_KEY
+from realtime_lab.transports.keys import ACCESS_KEY, SETTINGS_KEY
 
 #: The dashboard's CSS and ES modules, served under ``/static/``.
 STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
@@ -113,6 +113,8 @@ async def index(request: web.Request) -> dict[str, object]:
     static = request.app.router["static"]
     return {
         "settings": request.app[SETTINGS_KEY],
+        # Whether to show the "sign in as" box at once (the page then asks GET /api/session).
+        "auth": request.app[ACCESS_KEY].on,
         "panes": PANES,
         "metrics": METRICS,
         "css_url": versioned(static, "dashboard.css"),

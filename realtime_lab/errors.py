@@ -177,4 +177,3 @@ class EventTooLarge(LimitReached):
 
 class TooManyChats(LimitReached):
     """The caller (or the server) already runs as many chats as it may."""
-

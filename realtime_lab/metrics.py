@@ -6,6 +6,7 @@ nothing for it; each app gets its own registry (several apps can live in one tes
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Final
 
@@ -16,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from realtime_lab.transports.access import Handler
 from realtime_lab.transports.accounting import Hub
-from realtime_lab.transports.keys import CHATS_KEY, HUB_KEY, REGISTRY_KEY
+from realtime_lab.transports.keys import BUS_KEY, CHATS_KEY, HUB_KEY, REGISTRY_KEY, SLOTS_KEY
 
 _COUNTERS: Final = {
     "requests": "HTTP requests (WebSocket handshakes included)",
@@ -53,6 +54,21 @@ class HubCollector(Collector):
         yield GaugeMetricFamily(
             "realtime_lab_chats_running", "chats generating now", value=self._app[CHATS_KEY].running
         )
+        refusals: Counter[str] = Counter()
+        refusals.update(self._app[BUS_KEY].limits)
+        refusals.update(self._app[CHATS_KEY].limits)
+        slots = self._app[SLOTS_KEY]
+        for why in ("per-client", "total"):
+            refusals[f"streams-{why}"] += slots.refused[why]
+        family = CounterMetricFamily(
+            "realtime_lab_refusals",
+            "requests refused at a bound (channels, history bytes, tickets, chats, open streams), "
+            "by kind",
+            labels=["kind"],
+        )
+        for kind, count in sorted(refusals.items()):
+            family.add_metric([kind], count)
+        yield family
 
 
 async def metrics(request: web.Request) -> web.Response:

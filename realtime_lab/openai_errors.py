@@ -142,9 +142,7 @@ async def openai_error_shape(request: web.BaseRequest, response: web.StreamRespo
         return
     message, code = _describe(request, response)
     param = response.extra.get("param") if isinstance(response, HTTPProblem) else None
-    body = dumps(
-        openai_error(message, type=error_type(response.status), param=param, code=code)
-    )
+    body = dumps(openai_error(message, type=error_type(response.status), param=param, code=code))
     response.body = body
     response.content_type = "application/json"
     response.headers[hdrs.CONTENT_LENGTH] = str(len(body))  # set already, for the old body

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from realtime_lab.app import make_app
 from realtime_lab.config import Settings
+from realtime_lab.httpserver import HardenedAppRunner
 from tests.redis_server import RedisServer, redis_server_binary
 
 
@@ -79,8 +80,11 @@ async def start_server() -> AsyncIterator[StartServer]:
     async def start(**overrides: Any) -> RunningServer:
         settings = test_settings(**overrides)
         app = make_app(settings)
-        runner = web.AppRunner(
-            app, handler_cancellation=True, shutdown_timeout=settings.shutdown_timeout
+        runner = HardenedAppRunner(
+            app,
+            header_timeout=settings.header_timeout,
+            handler_cancellation=True,
+            shutdown_timeout=settings.shutdown_timeout,
         )
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", overrides.get("port", 0))

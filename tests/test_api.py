@@ -294,7 +294,7 @@ async def test_openai_streaming(server: RunningServer, session: aiohttp.ClientSe
     assert all(c["object"] == "chat.completion.chunk" and c["model"] == "m" for c in chunks)
     assert len({c["id"] for c in chunks}) == 1
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["choices"][0]["delta"] == {}
     deltas = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     assert deltas == answer_text(prompt, 6, max_tokens=40)
@@ -313,5 +313,5 @@ async def test_openai_non_streaming(server: RunningServer, session: aiohttp.Clie
         "role": "assistant",
         "content": answer_text(prompt, 1, max_tokens=30),
     }
-    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["choices"][0]["finish_reason"] == "length"
     assert body["usage"]["completion_tokens"] == len(answer_tokens(prompt, 1, max_tokens=30))

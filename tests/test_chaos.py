@@ -137,7 +137,7 @@ async def test_state_reflects_every_switch_and_reset_clears_them(
     answer = await chaos(session, server, "fail", transport="sse", count=3)
     assert answer["transport"] == "sse"
     assert answer["count"] == 3
-    assert answer["fail_next"] == {"poll": 0, "longpoll": 0, "sse": 3, "ws": 0}
+    assert answer["fail_next"] == {"poll": 0, "longpoll": 0, "sse": 3, "ws": 0, "fetch": 0}
     async with session.get(f"{server.url}/api/chaos") as resp:
         state = await resp.json()
     assert 0 < state["paused_for_s"] <= 30
@@ -512,6 +512,10 @@ async def test_fail_all_fails_each_transport_once(
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         await session.ws_connect(f"{server.ws_url}/ws/flaky")
     assert refused.value.status == 503
+    async with session.post(f"{server.url}/api/chats/stream", json={"prompt": "p"}) as resp:
+        assert resp.status == 503
+    async with session.get(f"{server.url}/api/stats") as resp:
+        assert (await resp.json())["chats_running"] == 0  # the failed fetch started no chat
 
     # Each transport failed exactly once: the second try works.
     for name in ("poll", "longpoll"):

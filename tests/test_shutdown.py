@@ -120,7 +120,7 @@ async def test_sigterm_ends_open_streams_and_exits_0(
             returncode = await proc.wait()
         elapsed = loop.time() - started
 
-    assert body.startswith(b"retry: 1000\n\n")
+    assert body.startswith(b"retry: 1000\n")
     assert close_code == 1001
     assert answer["events"] == []
     assert returncode == 0

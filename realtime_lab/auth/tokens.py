@@ -13,7 +13,7 @@ import math
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import jwt
@@ -51,7 +51,8 @@ class Identity:
 
     user: str
     scopes: frozenset[str] = frozenset()
-    expires: float | None = None  # the token's ``exp`` (seconds since the epoch), when known
+    # The token's ``exp`` (seconds since the epoch), when known; not part of who it is.
+    expires: float | None = field(default=None, compare=False)
 
     def has(self, scope: str) -> bool:
         """Whether this identity was granted ``scope``; answer 403 ``Forbidden`` when not."""

@@ -2,6 +2,10 @@
 
 ``memory://`` (default, embedded) and ``redis://host:port/db`` (several server processes share
 one feed; needs the ``redis`` extra). Backends are imported only when their URL is used.
+
+Query options of both: ``history`` (events kept per channel), ``history_bytes`` (bytes of
+envelope JSON kept per channel), ``ttl`` (seconds an idle or finished channel is kept),
+``max_channels`` (channels held at most).
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlsplit
 
 from realtime_lab.bus.base import After, Attachment, ChannelInfo, Replay, Sink
-from realtime_lab.bus.broker import Broker
+from realtime_lab.bus.broker import DEFAULT_HISTORY_BYTES, DEFAULT_MAX_CHANNELS, Broker
 from realtime_lab.bus.hub import Bus
 from realtime_lab.bus.subscription import Subscription
 from realtime_lab.errors import UnknownBusBackend
@@ -28,24 +32,42 @@ __all__ = [
 ]
 
 
-def create_broker(url: str, *, history: int = 1000, ttl: float = 300.0) -> Broker:
-    """The broker a URL names; ``history`` and ``ttl`` are defaults the URL query may override.
+def create_broker(
+    url: str,
+    *,
+    history: int = 1000,
+    ttl: float = 300.0,
+    history_bytes: int = DEFAULT_HISTORY_BYTES,
+    max_channels: int = DEFAULT_MAX_CHANNELS,
+) -> Broker:
+    """The broker a URL names; the keyword arguments are defaults the URL query may override.
 
     Raises:
         UnknownBusBackend: the scheme is not ``memory`` or ``redis``/``rediss``, or the backend's
-            optional dependency is not installed.
+            optional dependency is not installed, or an option is not a number.
+        ValueError: an option is out of range (``history`` or a cap below 1, a negative ttl).
     """
     parts = urlsplit(url)
     query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
     try:
         history = int(query.get("history", history))
         ttl = float(query.get("ttl", ttl))
+        history_bytes = int(query.get("history_bytes", history_bytes))
+        max_channels = int(query.get("max_channels", max_channels))
     except ValueError as exc:
-        raise UnknownBusBackend(f"bad history/ttl in bus URL {url!r}") from exc
+        raise UnknownBusBackend(
+            f"bad history/ttl/history_bytes/max_channels in bus URL {url!r}"
+        ) from exc
     if parts.scheme == "memory":
         from realtime_lab.bus.memory import MemoryBroker
 
-        return MemoryBroker(history=history, ttl=ttl, url=url)
+        return MemoryBroker(
+            history=history,
+            ttl=ttl,
+            url=url,
+            history_bytes=history_bytes,
+            max_channels=max_channels,
+        )
     if parts.scheme in ("redis", "rediss"):
         try:
             from realtime_lab.bus.redis import RedisBroker
@@ -53,13 +75,26 @@ def create_broker(url: str, *, history: int = 1000, ttl: float = 300.0) -> Broke
             raise UnknownBusBackend(
                 "the redis bus needs the 'redis' package: pip install 'realtime-lab[redis]'"
             ) from exc
-        return RedisBroker(url, history=history, ttl=ttl)
+        return RedisBroker(
+            url, history=history, ttl=ttl, history_bytes=history_bytes, max_channels=max_channels
+        )
     raise UnknownBusBackend(f"no bus backend for {url!r}: use memory:// or redis://host:port/db")
 
 
-def create_bus(url: str, *, history: int = 1000, ttl: float = 300.0) -> Bus:
+def create_bus(
+    url: str,
+    *,
+    history: int = 1000,
+    ttl: float = 300.0,
+    history_bytes: int = DEFAULT_HISTORY_BYTES,
+    max_channels: int = DEFAULT_MAX_CHANNELS,
+) -> Bus:
     """The bus a URL names (see :func:`create_broker`).
 
     Then ``await bus.start()`` before use and ``await bus.close()`` at shutdown.
     """
-    return Bus(create_broker(url, history=history, ttl=ttl))
+    return Bus(
+        create_broker(
+            url, history=history, ttl=ttl, history_bytes=history_bytes, max_channels=max_channels
+        )
+    )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Coroutine
 from typing import Any, Final
 
@@ -35,7 +36,7 @@ from realtime_lab.bus.base import (
 )
 from realtime_lab.bus.broker import Broker
 from realtime_lab.bus.subscription import Subscription
-from realtime_lab.errors import BusClosed, BusError
+from realtime_lab.errors import BusClosed, BusError, LimitReached
 from realtime_lab.protocol.cursor import Cursor, parse_id
 from realtime_lab.protocol.envelope import Event
 
@@ -47,6 +48,8 @@ SETTLE_TIMEOUT: Final = 1.0
 RETRY_FIRST_S: Final = 0.05
 RETRY_MAX_S: Final = 2.0
 EXPIRED: Final = "channel expired"
+#: Shortest pause between two ``retain`` calls, whatever the ttl.
+RETAIN_MIN_S: Final = 0.05
 
 
 class _Member:
@@ -145,6 +148,7 @@ class Bus:
         self._locals: dict[str, _Local] = {}
         self._sub_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._retainer: asyncio.Task[None] | None = None  # in _tasks: close() stops it
         self._closed = False
 
     @property
@@ -154,6 +158,35 @@ class Bus:
     async def start(self) -> None:
         """Connect the broker."""
         await self.broker.start()
+        if self._retainer is None and not self._closed:
+            self._retainer = self._spawn(self._retain_followed(), "bus-retain")
+
+    async def _retain_followed(self) -> None:
+        """Every ttl/3, tell the broker which channels this process follows: none is idle."""
+        interval = max(self.broker.ttl / 3, RETAIN_MIN_S)
+        while True:
+            await asyncio.sleep(interval)
+            if not self._locals:
+                continue
+            try:
+                await self.broker.retain(tuple(self._locals))
+            except (BusError, OSError) as exc:
+                log.warning("keeping followed channels alive failed (%s); retrying", exc)
+
+    @property
+    def limits(self) -> Counter[str]:
+        """Refusals so far by ``code`` (``too-many-channels``, ...): the broker's count."""
+        return self.broker.limits
+
+    async def put_ticket(self, key: str, value: bytes, ttl_s: float) -> None:
+        """Store a ticket record in the broker (:class:`~realtime_lab.auth.TicketStore`)."""
+        self._check_open()
+        await self.broker.put_ticket(key, value, ttl_s)
+
+    async def take_ticket(self, key: str) -> bytes | None:
+        """Atomically read and delete a ticket record; ``None`` when absent or expired."""
+        self._check_open()
+        return await self.broker.take_ticket(key)
 
     async def close(self) -> None:
         """End every sink (``close("bus closed")``) and release the broker."""
@@ -526,7 +559,8 @@ class Bus:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
-            if not isinstance(exc, BusError | OSError):
+            # Refusals and broker failures reach whoever waited on the task; only a bug is ours.
+            if not isinstance(exc, BusError | OSError | LimitReached):
                 log.error("bus task %s failed", task.get_name(), exc_info=exc)
 
     def _check_open(self) -> None:

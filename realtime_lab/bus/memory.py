@@ -1,26 +1,41 @@
 """``memory://``: the embedded broker, one process, no dependencies.
 
-URL options: ``memory://?history=1000&ttl=300`` (events kept per channel; seconds a finished
-channel is kept before it expires).
+URL options: ``memory://?history=1000&ttl=300&history_bytes=1048576&max_channels=10000`` (events
+and bytes of envelope JSON kept per channel; seconds an idle or finished channel is kept before
+it expires; channels held at most).
 
 Everything here runs on the event loop thread and never awaits, so a read and the live events
 around it can never interleave: the hub's seam is exact by construction on this backend.
+
+Expiry is one timer for the whole broker, not one per channel: channels that nobody follows and
+that have not finished wait in an insertion-ordered dict by last activity, finished ones in
+another by ``end`` time. Every deadline is ``ttl`` after the moment a channel entered its dict
+(entering again moves it to the back), so each dict is sorted by deadline and a sweep pops from
+the front until the first channel still alive: O(expired), never O(all).
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import secrets
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Collection
+from itertools import islice
 from typing import Any, Final
 
 from realtime_lab.bus.base import After, ChannelInfo, History, now_ms, reset_reason
-from realtime_lab.bus.broker import Broker
-from realtime_lab.errors import BusClosed
+from realtime_lab.bus.broker import DEFAULT_HISTORY_BYTES, DEFAULT_MAX_CHANNELS, Broker
+from realtime_lab.errors import BusClosed, EventTooLarge, LimitReached, TooManyChannels
 from realtime_lab.protocol.cursor import Cursor, format_id
 from realtime_lab.protocol.envelope import END, Event
 
 MAX_EXPIRED_NAMES: Final = 100_000
+#: Unexpired tickets the memory bus holds at most (each lives ``ttl_s``, 90 s by default).
+DEFAULT_MAX_TICKETS: Final = 100_000
+#: Longest the sweep timer waits past a deadline, and shortest between two sweeps.
+SWEEP_GRANULARITY_S: Final = 1.0
 
 
 def new_epoch() -> str:
@@ -29,37 +44,30 @@ def new_epoch() -> str:
 
 
 class _Channel:
-    """History ring of one channel life."""
+    """History of one channel life: exactly the retained events, oldest first."""
 
-    __slots__ = ("_events", "_start", "epoch", "finished", "last_seq", "maxlen", "name")
+    __slots__ = ("bytes", "epoch", "events", "finished", "last_seq", "name")
 
-    def __init__(self, name: str, maxlen: int, epoch: str) -> None:
+    def __init__(self, name: str, epoch: str) -> None:
         self.name = name
         self.epoch = epoch
-        self.maxlen = maxlen
-        # A list with a moving start index: O(1) append, O(1) trim (amortised) and O(1)
-        # lookup by seq, because seqs are consecutive.
-        self._events: list[Event] = []
-        self._start = 0
+        self.events: deque[Event] = deque()
+        self.bytes = 0  # sum of len(event.json) over ``events``
         self.last_seq = 0
         self.finished = False
 
     @property
     def first_seq(self) -> int:
-        return self.last_seq - (len(self._events) - self._start) + 1
+        return self.last_seq - len(self.events) + 1
 
-    def append(self, type_: str, data: dict[str, Any]) -> Event:
-        self.last_seq += 1
-        event = Event(
-            self.name, format_id(self.epoch, self.last_seq), type_, data, now_ms(), self.last_seq
-        )
-        self._events.append(event)
-        if len(self._events) - self._start > self.maxlen:
-            self._start += 1
-            if self._start >= self.maxlen:
-                del self._events[: self._start]
-                self._start = 0
-        return event
+    def append(self, event: Event, size: int, maxlen: int, maxbytes: int) -> None:
+        """Store ``event`` (``size`` bytes, at most ``maxbytes``), trimming the oldest to fit."""
+        self.last_seq = event.seq
+        self.events.append(event)
+        self.bytes += size
+        events = self.events
+        while len(events) > maxlen or self.bytes > maxbytes:
+            self.bytes -= len(events.popleft().json)
 
     def info(self) -> ChannelInfo:
         return ChannelInfo(self.name, self.epoch, self.first_seq, self.last_seq, self.finished, 0)
@@ -71,28 +79,69 @@ class _Channel:
             from_seq = after.seq + 1
         else:
             from_seq = info.first_seq
-        begin = self._start + (from_seq - info.first_seq)
-        end = len(self._events) if limit is None else min(len(self._events), begin + limit)
-        return self._events[begin:end]
+        count = len(self.events)
+        begin = from_seq - info.first_seq
+        end = count if limit is None else min(count, begin + limit)
+        if begin >= end:
+            return []
+        if begin > count // 2:
+            # Resumes near the newest (a live feed catching up): walk from that end.
+            tail = list(islice(reversed(self.events), count - end, count - begin))
+            tail.reverse()
+            return tail
+        return list(islice(self.events, begin, end))
 
 
 class MemoryBroker(Broker):
-    """The in-process broker (see the module docstring)."""
+    """The in-process broker (see the module docstring).
 
-    def __init__(self, history: int = 1000, ttl: float = 300.0, url: str = "memory://") -> None:
+    ``clock`` (monotonic seconds) drives channel and ticket expiry; tests inject one and call
+    :meth:`sweep` themselves.
+    """
+
+    def __init__(
+        self,
+        history: int = 1000,
+        ttl: float = 300.0,
+        url: str = "memory://",
+        *,
+        history_bytes: int = DEFAULT_HISTORY_BYTES,
+        max_channels: int = DEFAULT_MAX_CHANNELS,
+        max_tickets: int = DEFAULT_MAX_TICKETS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
         if history < 1:
             raise ValueError("history must keep at least one event")
+        if history_bytes < 1:
+            raise ValueError("history_bytes must be at least 1")
+        if max_channels < 1 or max_tickets < 1:
+            raise ValueError("max_channels and max_tickets must be at least 1")
+        if ttl < 0:
+            raise ValueError("ttl must not be negative")
         self.url = url
         self.history = history
+        self.history_bytes = history_bytes
+        self.max_channels = max_channels
+        self.max_tickets = max_tickets
         self.ttl = ttl
+        for kind in ("too-many-channels", "event-too-large", "too-many-tickets"):
+            self.limits[kind] = 0  # exported at 0 before the first refusal
+        self._clock = clock
         self._channels: dict[str, _Channel] = {}
         self._subscribed: set[str] = set()
-        self._expiry: dict[str, asyncio.TimerHandle] = {}
+        # Deadlines (clock time) of the channels that may expire: see the module docstring.
+        self._idle: OrderedDict[str, float] = OrderedDict()
+        self._ending: OrderedDict[str, float] = OrderedDict()
+        self._timer: asyncio.TimerHandle | None = None
+        self._granularity = min(SWEEP_GRANULARITY_S, max(ttl / 10, 0.01))
+        self._tickets: dict[str, tuple[bytes, float]] = {}
+        self._ticket_expiry: list[tuple[float, str]] = []  # heap; stale entries skipped
         self._closed = False
         # A channel's first life takes the broker's epoch, so that a position taken on a
         # channel nobody has published to yet (``<epoch>-0``) stays valid when its first event
-        # comes. Only a channel that expired and comes back needs a fresh epoch; those names are
-        # remembered (a bounded set: chat channels, the ones that expire, are never reused).
+        # comes. Only a channel that expired (or was evicted) and comes back needs a fresh epoch;
+        # those names are remembered, at most MAX_EXPIRED_NAMES of them, the oldest forgotten.
         self.epoch = new_epoch()
         self._expired: OrderedDict[str, None] = OrderedDict()
 
@@ -100,39 +149,122 @@ class MemoryBroker(Broker):
         if self._closed:
             raise BusClosed("the bus is closed")
 
-    def _new(self, name: str) -> _Channel:
-        epoch = new_epoch() if name in self._expired else self.epoch
-        return _Channel(name, self.history, epoch)
+    # Channel lives -----------------------------------------------------------------------------
+    def _epoch_for(self, name: str) -> str:
+        return new_epoch() if name in self._expired else self.epoch
 
-    def _forget_if_idle(self, name: str) -> None:
-        # A channel nobody publishes to and nobody follows must not leave state behind.
-        channel = self._channels.get(name)
-        if channel is not None and channel.last_seq == 0 and name not in self._subscribed:
+    def _create(self, name: str, epoch: str) -> _Channel:
+        """A new channel life, counted against ``max_channels``."""
+        if len(self._channels) >= self.max_channels:
+            self.sweep()
+            if len(self._channels) >= self.max_channels:
+                raise self.refused(
+                    TooManyChannels(
+                        f"the bus holds {self.max_channels} channels, its maximum",
+                        "too-many-channels",
+                        507,
+                        self._next_deadline_in(),
+                    )
+                )
+        chan = self._channels[name] = _Channel(name, epoch)
+        self._touch(name)
+        return chan
+
+    def _touch(self, name: str) -> None:
+        """Activity on an unfinished channel: it is idle from now on, unless followed."""
+        if name in self._subscribed:
+            return
+        self._idle[name] = self._clock() + self.ttl
+        self._idle.move_to_end(name)
+        self._arm()
+
+    def _drop(self, chan: _Channel) -> None:
+        """End the channel life: forget it, and give its next life a fresh epoch."""
+        name = chan.name
+        if self._channels.get(name) is chan:
             del self._channels[name]
+        self._idle.pop(name, None)
+        self._ending.pop(name, None)
+        if chan.last_seq > 0 or name in self._expired:
+            self._expired[name] = None
+            self._expired.move_to_end(name)
+            if len(self._expired) > MAX_EXPIRED_NAMES:
+                self._expired.popitem(last=False)
+        if name in self._subscribed:
+            self.handler.on_expired(name, chan.epoch)
 
+    # Expiry ------------------------------------------------------------------------------------
+    def sweep(self) -> int:
+        """Expire the channels whose deadline has passed; how many. O(expired)."""
+        now = self._clock()
+        expired = 0
+        for queue in (self._ending, self._idle):
+            while queue:
+                name, deadline = next(iter(queue.items()))
+                if deadline > now:
+                    break
+                del queue[name]
+                chan = self._channels.get(name)
+                if chan is not None:
+                    self._drop(chan)
+                    expired += 1
+        return expired
+
+    def _next_deadline(self) -> float | None:
+        fronts = [next(iter(q.values())) for q in (self._ending, self._idle) if q]
+        return min(fronts) if fronts else None
+
+    def _next_deadline_in(self) -> float | None:
+        """Seconds until the next channel expires (``None``: every channel is followed)."""
+        deadline = self._next_deadline()
+        return None if deadline is None else max(deadline - self._clock(), 0.0)
+
+    def _arm(self) -> None:
+        # New deadlines always go to the back of their queue, so a timer already set for the
+        # front is never late; the timer re-arms itself after each sweep.
+        if self._timer is not None or self._closed:
+            return
+        deadline = self._next_deadline()
+        if deadline is None:
+            return
+        delay = max(deadline - self._clock(), 0.0) + self._granularity
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.sweep()
+        self._arm()
+
+    # Broker API --------------------------------------------------------------------------------
     async def publish(self, channel: str, type: str, data: dict[str, Any]) -> Event:
         self._check_open()
         chan = self._channels.get(channel)
+        epoch = self._epoch_for(channel) if chan is None else chan.epoch
+        seq = 1 if chan is None else chan.last_seq + 1
+        event = Event(channel, format_id(epoch, seq), type, data, now_ms(), seq)
+        size = len(event.json)  # encoded once here: fan-out reuses it
+        if size > self.history_bytes:
+            raise self.refused(
+                EventTooLarge(
+                    f"an event of {size} bytes is over the {self.history_bytes}-byte history cap",
+                    "event-too-large",
+                    413,
+                )
+            )
         if chan is None:
-            chan = self._channels[channel] = self._new(channel)
-        event = chan.append(type, data)
+            chan = self._create(channel, epoch)
+        elif not chan.finished:
+            self._touch(channel)
+        chan.append(event, size, self.history, self.history_bytes)
         if channel in self._subscribed:
             self.handler.on_event(channel, event)
         if type == END and not chan.finished:
             chan.finished = True
-            loop = asyncio.get_running_loop()
-            self._expiry[channel] = loop.call_later(self.ttl, self._expire, chan)
+            # Followed or not, a finished channel expires ``ttl`` after its first ``end``.
+            self._idle.pop(channel, None)
+            self._ending[channel] = self._clock() + self.ttl
+            self._arm()
         return event
-
-    def _expire(self, chan: _Channel) -> None:
-        self._expiry.pop(chan.name, None)
-        if self._channels.get(chan.name) is chan:
-            del self._channels[chan.name]
-        self._expired[chan.name] = None
-        if len(self._expired) > MAX_EXPIRED_NAMES:
-            self._expired.popitem(last=False)
-        if chan.name in self._subscribed:
-            self.handler.on_expired(chan.name, chan.epoch)
 
     async def read(
         self, channel: str, after: After, limit: int | None, *, reserve: bool = False
@@ -140,28 +272,95 @@ class MemoryBroker(Broker):
         self._check_open()
         chan = self._channels.get(channel)
         if chan is None:
-            chan = self._new(channel)
             if not reserve:
-                return History(chan.info(), False, [])
-            self._channels[channel] = chan
+                return History(_Channel(channel, self._epoch_for(channel)).info(), False, [])
+            chan = self._create(channel, self._epoch_for(channel))
+        elif reserve and not chan.finished:
+            self._touch(channel)
         return History(chan.info(), True, chan.since(after, limit))
 
     async def subscribe(self, channel: str) -> None:
         self._check_open()
         self._subscribed.add(channel)
+        self._idle.pop(channel, None)  # followed: never idle
 
     async def unsubscribe(self, channel: str) -> None:
         self._subscribed.discard(channel)
-        self._forget_if_idle(channel)
+        chan = self._channels.get(channel)
+        if chan is None or chan.finished:
+            return
+        if chan.last_seq == 0:
+            # Nobody publishes to it and nobody follows it: it must not leave state behind.
+            del self._channels[channel]
+            self._idle.pop(channel, None)
+        else:
+            self._touch(channel)
+
+    async def retain(self, channels: Collection[str]) -> None:
+        # Nothing to do: this broker knows which channels are subscribed, and never evicts them.
+        return None
 
     async def close(self) -> None:
         self._closed = True
-        for handle in self._expiry.values():
-            handle.cancel()
-        self._expiry.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._channels.clear()
         self._subscribed.clear()
+        self._idle.clear()
+        self._ending.clear()
+        self._tickets.clear()
+        self._ticket_expiry.clear()
 
     def channel_names(self) -> list[str]:
         """Names of the channels currently held."""
         return list(self._channels)
+
+    # Tickets -----------------------------------------------------------------------------------
+    async def put_ticket(self, key: str, value: bytes, ttl_s: float) -> None:
+        self._check_open()
+        now = self._clock()
+        if ttl_s <= 0:
+            self._tickets.pop(key, None)
+            return
+        self._sweep_tickets(now)
+        if key not in self._tickets and len(self._tickets) >= self.max_tickets:
+            retry = max(self._ticket_expiry[0][0] - now, 0.0) if self._ticket_expiry else None
+            raise self.refused(
+                LimitReached(
+                    f"the bus holds {self.max_tickets} tickets, its maximum",
+                    "too-many-tickets",
+                    429,
+                    retry,
+                )
+            )
+        expires = now + ttl_s
+        self._tickets[key] = (value, expires)
+        heapq.heappush(self._ticket_expiry, (expires, key))
+        if len(self._ticket_expiry) > 2 * len(self._tickets) + 64:
+            # Replaced keys left stale heap entries: rebuild from what is alive.
+            self._ticket_expiry = [(exp, k) for k, (_, exp) in self._tickets.items()]
+            heapq.heapify(self._ticket_expiry)
+
+    async def take_ticket(self, key: str) -> bytes | None:
+        self._check_open()
+        # No await before the pop: on one event loop this is atomic.
+        entry = self._tickets.pop(key, None)
+        if entry is None or entry[1] <= self._clock():
+            return None
+        return entry[0]
+
+    def _sweep_tickets(self, now: float) -> None:
+        heap = self._ticket_expiry
+        while heap and heap[0][0] <= now:
+            expires, key = heapq.heappop(heap)
+            entry = self._tickets.get(key)
+            if entry is not None and entry[1] == expires:
+                del self._tickets[key]
+
+    def ticket_count(self) -> int:
+        """Tickets held now (expired ones included until the next sweep)."""
+        return len(self._tickets)
+
+
+__all__ = ["MemoryBroker", "new_epoch"]

@@ -1,36 +1,52 @@
 """``redis://``: several server processes share one feed through Redis.
 
-URL: ``redis://host:port/db?history=1000&ttl=300&prefix=rtlab`` (``rediss://`` for TLS). ``history``
-and ``ttl`` mean what they mean for the memory bus; ``prefix`` namespaces every key and pub/sub
-channel. Any other query option (``socket_timeout=5``, ...) is handed to redis-py.
+URL: ``redis://host:port/db?history=1000&ttl=300&prefix=rtlab`` (``rediss://`` for TLS).
+``history``, ``history_bytes``, ``ttl`` and ``max_channels`` mean what they mean for the memory
+bus; ``prefix`` namespaces every key and pub/sub channel. Any other query option
+(``socket_timeout=5``, ...) is handed to redis-py.
 
 Keys (``{ch}`` in braces is a hash tag, so that one channel's keys share a Redis Cluster slot;
-the scripts also touch the bus epoch key, so Redis Cluster itself is not supported):
+the scripts also touch the bus epoch key and the channel index, so Redis Cluster itself is not
+supported yet: that is a later issue):
 
 ``<prefix>:epoch``
     the bus epoch: the epoch of every channel's first life, as with the memory bus, so that
     ``<epoch>-0``, handed out for a channel nobody has published to yet, stays valid when its
     first event comes. Created when missing: a flushed Redis starts a new bus epoch.
+``<prefix>:channels``
+    sorted set, the channel index: every channel name, scored by the Redis time (ms) at which
+    its keys expire. It counts channels for ``max_channels`` in O(log N): names whose score has
+    passed are dropped (O(expired)) before a new channel is counted. One key for the whole
+    prefix, in no channel's slot: fine on one Redis, to be split per slot for Cluster.
 ``<prefix>:{ch}:meta``
-    hash: ``epoch`` (this life of the channel), ``last`` (seq of the newest event) and
-    ``finished`` (``"1"`` after the first ``end``).
+    hash: ``epoch`` (this life of the channel), ``last`` (seq of the newest event), ``bytes``
+    (envelope bytes in the stream) and ``finished`` (``"1"`` after the first ``end``).
 ``<prefix>:{ch}:stream``
     stream of the retained events: entry id ``<seq>-0``, one field ``e`` holding the envelope
-    JSON, trimmed to exactly ``history`` entries; seqs are consecutive, so the oldest retained seq
-    is ``last - XLEN + 1`` and "events after seq n" is ``XRANGE (n+1)-0 +``, O(log N + M).
+    JSON, trimmed (exactly, oldest first) to at most ``history`` entries and ``history_bytes``
+    bytes of envelope; seqs are consecutive, so the oldest retained seq is ``last - XLEN + 1``
+    and "events after seq n" is ``XRANGE (n+1)-0 +``, O(log N + M).
 ``<prefix>:{ch}:gone``
-    tombstone, set on the first ``end``; it outlives the channel by :data:`TOMBSTONE_TTL`, and a
-    channel that comes back while it is there gets a fresh random epoch (the memory bus remembers
-    expired names the same way), so cursors of the old life get a ``reset``.
+    tombstone of a channel that has had events; it outlives the channel's keys by
+    :data:`TOMBSTONE_TTL`, and a channel that comes back while it is there gets a fresh random
+    epoch (the memory bus remembers expired names the same way), so cursors of the old life get
+    a ``reset``.
+``<prefix>:ticket:<key>``
+    one auth ticket record (``SET PX``, redeemed with ``GETDEL``).
 ``<prefix>:live:<ch>``
     pub/sub channel: every envelope, in seq order.
 
-:data:`PUBLISH_LUA` appends one event atomically: it reads (or starts) the channel life, bumps
-``last``, adds the event to the stream (``XADD``, trimmed), publishes it (``PUBLISH``), and on the
-first ``end`` gives the channel keys a ``ttl`` expiry. :data:`READ_LUA` reads the channel state
-and the requested slice of history in one consistent step (``attach`` also creates a missing
-channel, with an expiry of ``max(ttl, 60 s)`` until its first event, as the memory bus keeps a
-channel while it has sinks).
+Expiry: every publish to an unfinished channel sets its keys to expire ``ttl`` later (the first
+``end`` does so one last time), so a channel nobody publishes to is evicted after ``ttl`` even if
+it never ended. Followed channels are kept: reserving one (every attach) and :meth:`retain` (the
+hub, every ``ttl / 3``) push its expiry to at least ``ttl`` away; finished channels are never
+pushed back.
+
+:data:`PUBLISH_LUA` appends one event atomically: it reads (or starts, if the channel index has
+room) the channel life, refuses an event over ``history_bytes``, adds the event to the stream and
+trims it, refreshes the expiry, and publishes it (``PUBLISH``). :data:`READ_LUA` reads the channel
+state and the requested slice of history in one consistent step (``attach`` also creates a
+missing channel, with an expiry of ``max(ttl, 60 s)`` until its first event).
 
 Each process holds one pub/sub connection and one reader task (the only one that ever connects
 it). The hub (:mod:`realtime_lab.bus.hub`) subscribes a channel when its first local sink attaches
@@ -43,6 +59,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -53,9 +71,16 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from realtime_lab.bus.base import After, ChannelInfo, History, epoch_of, is_live, now_ms
-from realtime_lab.bus.broker import Broker
+from realtime_lab.bus.broker import DEFAULT_HISTORY_BYTES, DEFAULT_MAX_CHANNELS, Broker
 from realtime_lab.bus.memory import new_epoch
-from realtime_lab.errors import BusClosed, BusError, InvalidEnvelope
+from realtime_lab.errors import (
+    BusClosed,
+    BusError,
+    EventTooLarge,
+    InvalidEnvelope,
+    LimitReached,
+    TooManyChannels,
+)
 from realtime_lab.protocol.cursor import Cursor, format_id
 from realtime_lab.protocol.envelope import END, Event, dumps
 
@@ -68,11 +93,23 @@ SUBSCRIBE_TIMEOUT: Final = 10.0
 MIN_RESERVATION: Final = 60.0
 #: How long, after it expires, a channel is remembered so that its next life gets a new epoch.
 TOMBSTONE_TTL: Final = 24 * 3600.0
-_OUR_QUERY_KEYS: Final = frozenset({"history", "ttl", "prefix"})
+#: Channels per pipeline of :meth:`RedisBroker.retain`.
+RETAIN_BATCH: Final = 256
+#: Bytes every envelope has besides ``head`` and ``tail``: the shortest id, ``xxxxxxxx-1``.
+_MIN_ID_BYTES: Final = 10
+_OUR_QUERY_KEYS: Final = frozenset({"history", "ttl", "prefix", "history_bytes", "max_channels"})
 
-# The epoch of a new channel life: the bus epoch (created if missing: a flushed Redis starts a new
-# one), unless the channel has lived and expired before (its tombstone is there): then a fresh one.
-_LIFE_EPOCH_LUA = """
+# Helpers shared by the scripts. ``now_ms``: Redis's own clock, the one its key expiry uses.
+# ``life_epoch``: the epoch of a new channel life: the bus epoch (created if missing: a flushed
+# Redis starts a new one), unless the channel has lived and expired before (its tombstone is
+# there): then a fresh one. ``admit``: room for one more channel in the index, or the refusal
+# ({-1, code, ms until the next channel expires, or -1}). ``extend``: keep an unfinished channel
+# for at least ``ttl`` more ms (never shortens).
+_HELPERS_LUA = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 local function life_epoch(gone, bus, fresh, bus_candidate)
   if redis.call('EXISTS', gone) == 1 then
     return fresh
@@ -84,64 +121,149 @@ local function life_epoch(gone, bus, fresh, bus_candidate)
   end
   return epoch
 end
+local function admit(index, name, now, max)
+  redis.call('ZREMRANGEBYSCORE', index, '-inf', '(' .. now)
+  if redis.call('ZCARD', index) < max or redis.call('ZSCORE', index, name) then
+    return nil
+  end
+  local oldest = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')
+  local wait = -1
+  if oldest[2] then
+    wait = math.max(tonumber(oldest[2]) - now, 0)
+  end
+  return {-1, 'too-many-channels', wait}
+end
+local function extend(meta, stream, gone, index, name, now, ttl, tomb, last)
+  local left = redis.call('PTTL', meta)
+  if left >= ttl then
+    return 0
+  end
+  redis.call('PEXPIRE', meta, ttl)
+  redis.call('PEXPIRE', stream, ttl)
+  if last > 0 then
+    redis.call('SET', gone, '1', 'PX', tomb)
+  end
+  redis.call('ZADD', index, 'GT', now + ttl, name)
+  return 1
+end
 """
 
-# KEYS: meta, stream, tombstone, bus epoch. ARGV: live channel, envelope head, envelope tail,
-# fresh epoch, bus epoch candidate, history, ttl ms, tombstone ms, "1" for an ``end`` event.
-# Returns {epoch, seq}.
+# KEYS: meta, stream, tombstone, bus epoch, channel index. ARGV: live channel, envelope head,
+# envelope tail, fresh epoch, bus epoch candidate, history, ttl ms, tombstone ms, "1" for an
+# ``end`` event, history bytes, max channels, channel name.
+# Returns {1, epoch, seq}, or a refusal {-1, code, detail}: ``too-many-channels`` (detail: ms
+# until the next channel expires, -1 if unknown) or ``event-too-large`` (detail: its bytes).
 PUBLISH_LUA: Final = (
-    _LIFE_EPOCH_LUA
+    _HELPERS_LUA
     + """
-local meta, stream = KEYS[1], KEYS[2]
-local epoch = redis.call('HGET', meta, 'epoch')
-if not epoch then
-  epoch = life_epoch(KEYS[3], KEYS[4], ARGV[4], ARGV[5])
+local meta, stream, gone, index = KEYS[1], KEYS[2], KEYS[3], KEYS[5]
+local ttl, cap, history = tonumber(ARGV[7]), tonumber(ARGV[10]), tonumber(ARGV[6])
+local now = now_ms()
+local state = redis.call('HMGET', meta, 'epoch', 'last', 'finished', 'bytes')
+local epoch, last, bytes = state[1], tonumber(state[2] or '0'), tonumber(state[4] or '0')
+local finished = state[3] == '1'
+local new = not epoch
+if new then
+  local refused = admit(index, ARGV[12], now, tonumber(ARGV[11]))
+  if refused then
+    return refused
+  end
+  epoch = life_epoch(gone, KEYS[4], ARGV[4], ARGV[5])
+  last, bytes = 0, 0
   redis.call('DEL', stream)
-  redis.call('HSET', meta, 'epoch', epoch, 'last', 0)
+elseif not state[4] then
+  -- A channel from before the byte count: count its stream once.
+  for _, entry in ipairs(redis.call('XRANGE', stream, '-', '+')) do
+    bytes = bytes + #entry[2][2]
+  end
 end
-local seq = redis.call('HINCRBY', meta, 'last', 1)
-if seq == 1 then
-  redis.call('PERSIST', meta)
-end
+local seq = last + 1
 local payload = ARGV[2] .. epoch .. '-' .. seq .. ARGV[3]
-redis.call('XADD', stream, 'MAXLEN', ARGV[6], seq .. '-0', 'e', payload)
-if ARGV[9] == '1' and redis.call('HGET', meta, 'finished') ~= '1' then
-  redis.call('HSET', meta, 'finished', '1')
-  redis.call('PEXPIRE', meta, ARGV[7])
-  redis.call('PEXPIRE', stream, ARGV[7])
-  redis.call('SET', KEYS[3], '1', 'PX', ARGV[8])
+local size = #payload
+if size > cap then
+  return {-1, 'event-too-large', size}
+end
+redis.call('XADD', stream, seq .. '-0', 'e', payload)
+bytes = bytes + size
+local count = redis.call('XLEN', stream)
+if count > history or bytes > cap then
+  -- Trim exactly, oldest first, to both caps; the new event (at most cap bytes) always stays.
+  local from = seq - count + 1
+  while (count > history or bytes > cap) and from < seq do
+    local want = math.max(count - history, 16)
+    local batch = redis.call('XRANGE', stream, from .. '-0', '+', 'COUNT', want)
+    for _, entry in ipairs(batch) do
+      if (count <= history and bytes <= cap) or from >= seq then
+        break
+      end
+      count = count - 1
+      bytes = bytes - #entry[2][2]
+      from = from + 1
+    end
+  end
+  if from >= seq then
+    bytes = size
+  end
+  redis.call('XTRIM', stream, 'MINID', from .. '-0')
+end
+if new then
+  redis.call('HSET', meta, 'epoch', epoch, 'last', seq, 'bytes', bytes)
+else
+  redis.call('HSET', meta, 'last', seq, 'bytes', bytes)
+end
+if not finished then
+  if ARGV[9] == '1' then
+    redis.call('HSET', meta, 'finished', '1')
+  end
+  redis.call('PEXPIRE', meta, ttl)
+  redis.call('PEXPIRE', stream, ttl)
+  redis.call('SET', gone, '1', 'PX', ARGV[8])
+  redis.call('ZADD', index, now + ttl, ARGV[12])
 end
 redis.call('PUBLISH', ARGV[1], payload)
-return {epoch, seq}
+return {1, epoch, seq}
 """
 )
 
-# KEYS: meta, stream, tombstone, bus epoch. ARGV: mode ("info", "live", "all" or "cursor"),
-# cursor epoch, cursor seq, limit (-1: none), "1" to create the channel when it does not exist,
-# ttl ms of such a reservation, fresh epoch, bus epoch candidate.
-# Returns {0, epoch of its next life} for a channel that does not exist, else
+# KEYS: meta, stream, tombstone, bus epoch, channel index. ARGV: mode ("info", "live", "all" or
+# "cursor"), cursor epoch, cursor seq, limit (-1: none), "1" to reserve the channel (create it
+# when it does not exist, keep it ttl more when it does), ttl ms of such a creation, fresh epoch,
+# bus epoch candidate, ttl ms, tombstone ms, max channels, channel name.
+# Returns {0, epoch of its next life} for a channel that does not exist, a refusal
+# {-1, 'too-many-channels', ms} when reserving a new one is over the cap, else
 # {1, epoch, last, first, finished, pttl, payload...}: the payloads are the retained events from
 # the resume position (the oldest one when the cursor needs a reset), at most limit (minus one
 # for the reset event) of them.
 READ_LUA: Final = (
-    _LIFE_EPOCH_LUA
+    _HELPERS_LUA
     + """
-local meta, stream = KEYS[1], KEYS[2]
+local meta, stream, gone, index = KEYS[1], KEYS[2], KEYS[3], KEYS[5]
+local reserve = ARGV[5] == '1'
 local epoch = redis.call('HGET', meta, 'epoch')
 if not epoch then
-  epoch = life_epoch(KEYS[3], KEYS[4], ARGV[7], ARGV[8])
-  if ARGV[5] ~= '1' then
+  epoch = life_epoch(gone, KEYS[4], ARGV[7], ARGV[8])
+  if not reserve then
     return {0, epoch}
   end
+  local now = now_ms()
+  local refused = admit(index, ARGV[12], now, tonumber(ARGV[11]))
+  if refused then
+    return refused
+  end
   redis.call('DEL', stream)
-  redis.call('HSET', meta, 'epoch', epoch, 'last', 0)
+  redis.call('HSET', meta, 'epoch', epoch, 'last', 0, 'bytes', 0)
   redis.call('PEXPIRE', meta, ARGV[6])
+  redis.call('ZADD', index, 'GT', now + tonumber(ARGV[6]), ARGV[12])
+  reserve = false
 end
 local last = tonumber(redis.call('HGET', meta, 'last') or '0')
 local first = last - redis.call('XLEN', stream) + 1
 local finished = 0
 if redis.call('HGET', meta, 'finished') == '1' then
   finished = 1
+end
+if reserve and finished == 0 then
+  extend(meta, stream, gone, index, ARGV[12], now_ms(), tonumber(ARGV[9]), ARGV[10], last)
 end
 local out = {1, epoch, last, first, finished, redis.call('PTTL', meta)}
 local mode = ARGV[1]
@@ -169,6 +291,21 @@ if count > 0 then
   end
 end
 return out
+"""
+)
+
+# KEYS: meta, stream, tombstone, bus epoch (unused), channel index. ARGV: ttl ms, tombstone ms,
+# channel name. Keeps an existing unfinished channel for at least ttl more; 1 if it did.
+RETAIN_LUA: Final = (
+    _HELPERS_LUA
+    + """
+local meta = KEYS[1]
+local state = redis.call('HMGET', meta, 'epoch', 'last', 'finished')
+if not state[1] or state[3] == '1' then
+  return 0
+end
+return extend(meta, KEYS[2], KEYS[3], KEYS[5], ARGV[3], now_ms(), tonumber(ARGV[1]), ARGV[2],
+  tonumber(state[2] or '0'))
 """
 )
 
@@ -219,18 +356,37 @@ class RedisBroker(Broker):
         ttl: float | None = None,
         *,
         prefix: str | None = None,
+        history_bytes: int | None = None,
+        max_channels: int | None = None,
     ) -> None:
+        super().__init__()
         redis_url, options = split_url(url)
         try:
             self.history = int(options["history"]) if history is None else history
             self.ttl = float(options["ttl"]) if ttl is None else ttl
         except KeyError as exc:
             raise ValueError(f"{exc.args[0]} is required (argument or URL query)") from None
+        self.history_bytes = (
+            int(options.get("history_bytes", DEFAULT_HISTORY_BYTES))
+            if history_bytes is None
+            else history_bytes
+        )
+        self.max_channels = (
+            int(options.get("max_channels", DEFAULT_MAX_CHANNELS))
+            if max_channels is None
+            else max_channels
+        )
         self.prefix = prefix or options.get("prefix") or DEFAULT_PREFIX
         if self.history < 1:
             raise ValueError("history must keep at least one event")
+        if self.history_bytes < 1:
+            raise ValueError("history_bytes must be at least 1")
+        if self.max_channels < 1:
+            raise ValueError("max_channels must be at least 1")
         if self.ttl < 0:
             raise ValueError("ttl must not be negative")
+        for kind in ("too-many-channels", "event-too-large"):
+            self.limits[kind] = 0  # exported at 0 before the first refusal
         self.url = url
         self._where = redact(url)
         self._redis_url = redis_url
@@ -243,6 +399,7 @@ class RedisBroker(Broker):
         self._handshaking = False
         self._publish_script: Any = None
         self._read_script: Any = None
+        self._retain_script: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._subs: dict[bytes, _Sub] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -252,7 +409,17 @@ class RedisBroker(Broker):
     # Keys --------------------------------------------------------------------------------------
     def _keys(self, channel: str) -> list[str]:
         tag = f"{self.prefix}:{{{channel}}}"
-        return [f"{tag}:meta", f"{tag}:stream", f"{tag}:gone", f"{self.prefix}:epoch"]
+        return [
+            f"{tag}:meta",
+            f"{tag}:stream",
+            f"{tag}:gone",
+            f"{self.prefix}:epoch",
+            f"{self.prefix}:channels",
+        ]
+
+    def ticket_key(self, key: str) -> str:
+        """The Redis key of a ticket record."""
+        return f"{self.prefix}:ticket:{key}"
 
     def live_key(self, channel: str) -> bytes:
         """The pub/sub channel carrying ``channel``'s events."""
@@ -285,6 +452,7 @@ class RedisBroker(Broker):
         self._redis, self._sub_client, self._pubsub = client, sub_client, pubsub
         self._publish_script = client.register_script(PUBLISH_LUA)
         self._read_script = client.register_script(READ_LUA)
+        self._retain_script = client.register_script(RETAIN_LUA)
         self._reader = asyncio.create_task(
             self._read_loop(), name=f"redis-bus-reader {self._where}"
         )
@@ -313,11 +481,32 @@ class RedisBroker(Broker):
             if self._redis is not None:
                 await self._redis.aclose()
 
-    def _check_open(self) -> None:
+    def _check_open(self) -> aioredis.Redis:
         if self._closed:
             raise BusClosed("the bus is closed")
         if self._redis is None:
             raise BusError("the redis bus is not started: await bus.start() first")
+        return self._redis
+
+    def _refusal(self, channel: str, code: bytes, detail: int) -> LimitReached:
+        """The counted exception for a script's refusal ``{-1, code, detail}``."""
+        if code == b"event-too-large":
+            return self.refused(
+                EventTooLarge(
+                    f"an event of {detail} bytes is over the {self.history_bytes}-byte history cap",
+                    "event-too-large",
+                    413,
+                )
+            )
+        return self.refused(
+            TooManyChannels(
+                f"the bus holds {self.max_channels} channels, its maximum; "
+                f"{channel!r} is not one of them",
+                "too-many-channels",
+                507,
+                detail / 1000.0 if detail >= 0 else None,
+            )
+        )
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """Run one of our scripts; Redis failures become :class:`BusError`."""
@@ -338,7 +527,11 @@ class RedisBroker(Broker):
         ts = now_ms()
         head = b'{"channel":' + dumps(channel) + b',"id":"'
         tail = b'","type":' + dumps(type) + b',"data":' + dumps(data) + b',"ts":' + dumps(ts) + b"}"
-        raw_epoch, seq = await self._call(
+        if len(head) + len(tail) + _MIN_ID_BYTES > self.history_bytes:
+            # Surely too large: refused without sending it (the script checks exactly).
+            size = len(head) + len(tail) + _MIN_ID_BYTES
+            raise self._refusal(channel, b"event-too-large", size)
+        status, raw_epoch, seq = await self._call(
             self._publish_script,
             keys=self._keys(channel),
             args=[
@@ -351,8 +544,13 @@ class RedisBroker(Broker):
                 self._ttl_ms,
                 self._tombstone_ms,
                 int(type == END),
+                self.history_bytes,
+                self.max_channels,
+                channel,
             ],
         )
+        if status < 0:
+            raise self._refusal(channel, raw_epoch, int(seq))
         epoch = raw_epoch.decode()
         event = Event(channel, format_id(epoch, int(seq)), type, data, ts, int(seq))
         event.cache["json"] = head + event.id.encode() + tail
@@ -382,8 +580,14 @@ class RedisBroker(Broker):
                 self._reserve_ms,
                 new_epoch(),
                 new_epoch(),
+                self._ttl_ms,
+                self._tombstone_ms,
+                self.max_channels,
+                channel,
             ],
         )
+        if result[0] < 0:
+            raise self._refusal(channel, result[1], int(result[2]))
         if not result[0]:
             return History(ChannelInfo(channel, result[1].decode(), 1, 0, False, 0), False, [])
         epoch, last, first, finished, pttl = result[1:6]
@@ -396,6 +600,39 @@ class RedisBroker(Broker):
         if sub is not None and info.finished and int(pttl) >= 0:
             self._schedule_expiry(sub, info.epoch, int(pttl) / 1000.0)
         return History(info, True, events)
+
+    async def retain(self, channels: Collection[str]) -> None:
+        client = self._check_open()
+        names = list(channels)
+        for start in range(0, len(names), RETAIN_BATCH):
+            # One round trip per batch; each script touches one channel's slot (and the index).
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    for name in names[start : start + RETAIN_BATCH]:
+                        args = [self._ttl_ms, self._tombstone_ms, name]
+                        await self._retain_script(keys=self._keys(name), args=args, client=pipe)
+                    await pipe.execute()
+            except (RedisError, OSError) as exc:
+                raise BusError(f"redis bus at {self._where} failed: {exc}") from exc
+
+    # Tickets -----------------------------------------------------------------------------------
+    async def put_ticket(self, key: str, value: bytes, ttl_s: float) -> None:
+        client = self._check_open()
+        try:
+            if ttl_s <= 0:
+                await client.delete(self.ticket_key(key))
+            else:
+                await client.set(self.ticket_key(key), value, px=max(1, math.ceil(ttl_s * 1000)))
+        except (RedisError, OSError) as exc:
+            raise BusError(f"redis bus at {self._where} failed: {exc}") from exc
+
+    async def take_ticket(self, key: str) -> bytes | None:
+        client = self._check_open()
+        try:
+            value = await client.getdel(self.ticket_key(key))
+        except (RedisError, OSError) as exc:
+            raise BusError(f"redis bus at {self._where} failed: {exc}") from exc
+        return value.encode() if isinstance(value, str) else value  # bytes: no decode_responses
 
     # Subscriptions -----------------------------------------------------------------------------
     async def subscribe(self, channel: str) -> None:

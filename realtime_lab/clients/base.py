@@ -10,19 +10,27 @@ libraries retry a call (or a generator's *start*) with a fixed policy, while thi
 stream that is yielding to the caller, resets its backoff as soon as a connection delivers,
 takes its base delay from the server (SSE ``retry:``, ``retry_after_ms``) while running, and must
 stop the moment ``close()`` is called from another task; "full jitter" itself is one line.
+
+Credentials: a bearer token on every request, or (``use_tickets``) a fresh single-use ticket
+from ``POST /api/tickets`` before each stream request, as a browser-like component does. A
+refusal for load (HTTP 429, a WebSocket closed 1013 for the stream bound) is retried no sooner
+than the server's ``Retry-After``, bounded by ``retry_after_max``; a 401 or 403 is final.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import json
 import logging
 import math
 import random
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, ClassVar, Final, NoReturn
 
@@ -44,6 +52,13 @@ log = logging.getLogger("realtime_lab.client")
 
 #: HTTP statuses that are worth retrying although they are 4xx.
 RETRYABLE_4XX: Final = frozenset({408, 429})
+#: The answer of a server at its bound of open streams (or of anything else it rations).
+TOO_MANY_REQUESTS: Final = 429
+#: The longest ``Retry-After`` honoured by default, in seconds (a longer one is cut to this).
+RETRY_AFTER_MAX_S: Final = 60.0
+#: ``POST /api/tickets`` answers this ``error.code`` (with 404) when the server has auth off.
+AUTH_OFF: Final = "auth-off"
+_TICKET_PARAM: Final = re.compile(r"(ticket=)[^&\s'\"#]+")
 #: Failures of one connection that a reconnect may cure.
 TRANSIENT: Final = (aiohttp.ClientError, OSError, TimeoutError, asyncio.IncompleteReadError)
 
@@ -65,6 +80,32 @@ def http_header_bytes(response: aiohttp.ClientResponse) -> int:
     return status_line + sum(len(k) + len(v) + 4 for k, v in response.raw_headers) + 2
 
 
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` value (delay-seconds or an HTTP-date, RFC 9110 section 10.2.3) in
+    seconds from now; ``None`` when absent or not a delay that can be honoured."""
+    if value is None or not value.strip():
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)  # "-0000": UTC, with no claim about local time
+        seconds = max((when - datetime.now(UTC)).total_seconds(), 0.0)
+    return seconds if 0.0 <= seconds < math.inf else None  # NaN, negative, infinite: no
+
+
+def redact(text: str) -> str:
+    """``text`` with any ``ticket=`` value cut out, for logs and error messages.
+
+    A ticket is single use and short lived, but until it is spent it opens a stream.
+    """
+    return _TICKET_PARAM.sub(r"\1...", text)
+
+
 def _running(iterator: AsyncGenerator[Event, None]) -> bool:
     # True while a task is inside the generator (awaiting I/O), not when it waits at a yield.
     return bool(getattr(iterator, "ag_running", False))
@@ -74,12 +115,16 @@ class Retry(Exception):
     """Raised by a transport: this connection is over, reconnect and resume.
 
     Attributes:
-        delay: the server's requested delay in seconds (``retry_after_ms``), if it gave one.
+        delay: the server's requested delay in seconds (``retry_after_ms``, ``Retry-After``),
+            if it gave one.
+        throttled: the server refused for load (HTTP 429, WebSocket 1013 at its stream bound):
+            wait at least ``delay`` (or the longest backoff) and count it in the stats.
     """
 
-    def __init__(self, reason: str, delay: float | None = None) -> None:
+    def __init__(self, reason: str, delay: float | None = None, *, throttled: bool = False) -> None:
         super().__init__(reason)
         self.delay = delay
+        self.throttled = throttled
 
 
 class Finished(Exception):
@@ -135,6 +180,10 @@ class StreamClient(ABC):
     the caller decides what to do); it yields ``end`` and then stops. Between connections it
     waits ``uniform(0, min(cap, base * 2**attempt))`` seconds and resumes after :attr:`last_id`.
     Read :attr:`stats` at any time.
+
+    Credentials (see :func:`realtime_lab.clients.open_stream`): ``token`` is sent as
+    ``Authorization: Bearer`` on every request; with ``use_tickets`` each stream request instead
+    carries a fresh ``?ticket=`` that the client takes first with ``POST /api/tickets``.
     """
 
     transport: ClassVar[str] = ""
@@ -154,6 +203,9 @@ class StreamClient(ABC):
         max_reconnects: int | None = None,
         connect_timeout: float = 10.0,
         idle_timeout: float | None = None,
+        token: str | None = None,
+        use_tickets: bool = False,
+        retry_after_max: float = RETRY_AFTER_MAX_S,
     ) -> None:
         self.base_url = URL(base_url.rstrip("/"))
         self.channel = channel
@@ -166,6 +218,9 @@ class StreamClient(ABC):
         self.max_reconnects = max_reconnects
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
+        self.token = token
+        self.use_tickets = use_tickets
+        self.retry_after_max = retry_after_max
         self.stats = ClientStats(transport=self.transport)
         self.last_id: str | None = None
         self._session = session
@@ -181,6 +236,12 @@ class StreamClient(ABC):
         self._started: float | None = None
         self._iterator: AsyncGenerator[Event, None] | None = None
         self._response: aiohttp.ClientResponse | None = None  # the open HTTP response, if any
+        self._tickets_off = False  # the server said auth is off: no ticket is needed
+
+    def __repr__(self) -> str:
+        # Never the token: a repr ends up in logs and tracebacks.
+        auth = "tickets" if self.use_tickets else "token" if self.token else "none"
+        return f"<{type(self).__name__} {self.base_url} {self.channel} auth={auth}>"
 
     # Public API ----------------------------------------------------------------------------------
 
@@ -235,7 +296,8 @@ class StreamClient(ABC):
         """Cancel the chat this client streams; keep iterating to receive its ``end``.
 
         Raises:
-            ServerRefused: the chat is unknown to the server.
+            ServerRefused: the chat is unknown to the server (404), or it is not this user's
+                (401 without a valid token, 403).
             ClientError: the channel is not a chat (``chat.<id>``), or the server could not be
                 reached or failed; the chat may still be running.
         """
@@ -243,7 +305,9 @@ class StreamClient(ABC):
         url = self.base_url / "api" / "chats" / chat_id
         timeout = self._http_timeout(self.connect_timeout)
         try:
-            async with self.session.delete(url, timeout=timeout) as response:
+            async with self.session.delete(
+                url, headers=self._bearer(), timeout=timeout
+            ) as response:
                 body = await response.read()
                 self.stats.requests += 1
                 self.stats.bytes_received += http_header_bytes(response) + len(body)
@@ -274,6 +338,60 @@ class StreamClient(ABC):
         :class:`ServerRefused` when retrying cannot help.
         """
 
+    def _bearer(self) -> dict[str, str]:
+        """The ``Authorization`` header of ``token`` (none without one)."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    async def _credentials(self) -> tuple[dict[str, str], dict[str, str]]:
+        """Headers and query parameters that authenticate the next stream request.
+
+        With ``use_tickets``, a fresh ticket (``?ticket=``) and no header: the stream request
+        carries only what a browser's EventSource or WebSocket could. Else the bearer header.
+
+        Raises:
+            ServerRefused: the server refused the ticket (401, 403).
+            Retry: it could not give one now (429, 5xx, a malformed answer).
+        """
+        if self.use_tickets and not self._tickets_off:
+            ticket = await self._take_ticket()
+            if ticket is not None:
+                return {}, {"ticket": ticket}
+        return self._bearer(), {}
+
+    async def _take_ticket(self) -> str | None:
+        """``POST /api/tickets {"channel"}`` with the bearer token: a ticket for one stream.
+
+        ``None`` when the server has auth off (404 ``auth-off``): no ticket is needed, and the
+        client stops asking.
+        """
+        stats = self.stats
+        url = self.base_url / "api" / "tickets"
+        async with self.session.post(
+            url,
+            json={"channel": self.channel},
+            headers=self._bearer(),
+            timeout=self._http_timeout(self.connect_timeout),
+        ) as response:
+            body = await response.read()
+        stats.requests += 1
+        stats.bytes_received += http_header_bytes(response) + len(body)
+        if response.status == 201:
+            with contextlib.suppress(ValueError, TypeError, KeyError):
+                ticket = json.loads(body)["ticket"]
+                if isinstance(ticket, str) and ticket:
+                    stats.tickets += 1
+                    return ticket
+            raise Retry(f"{self.transport} {url}: a ticket answer without a ticket")
+        if response.status == 404 and _error_fields(body)[0] == AUTH_OFF:
+            log.info(
+                "%s %s: the server has auth off; streaming without tickets",
+                self.transport,
+                self.channel,
+            )
+            self._tickets_off = True
+            return None
+        self._http_error(response, body)
+
     async def _abort(self) -> None:
         """Close whatever connection is open, so a blocked read returns (see :meth:`close`)."""
         response, self._response = self._response, None
@@ -294,22 +412,25 @@ class StreamClient(ABC):
         self._failures = 0
 
     def _http_error(self, response: aiohttp.ClientResponse, body: bytes) -> NoReturn:
-        """Raise what an error answer means: :class:`Retry` or :class:`ServerRefused`."""
+        """Raise what an error answer means: :class:`Retry` or :class:`ServerRefused`.
+
+        Any 4xx but 408 and 429 is final (401/403: the credential or the permission is wrong).
+        A 429 is a refusal for load: retried no sooner than its ``Retry-After``.
+        """
         status = response.status
-        code, message, delay = "http-error", response.reason or "", None
-        with contextlib.suppress(ValueError, AttributeError, TypeError):
-            error = json.loads(body)["error"]
-            code = str(error.get("code", code))
-            message = str(error.get("message", message))
-            if error.get("retry_after_ms") is not None:
-                delay = float(error["retry_after_ms"]) / 1000.0
-        with contextlib.suppress(ValueError):
-            delay = float(response.headers.get("Retry-After", "")) if delay is None else delay
+        code, message, delay = _error_fields(body)
+        code = code or "http-error"
+        message = message or response.reason or ""
+        if delay is None:
+            delay = retry_after_seconds(response.headers.get("Retry-After"))
         if delay is not None and not 0.0 <= delay < math.inf:
             delay = None  # NaN, negative or infinite: not a delay we can honour
-        text = f"{self.transport} {response.url}: HTTP {status} {code}: {message}"
+        text = redact(f"{self.transport} {response.url}: HTTP {status} {code}: {message}")
         if 400 <= status < 500 and status not in RETRYABLE_4XX:
             raise ServerRefused(text, status, code)
+        if status == TOO_MANY_REQUESTS:
+            after = "no Retry-After" if delay is None else f"Retry-After {delay:g} s"
+            raise Retry(f"{text} ({after})", delay, throttled=True)
         raise Retry(text, delay)
 
     async def _sleep(self, delay: float) -> bool:
@@ -337,6 +458,7 @@ class StreamClient(ABC):
         first = True
         while not (self._closed or self._finished):
             hint: float | None = None
+            throttled = False
             try:
                 async with contextlib.aclosing(self._connect(self._resume, first)) as stream:
                     first = False
@@ -354,9 +476,10 @@ class StreamClient(ABC):
                 self._finished = True
                 return
             except Retry as exc:
-                reason, hint = str(exc), exc.delay
+                reason, hint, throttled = str(exc), exc.delay, exc.throttled
             except TRANSIENT as exc:
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                reason = redact(reason)  # aiohttp's messages may quote the URL
             except ServerRefused:
                 raise
             except Exception:
@@ -365,28 +488,42 @@ class StreamClient(ABC):
                 raise
             if self._closed:
                 return
+            if throttled:
+                self.stats.throttled += 1
             if self.max_reconnects is not None and self._failures >= self.max_reconnects:
                 raise ReconnectsExhausted(
                     f"{self.transport} {self.channel}: gave up after {self._failures} "
-                    f"reconnection attempts in a row; last failure: {reason}"
+                    f"reconnection attempts in a row; {self._throttled_note()}"
+                    f"last failure: {reason}"
                 )
             delay = self._backoff(self._failures)
             if hint is not None:
-                # The server's Retry-After / retry_after_ms, within our cap; never sooner.
-                delay = max(min(hint, self.backoff_max), delay)
+                # The server's Retry-After / retry_after_ms, up to our bound; never sooner.
+                delay = max(min(hint, self.retry_after_max), delay)
+            elif throttled:
+                # Refused for load without a figure (a WebSocket close): our longest backoff.
+                delay = max(min(self.backoff_max, self.retry_after_max), delay)
             self._failures += 1
             self.stats.reconnects += 1
             self.stats.add_delay(delay)
-            log.info(
-                "%s %s: %s; reconnecting in %.3f s after %s",
+            log.log(
+                logging.WARNING if throttled else logging.INFO,
+                "%s %s: %s%s; reconnecting in %.3f s after %s",
                 self.transport,
                 self.channel,
+                "the server refused for load: " if throttled else "",
                 reason,
                 delay,
                 self._resume,
             )
             if not await self._sleep(delay):
                 return
+
+    def _throttled_note(self) -> str:
+        count = self.stats.throttled
+        if not count:
+            return ""
+        return f"{count} of them refused for load (HTTP 429 / WebSocket 1013: too many streams); "
 
     def _account(self, event: Event, received: float) -> None:
         self.last_id = self._resume = event.id
@@ -403,6 +540,23 @@ class StreamClient(ABC):
                 f"{self.channel!r} is not a chat channel; only chats can be cancelled"
             )
         return chat_id
+
+
+def _error_fields(body: bytes) -> tuple[str | None, str | None, float | None]:
+    """``error.code``, ``error.message`` and ``error.retry_after_ms`` (as seconds) of an error
+    answer's JSON body; ``None`` for each that is missing."""
+    code: str | None = None
+    message: str | None = None
+    delay: float | None = None
+    with contextlib.suppress(ValueError, AttributeError, TypeError, KeyError):
+        error = json.loads(body)["error"]
+        if error.get("code") is not None:
+            code = str(error["code"])
+        if error.get("message") is not None:
+            message = str(error["message"])
+        if error.get("retry_after_ms") is not None:
+            delay = float(error["retry_after_ms"]) / 1000.0
+    return code, message, delay
 
 
 def decode_envelope(value: Any, where: str) -> Event | None:

@@ -1,10 +1,14 @@
 """``realtime-lab tail`` and ``realtime-lab chat``: the clients from a terminal.
 
 ``tail URL/CHANNEL`` prints a channel's tokens as they arrive (typewriter style) and every other
-event on its own line; ``chat "prompt"`` starts a chat and tails it. Both print the client's
+event on its own line; ``chat "prompt"`` starts a chat and tails it (with ``--transport fetch``
+in one request, ``POST /api/chats/stream``, as ChatGPT's page does). Both print the client's
 statistics to stderr at the end, also on Ctrl-C, so stdout carries only the stream (pipe it).
 Exit status: 0 after ``end`` (or when the stream stops), 1 when the client gives up or the server
 refuses, 130 on Ctrl-C.
+
+Against a server with auth on, both take ``--token`` (better: ``REALTIME_LAB_TOKEN``, which
+``ps`` does not show) and ``--tickets`` (open each stream with a single-use ticket).
 """
 
 from __future__ import annotations
@@ -15,20 +19,28 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TextIO
 
 import aiohttp
 from yarl import URL
 
-from realtime_lab.clients import TRANSPORTS, StreamClient, open_stream
-from realtime_lab.errors import ClientError
+from realtime_lab.clients import (
+    CHANNEL_TRANSPORTS,
+    TRANSPORTS,
+    FetchClient,
+    StreamClient,
+    open_stream,
+)
+from realtime_lab.errors import ClientError, ServerRefused
 from realtime_lab.protocol.envelope import TOKEN, Event
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_TRANSPORT = "sse"
 EXIT_GAVE_UP = 1
 EXIT_INTERRUPTED = 130
+TOKEN_ENV = "REALTIME_LAB_TOKEN"
+SIGN_IN_HINT = f"pass --token TOKEN or set {TOKEN_ENV} (mint one: realtime-lab token --user NAME)"
 
 
 class Printer:
@@ -77,22 +89,35 @@ def split_target(target: str) -> tuple[str, str, str | None]:
     if not parts:
         raise ClientError(f"{target!r}: the URL names no channel (http://HOST:PORT/CHANNEL)")
     channel = parts.pop()
-    transport = parts.pop() if parts and parts[-1] in TRANSPORTS else None
+    transport = parts.pop() if parts and parts[-1] in CHANNEL_TRANSPORTS else None
     scheme = {"ws": "http", "wss": "https"}.get(url.scheme, url.scheme)
     base = url.with_scheme(scheme).with_path("/" + "/".join(parts)).with_query(None)
     return str(base).rstrip("/"), channel, transport
 
 
-async def stream(client: StreamClient, printer: Printer, errors: TextIO) -> int:
-    """Print ``client``'s events until ``end``; then (and on any way out) print its statistics."""
+async def stream(
+    client: StreamClient,
+    printer: Printer,
+    errors: TextIO,
+    before_first: Callable[[], None] | None = None,
+) -> int:
+    """Print ``client``'s events until ``end``; then (and on any way out) print its statistics.
+
+    ``before_first`` is called once, before the first event is printed.
+    """
     try:
         async with client:
             async for event in client:
+                if before_first is not None:
+                    before_first()
+                    before_first = None
                 printer.event(event)
         return 0
     except ClientError as exc:
         printer.finish()
         print(f"realtime-lab: {exc}", file=errors)
+        if isinstance(exc, ServerRefused) and exc.status == 401 and client.token is None:
+            print(f"realtime-lab: the server wants a user: {SIGN_IN_HINT}", file=errors)
         return EXIT_GAVE_UP
     finally:
         printer.finish()
@@ -120,18 +145,43 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
 # tail ---------------------------------------------------------------------------------------------
 
 
-def _add_stream_options(parser: argparse.ArgumentParser) -> None:
+def _add_stream_options(
+    parser: argparse.ArgumentParser, transports: tuple[str, ...], fetch_note: str = ""
+) -> None:
     parser.add_argument(
         "--transport",
         "-t",
-        choices=TRANSPORTS,
+        choices=transports,
         default=None,
-        help=f"how to receive the events (default {DEFAULT_TRANSPORT})",
+        help=f"how to receive the events (default {DEFAULT_TRANSPORT}){fetch_note}",
     )
     parser.add_argument(
         "--json", action="store_true", help="print each event's JSON envelope, one per line"
     )
     parser.add_argument("--client-tag", help="sent as ?client=, see GET /api/stats?client=TAG")
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=f"a user token for a server with auth on, sent as Authorization: Bearer "
+        f"(default: ${TOKEN_ENV}; prefer the variable, a command line is visible to ps)",
+    )
+    parser.add_argument(
+        "--tickets",
+        action="store_true",
+        help="open each stream with a single-use ticket (POST /api/tickets with the token), "
+        "as a browser does, instead of sending the token on the stream request (not for "
+        "fetch: its POST creates the chat, so it always sends the token)",
+    )
+
+
+def token_of(args: argparse.Namespace) -> str | None:
+    """The user token: ``--token``, else ``$REALTIME_LAB_TOKEN``; ``None`` when neither is set."""
+    token: str | None = args.token or os.environ.get(TOKEN_ENV, "").strip() or None
+    return token
+
+
+def _bearer(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 async def _tail(args: argparse.Namespace) -> int:
@@ -142,6 +192,8 @@ async def _tail(args: argparse.Namespace) -> int:
         args.transport or transport or DEFAULT_TRANSPORT,
         after=args.after,
         client_tag=args.client_tag,
+        token=token_of(args),
+        use_tickets=args.tickets,
     )
     return await stream(client, Printer(sys.stdout, args.json), sys.stderr)
 
@@ -168,7 +220,7 @@ def _add_tail(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="URL/CHANNEL",
         help="e.g. http://127.0.0.1:8080/ticker (a transport URL such as .../sse/ticker works)",
     )
-    _add_stream_options(parser)
+    _add_stream_options(parser, CHANNEL_TRANSPORTS)
     parser.add_argument(
         "--after", help="start after this event id ('now': new events only; default: history)"
     )
@@ -184,31 +236,84 @@ async def _chat(args: argparse.Namespace) -> int:
     for name in ("ttft_ms", "token_ms", "max_tokens"):
         if getattr(args, name) is not None:
             body[name] = getattr(args, name)
+    token = token_of(args)
+    transport = args.transport or DEFAULT_TRANSPORT
     async with aiohttp.ClientSession() as session:
+        if transport == "fetch":
+            return await _fetch_chat(args, base, body, token, session)
         try:
-            async with session.post(f"{base}/api/chats", json=body) as response:
+            async with session.post(
+                f"{base}/api/chats", json=body, headers=_bearer(token)
+            ) as response:
                 answer = await response.json(content_type=None)
                 if response.status != 201:
                     error = answer.get("error", {}) if isinstance(answer, dict) else {}
                     message = error.get("message", response.reason)
                     print(f"realtime-lab chat: HTTP {response.status}: {message}", file=sys.stderr)
+                    if response.status == 401 and token is None:
+                        print(f"realtime-lab chat: {SIGN_IN_HINT}", file=sys.stderr)
                     return EXIT_GAVE_UP
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             print(f"realtime-lab chat: cannot start a chat at {base}: {exc}", file=sys.stderr)
             return EXIT_GAVE_UP
-        transport = args.transport or DEFAULT_TRANSPORT
         print(f"chat {answer['id']} on {answer['channel']} over {transport}", file=sys.stderr)
         client = open_stream(
-            base, answer["channel"], transport, session=session, client_tag=args.client_tag
+            base,
+            answer["channel"],
+            transport,
+            session=session,
+            client_tag=args.client_tag,
+            token=token,
+            use_tickets=args.tickets,
         )
         try:
             return await stream(client, Printer(sys.stdout, args.json), sys.stderr)
         except asyncio.CancelledError:
-            # Ctrl-C: stop the generation too, as closing a chat window would.
-            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-                async with asyncio.timeout(2.0):
-                    await session.delete(f"{base}/api/chats/{answer['id']}")
+            await _cancel(session, base, answer["id"], token)
             raise
+
+
+async def _fetch_chat(
+    args: argparse.Namespace,
+    base: str,
+    body: dict[str, Any],
+    token: str | None,
+    session: aiohttp.ClientSession,
+) -> int:
+    """``chat --transport fetch``: one POST starts the chat and streams it."""
+    client = open_stream(
+        base,
+        None,
+        "fetch",
+        chat=body,
+        session=session,
+        client_tag=args.client_tag,
+        token=token,
+        use_tickets=args.tickets,
+    )
+    assert isinstance(client, FetchClient)
+
+    def announce() -> None:
+        # The stream names its chat in its first message, before any event.
+        print(f"chat {client.chat_id} on {client.channel} over fetch", file=sys.stderr)
+        sys.stderr.flush()
+
+    try:
+        return await stream(client, Printer(sys.stdout, args.json), sys.stderr, announce)
+    except asyncio.CancelledError:
+        # The server would cancel the abandoned chat after its abort grace; do it now.
+        if client.chat_id is not None:
+            await _cancel(session, base, client.chat_id, token)
+        raise
+
+
+async def _cancel(
+    session: aiohttp.ClientSession, base: str, chat_id: str, token: str | None
+) -> None:
+    """Ctrl-C: stop the generation too, as closing a chat window would."""
+    with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
+        async with asyncio.timeout(2.0):
+            await session.delete(f"{base}/api/chats/{chat_id}", headers=_bearer(token))
 
 
 def _chat_command(args: argparse.Namespace) -> int:
@@ -220,11 +325,15 @@ def _add_chat(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "chat",
         help="start a simulated chat and print its answer as it streams",
         description="POST /api/chats, then tail the chat's channel: the answer is printed token "
-        "by token, the client's statistics (stderr) at the end. Ctrl-C cancels the chat.",
+        "by token, the client's statistics (stderr) at the end. Ctrl-C cancels the chat. With "
+        "--transport fetch one request does both: POST /api/chats/stream answers with the "
+        "chat's events.",
     )
     parser.add_argument("prompt", help="the prompt; the answer is deterministic for prompt+seed")
     parser.add_argument("--url", default=DEFAULT_URL, help=f"the server (default {DEFAULT_URL})")
-    _add_stream_options(parser)
+    _add_stream_options(
+        parser, TRANSPORTS, "; fetch: start and stream the chat in one POST /api/chats/stream"
+    )
     parser.add_argument("--seed", type=int, default=0, help="answer variant (default 0)")
     parser.add_argument(
         "--ttft-ms", type=float, default=None, help="time to first token (default: server's)"

@@ -4,6 +4,10 @@ Each answer is ``{"events": [...], "cursor": ID, "more": bool}``; the next reque
 ``cursor`` back as ``after``. When ``more`` is true the client asks again at once, else it waits
 ``poll_interval``. The long-polling client (:mod:`realtime_lab.clients.longpoll`) is the same
 loop with a server-side wait and no pause.
+
+Each request is a connection of its own: with ``token`` it carries the bearer header, with
+``use_tickets`` a ticket of its own (``POST /api/tickets`` first, so a ticketed poll costs two
+requests; prefer the bearer token for polling where the client can send headers).
 """
 
 from __future__ import annotations
@@ -69,11 +73,18 @@ class PollClient(StreamClient):
         position = resume
         established = False
         while True:
-            params = self._params(after=position or None, **self._extra_params())
+            headers, credentials = await self._credentials()
+            if self._closed:
+                return  # close() came while the ticket was being taken
+            params = self._params(after=position or None, **self._extra_params(), **credentials)
             timeout = self._http_timeout(self._read_timeout())
             session = self.session
             async with session.get(
-                url, params=params, timeout=timeout, middlewares=send_once(session)
+                url,
+                params=params,
+                headers=headers,
+                timeout=timeout,
+                middlewares=send_once(session),
             ) as response:
                 self._response = response  # so close() can cut a waiting long-poll short
                 try:

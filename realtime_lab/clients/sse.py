@@ -4,6 +4,8 @@ It behaves like a browser's ``EventSource``: it reconnects after the server's ``
 (the base of its backoff), resumes with ``Last-Event-ID``, and stops when a reconnect is answered
 ``204 No Content``. An ``error`` event with ``code: "overflow"`` (the server ended a client that
 fell behind) is not yielded: the client counts it and resumes at once from the last id.
+With ``use_tickets`` each (re)connection opens ``?ticket=`` (a new one) plus ``Last-Event-ID``,
+the credential an ``EventSource`` on another origin can carry.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from realtime_lab.clients.base import (
     now_ms,
 )
 from realtime_lab.errors import ServerRefused
-from realtime_lab.protocol.envelope import ERROR
+from realtime_lab.protocol.envelope import ERROR, Event
 from realtime_lab.protocol.sse import ServerSentEvent, SSEDecoder
 
 OVERFLOW = "overflow"
@@ -57,16 +59,9 @@ class SSEClient(StreamClient):
         self.decoder = SSEDecoder()
 
     async def _connect(self, resume: str | None, first: bool) -> AsyncGenerator[Received, None]:
-        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
-        if not first and resume:
-            # As a browser does: the URL keeps the first ?after, the header says where we are.
-            headers["Last-Event-ID"] = resume
-        url = self.base_url / "sse" / self.channel
-        params = self._params(after=self.after or None)
-        async with asyncio.timeout(self.connect_timeout):
-            response = await self.session.get(
-                url, params=params, headers=headers, timeout=self._http_timeout(self.idle_timeout)
-            )
+        response = await self._request(resume, first)
+        if response is None:
+            return  # close() came while the request was being prepared
         self._response = response
         try:
             self.stats.requests += 1
@@ -79,7 +74,8 @@ class SSEClient(StreamClient):
                 self._http_error(response, body)
             if response.content_type != "text/event-stream":
                 raise ServerRefused(
-                    f"sse {response.url}: expected text/event-stream, got {response.content_type}",
+                    f"{self.transport} {response.url.with_query(None)}: expected "
+                    f"text/event-stream, got {response.content_type}",
                     response.status,
                     "unexpected-content-type",
                 )
@@ -90,6 +86,23 @@ class SSEClient(StreamClient):
             self._response = None
             response.close()
             self.decoder.close()
+
+    async def _request(self, resume: str | None, first: bool) -> aiohttp.ClientResponse | None:
+        """Send the request of one connection; its response (headers read), or ``None`` when
+        the client was closed meanwhile."""
+        auth, credentials = await self._credentials()
+        if self._closed:
+            return None  # close() came while the ticket was being taken
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache", **auth}
+        if not first and resume:
+            # As a browser does: the URL keeps the first ?after, the header says where we are.
+            headers["Last-Event-ID"] = resume
+        url = self.base_url / "sse" / self.channel
+        params = self._params(after=self.after or None, **credentials)
+        async with asyncio.timeout(self.connect_timeout):
+            return await self.session.get(
+                url, params=params, headers=headers, timeout=self._http_timeout(self.idle_timeout)
+            )
 
     async def _read(self, response: aiohttp.ClientResponse) -> AsyncGenerator[Received, None]:
         stats, decoder = self.stats, self.decoder
@@ -110,16 +123,24 @@ class SSEClient(StreamClient):
             if decoder.retry is not None:
                 self._server_base = decoder.retry / 1000.0
             for message in messages:
-                notice = _overflow(message)
-                if notice is not None:
-                    stats.overflows += 1
-                    raise Retry(f"the server ended this slow client (overflow): {message.data}", 0)
-                try:
-                    value = json.loads(message.data)
-                except ValueError:
-                    continue  # not an envelope (a plain "message"): nothing a client of ours reads
-                event = decode_envelope(value, f"sse {self.channel}")
+                event = self._event_of(message)
                 if event is not None:
                     yield event, received
         if chunked:
             stats.bytes_received += LAST_CHUNK
+
+    def _event_of(self, message: ServerSentEvent) -> Event | None:
+        """The envelope ``message`` carries, or ``None`` for a message that is not one.
+
+        Raises:
+            Retry: it is the overflow notice (resume at once from the last id).
+        """
+        notice = _overflow(message)
+        if notice is not None:
+            self.stats.overflows += 1
+            raise Retry(f"the server ended this slow client (overflow): {message.data}", 0)
+        try:
+            value = json.loads(message.data)
+        except ValueError:
+            return None  # not an envelope (a plain "message"): nothing a client of ours reads
+        return decode_envelope(value, f"{self.transport} {self.channel}")

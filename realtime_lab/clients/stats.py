@@ -28,11 +28,12 @@ class ClientStats:
     """Counters of one client, across all its (re)connections.
 
     Attributes:
-        transport: ``poll``, ``longpoll``, ``sse`` or ``ws``.
-        connections: streams established: accepted SSE/WebSocket connections; for the polling
+        transport: ``poll``, ``longpoll``, ``sse``, ``ws`` or ``fetch``.
+        connections: streams established: accepted SSE/WebSocket/fetch streams; for the polling
             transports, the first successful answer after the start or after a failure.
         reconnects: reconnection attempts (each one waited a backoff delay first).
-        requests: HTTP requests sent (a WebSocket handshake counts as one).
+        requests: HTTP requests sent (a WebSocket handshake counts as one, and so does each
+            fetch ``POST /api/chats/stream`` and each ``POST /api/tickets``).
         bytes_received: bytes read off the wire, estimated: status line and headers as received,
             body, chunked-encoding framing (HTTP); handshake answer, frame headers and payloads
             (WebSocket). Compressed sizes if the server compressed.
@@ -44,6 +45,9 @@ class ClientStats:
             was already reported).
         resets: ``reset`` events received (each one was yielded).
         overflows: times the server ended the connection because the client fell behind.
+        throttled: times the server refused a connection for load (HTTP 429 with
+            ``Retry-After``, a WebSocket closed 1013 at its stream bound); each was retried.
+        tickets: single-use tickets taken (``use_tickets``), one per stream request.
         first_event_s: seconds from the start of iteration to the first event, or ``None``.
         latencies_ms: per event, receive time minus the envelope's ``ts`` (both wall clocks, so
             only meaningful with synchronised clocks); the most recent :data:`MAX_LATENCIES`.
@@ -61,6 +65,8 @@ class ClientStats:
     out_of_order: int = 0
     resets: int = 0
     overflows: int = 0
+    throttled: int = 0
+    tickets: int = 0
     first_event_s: float | None = None
     latencies_ms: list[float] = field(default_factory=list)
     reconnect_delays_s: list[float] = field(default_factory=list)
@@ -109,7 +115,8 @@ class ClientStats:
             f"{self.bytes_received} bytes received, {self.connections} connections, "
             f"{self.reconnects} reconnects\n"
             f"  gaps {self.gaps}, duplicates {self.duplicates}, out of order "
-            f"{self.out_of_order}, resets {self.resets}, overflows {self.overflows}\n"
+            f"{self.out_of_order}, resets {self.resets}, overflows {self.overflows}, "
+            f"throttled {self.throttled}, tickets {self.tickets}\n"
             f"  first event after {first}; latency ms p50 {ms(s['latency_p50_ms'])} "
             f"p95 {ms(s['latency_p95_ms'])} p99 {ms(s['latency_p99_ms'])} "
             f"max {ms(s['latency_max_ms'])}"

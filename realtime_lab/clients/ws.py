@@ -1,8 +1,13 @@
 """The WebSocket client: ``GET /ws/{channel}?after=ID``, one JSON envelope per text frame.
 
 It answers the server's pings itself (to count their bytes), resumes with ``?after=`` on each
-reconnect, and treats close code 1013 (the server ended a client that fell behind) as "resume
-now". :meth:`WSClient.cancel` sends ``{"type": "cancel"}`` on the open socket.
+reconnect, and treats close code 1013 with an ``overflow: ...`` reason (the server ended a
+client that fell behind) as "resume now". Any other 1013 is the server at its bound of open
+streams (upgraded only to be told so, as a browser would see it): the HTTP 429 case, retried
+after the longest backoff. The handshake carries ``Authorization: Bearer`` with ``token``, or a
+fresh ``?ticket=`` with ``use_tickets``; a handshake refused with 401 or 403 is final (the
+refused handshake's body is not available, so the error's ``code`` is ``handshake-refused``).
+:meth:`WSClient.cancel` sends ``{"type": "cancel"}`` on the open socket.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from aiohttp import WSMsgType
 
 from realtime_lab.clients.base import (
     RETRYABLE_4XX,
+    TOO_MANY_REQUESTS,
     Received,
     Retry,
     StreamClient,
@@ -24,10 +30,13 @@ from realtime_lab.clients.base import (
     http_header_bytes,
     log,
     now_ms,
+    retry_after_seconds,
 )
 from realtime_lab.errors import ServerRefused
 
 TRY_AGAIN_LATER: Final = 1013
+#: How the server's reason starts when its 1013 ends a client that fell behind.
+OVERFLOW_REASON: Final = "overflow"
 #: Close codes that say this client broke the protocol: reconnecting would only repeat it.
 CLIENT_FAULT_CODES: Final = frozenset({1003, 1007, 1008, 1009, 1010})
 CLOSE_TIMEOUT: Final = 2.0
@@ -77,11 +86,15 @@ class WSClient(StreamClient):
 
     async def _connect(self, resume: str | None, first: bool) -> AsyncGenerator[Received, None]:
         stats = self.stats
+        headers, credentials = await self._credentials()
+        if self._closed:
+            return  # close() came while the ticket was being taken
         try:
             async with asyncio.timeout(self.connect_timeout):
                 ws = await self.session.ws_connect(
                     self._url(),
-                    params=self._params(after=resume or None),
+                    params=self._params(after=resume or None, **credentials),
+                    headers=headers,
                     autoping=False,  # we answer pings ourselves, to count them
                     timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
                 )
@@ -90,7 +103,10 @@ class WSClient(StreamClient):
             text = f"ws {self._url()}: handshake answered {exc.status} {exc.message}"
             if 400 <= exc.status < 500 and exc.status not in RETRYABLE_4XX:
                 raise ServerRefused(text, exc.status, "handshake-refused") from exc
-            raise Retry(text) from exc
+            delay = retry_after_seconds(
+                exc.headers.get("Retry-After") if exc.headers is not None else None
+            )
+            raise Retry(text, delay, throttled=exc.status == TOO_MANY_REQUESTS) from exc
         self._ws = ws
         try:
             stats.requests += 1
@@ -138,9 +154,16 @@ class WSClient(StreamClient):
         return decode_envelope(value, f"ws {self.channel}")
 
     def _closed_by_server(self, code: int, reason: str) -> None:
-        if code == TRY_AGAIN_LATER:
+        if code == TRY_AGAIN_LATER and reason.startswith(OVERFLOW_REASON):
             self.stats.overflows += 1
             raise Retry(f"the server ended this slow client (close 1013 {reason!r})", 0)
+        if code == TRY_AGAIN_LATER:
+            # Upgraded only to be refused: not a stream established.
+            self.stats.connections -= 1
+            raise Retry(
+                f"ws {self._url()}: the server refused another stream (close 1013 {reason!r})",
+                throttled=True,
+            )
         if code in CLIENT_FAULT_CODES:
             raise ServerRefused(f"ws {self.channel}: closed {code} {reason!r}", code, "ws-close")
         raise Retry(f"the server closed the WebSocket ({code} {reason!r}) before the end event")

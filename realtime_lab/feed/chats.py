@@ -2,6 +2,10 @@
 
 A chat's channel is ``chat.<id>``. Its events are ``token`` (``data``: ``text``, ``index``) and,
 last, ``end`` (``data.reason``: ``done``, ``cancelled`` or ``error``).
+
+Every operation of :class:`ChatRegistry` is O(1) in the number of chats: running chats are
+counted (in total and per owner) as they start and finish, and finished chats wait in a deque in
+the order they finished, so forgetting them pops from its front.
 """
 
 from __future__ import annotations
@@ -10,11 +14,13 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from realtime_lab.bus import Bus
-from realtime_lab.errors import UnknownChat
+from realtime_lab.errors import LimitReached, TooManyChats, UnknownChat
 from realtime_lab.feed.llm import paced_tokens
 from realtime_lab.protocol.channels import CHAT_PREFIX as CHAT_PREFIX  # re-exported
 from realtime_lab.protocol.envelope import END, TOKEN
@@ -23,10 +29,18 @@ log = logging.getLogger(__name__)
 
 Status = Literal["running", "done", "cancelled", "error"]
 
+#: Running chats one owner may have at once (``ChatRegistry(max_running_per_owner=)``).
+DEFAULT_MAX_RUNNING_PER_OWNER: Final = 20
+#: ``retry_after`` of a :class:`TooManyChats`: chats are short, a slot frees up soon.
+RETRY_AFTER_S: Final = 1.0
+
 
 @dataclass(slots=True)
 class Chat:
-    """State of one chat, as ``GET /api/chats/{id}`` shows it."""
+    """State of one chat, as ``GET /api/chats/{id}`` shows it.
+
+    ``owner`` is the user who started it (``None``: started without an identity).
+    """
 
     id: str
     prompt: str
@@ -39,6 +53,7 @@ class Chat:
     parts: list[str] = field(default_factory=list)
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     finished: float | None = None
+    owner: str | None = None
 
     @property
     def channel(self) -> str:
@@ -65,13 +80,35 @@ class Chat:
 
 
 class ChatRegistry:
-    """Starts, cancels and remembers chats; forgets finished ones after ``ttl`` seconds."""
+    """Starts, cancels and remembers chats; forgets finished ones after ``ttl`` seconds.
 
-    def __init__(self, bus: Bus, *, ttl: float = 300.0, max_running: int = 1000) -> None:
+    At most ``max_running`` chats run at once, and at most ``max_running_per_owner`` of one
+    owner (``None``: no per-owner bound); :meth:`start` refuses more with :class:`TooManyChats`.
+    Refusals are counted in :attr:`limits` by code. ``clock`` (monotonic seconds) times the
+    forgetting; tests inject one.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        ttl: float = 300.0,
+        max_running: int = 1000,
+        max_running_per_owner: int | None = DEFAULT_MAX_RUNNING_PER_OWNER,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._bus = bus
         self._ttl = ttl
         self._max_running = max_running
+        self._max_per_owner = max_running_per_owner
+        self._clock = clock
         self._chats: dict[str, Chat] = {}
+        self._running = 0
+        self._running_by_owner: Counter[str] = Counter()
+        self._finished: deque[tuple[float, str]] = deque()  # (finish time, id), oldest first
+        self._enders: set[asyncio.Task[None]] = set()
+        #: Refusals so far by code (``too-many-chats``, ``too-many-chats-per-owner``).
+        self.limits: Counter[str] = Counter({"too-many-chats": 0, "too-many-chats-per-owner": 0})
 
     def start(
         self,
@@ -81,18 +118,51 @@ class ChatRegistry:
         ttft_ms: float = 100.0,
         token_ms: float = 15.0,
         max_tokens: int = 120,
+        owner: str | None = None,
     ) -> Chat:
-        """Start generating; tokens appear on ``chat.channel`` as they are produced."""
+        """Start generating; tokens appear on ``chat.channel`` as they are produced.
+
+        Raises:
+            TooManyChats: ``max_running`` chats run already (code ``too-many-chats``), or
+                ``max_running_per_owner`` of ``owner``'s (code ``too-many-chats-per-owner``).
+                Answer its ``status`` (429); nothing was started.
+        """
         self._forget_expired()
-        chat = Chat(secrets.token_hex(6), prompt, seed, ttft_ms, token_ms, max_tokens)
+        if self._running >= self._max_running:
+            raise self._refuse(
+                f"{self._running} chats are running, the most this server runs at once",
+                "too-many-chats",
+            )
+        if (
+            owner is not None
+            and self._max_per_owner is not None
+            and self._running_by_owner[owner] >= self._max_per_owner
+        ):
+            raise self._refuse(
+                f"{owner!r} already runs {self._max_per_owner} chats, the most one owner may",
+                "too-many-chats-per-owner",
+            )
+        chat = Chat(secrets.token_hex(6), prompt, seed, ttft_ms, token_ms, max_tokens, owner=owner)
         self._chats[chat.id] = chat
+        self._running += 1
+        if owner is not None:
+            self._running_by_owner[owner] += 1
         chat.task = asyncio.create_task(self._generate(chat), name=f"chat-{chat.id}")
+        chat.task.add_done_callback(lambda _: self._task_done(chat))
         return chat
+
+    def _refuse(self, message: str, code: str) -> TooManyChats:
+        self.limits[code] += 1
+        return TooManyChats(message, code, 429, RETRY_AFTER_S)
 
     @property
     def running(self) -> int:
         """How many chats are generating now."""
-        return sum(1 for chat in self._chats.values() if chat.status == "running")
+        return self._running
+
+    def running_for(self, owner: str) -> int:
+        """How many of ``owner``'s chats are generating now."""
+        return self._running_by_owner.get(owner, 0)
 
     def get(self, chat_id: str) -> Chat:
         """The chat with this id.
@@ -100,6 +170,7 @@ class ChatRegistry:
         Raises:
             UnknownChat: no such chat (never started, or forgotten after its ttl).
         """
+        self._forget_expired()
         chat = self._chats.get(chat_id)
         if chat is None:
             raise UnknownChat(f"no chat {chat_id!r}")
@@ -140,26 +211,56 @@ class ChatRegistry:
             # The stream must still end, so the cancellation is re-raised only after `end`.
             await self._finish(chat, reason)
             raise
+        except LimitReached as exc:
+            # The bus is full (or the token too large): an expected refusal, not a bug.
+            log.warning("chat %s stopped: %s", chat.id, exc)
+            reason = "error"
         except Exception:
             log.exception("chat %s failed", chat.id)
             reason = "error"
         await self._finish(chat, reason)
 
-    async def _finish(self, chat: Chat, reason: Status) -> None:
+    def _settle(self, chat: Chat, reason: Status) -> None:
+        """Mark the chat finished and free its running slot (once)."""
+        if chat.status != "running":
+            return
         chat.status = reason
         chat.finished = time.time()
+        self._running -= 1
+        if chat.owner is not None:
+            self._running_by_owner[chat.owner] -= 1
+            if self._running_by_owner[chat.owner] <= 0:
+                del self._running_by_owner[chat.owner]
+        self._finished.append((self._clock(), chat.id))
+
+    async def _finish(self, chat: Chat, reason: Status) -> None:
+        self._settle(chat, reason)
+        await self._publish_end(chat)
+
+    async def _publish_end(self, chat: Chat) -> None:
         try:
             await self._bus.publish(
-                chat.channel, END, {"reason": reason, "tokens": len(chat.parts)}
+                chat.channel, END, {"reason": chat.status, "tokens": len(chat.parts)}
             )
+        except LimitReached as exc:
+            log.warning("could not publish the end of chat %s: %s", chat.id, exc)
         except Exception:
             log.exception("could not publish the end of chat %s", chat.id)
 
+    def _task_done(self, chat: Chat) -> None:
+        # A task cancelled before its first step never runs _generate: settle it here, or its
+        # running slot would be held forever, and still end its stream.
+        if chat.status == "running":
+            self._settle(chat, "cancelled")
+            ender = asyncio.create_task(self._publish_end(chat), name=f"chat-end-{chat.id}")
+            self._enders.add(ender)
+            ender.add_done_callback(self._enders.discard)
+
     def _forget_expired(self) -> None:
-        cutoff = time.time() - self._ttl
-        for chat_id, chat in tuple(self._chats.items()):
-            if chat.finished is not None and chat.finished < cutoff:
-                del self._chats[chat_id]
+        cutoff = self._clock() - self._ttl
+        finished = self._finished
+        while finished and finished[0][0] <= cutoff:
+            self._chats.pop(finished.popleft()[1], None)
 
     async def close(self) -> None:
         """Cancel every running generation and wait for them to publish their ``end``."""
@@ -167,3 +268,5 @@ class ChatRegistry:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._enders:
+            await asyncio.gather(*self._enders, return_exceptions=True)

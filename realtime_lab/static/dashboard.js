@@ -4,12 +4,19 @@
  * <article class="pane"> elements (one per `PANES` entry in realtime_lab/dashboard.py) name
  * their transport module in `data-module`; this shell imports each one, hands every pane what
  * it may use (clock, connection budget, settings, a refresh callback, a stats fetcher), runs
- * the controls, polls the server's figures and draws the charts, summary and findings.
+ * the controls and the "sign in as" box, polls the server's figures and draws the charts,
+ * summary and findings.
+ *
+ * With auth on (`realtime-lab serve --auth-secret`) everything but the ticker needs a user: the
+ * "sign in as" box trades a pasted token for the session cookie (session.js), which the panes'
+ * fetch, EventSource and WebSocket then all send by themselves. Until then the page asks the
+ * server for nothing that would be refused (config, stats).
  *
  * Modules of this page (no build step, no dependencies, nothing from the internet):
  *   clock.js     clocks and the server clock offset   net.js       API calls, connection budget
  *   pane.js      what every transport pane shares     pane-*.js    one module per transport
  *   pane-errors.js  what a pane does on a failure     sequence.js  event-id checking
+ *   session.js   who the page streams as (the session cookie)
  *   charts.js    canvas charts   summary.js  table, Markdown, JSON   findings.js  explanations
  *   format.js    number formats
  *
@@ -26,12 +33,18 @@ import { Clock } from "./clock.js";
 import { renderFindings } from "./findings.js";
 import { fmtBytes, fmtMs } from "./format.js";
 import { ConnectionBudget, createApi, errorText } from "./net.js";
+import { Session, describe as describeSession } from "./session.js";
 import { markdown, renderTable, runSummary } from "./summary.js";
 
 const STATS_EVERY_MS = 1000;
 const CLOCK_EVERY_MS = 10000; // a fresh clock sample at least this often
 const FINAL_STATS_DELAY_MS = 400; // the server folds a connection's last bytes in as it closes
 const COUNTS = ["no", "one", "two", "three", "four", "five", "six", "seven", "eight"];
+// The run's status when panes ended refused (pane-errors.js `judge`'s ends).
+const REFUSED = {
+  unauthenticated: "401: sign in to stream this channel",
+  forbidden: "403: this channel is not yours",
+};
 
 const $ = (selector, root = document) => root.querySelector(selector);
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -54,7 +67,9 @@ const clock = new Clock({ onChange: refresh });
 const budget = new ConnectionBudget(refresh);
 // Every request that is not a pane's own goes through this one queue: one connection at most.
 const api = createApi({ budget, clock });
+const session = new Session(api);
 let config = null; // the server's /api/config answer
+let configShown = false; // the sliders show the server's settings
 
 async function readConfig() {
   const res = await api("GET", "/api/config");
@@ -67,6 +82,7 @@ async function readConfig() {
 
 /** The server's figures for one pane's client tag; null if it has none (yet). */
 async function fetchStats(client) {
+  if (session.signedOut) return null; // it would be refused
   const res = await api("GET", `/api/stats?client=${encodeURIComponent(client)}`);
   if (!res.ok || !res.json || !res.json.client) return null;
   // Stats answers carry the server clock too: more samples, a shorter best round trip.
@@ -167,7 +183,12 @@ const app = {
     run.endedAt = clock.now();
     const done = panes.every((pane) => pane.ended === "done");
     const all = COUNTS[panes.length] ?? String(panes.length);
-    setStatus(done ? `done: all ${all} panes finished` : "stopped");
+    const refused = panes.filter((pane) => REFUSED[pane.ended]).map((pane) => pane.ended);
+    if (done) setStatus(`done: all ${all} panes finished`);
+    else if (refused.length) setStatus(REFUSED[refused[0]]);
+    else setStatus("stopped");
+    // A 401 while the page thought it was signed in: the cookie expired (or was cleared).
+    if (refused.includes("unauthenticated")) readSession();
     setTimeout(() => {
       pollStats(run).then(() => {
         run.statsFinal = true;
@@ -190,6 +211,11 @@ const app = {
       res = await api("POST", "/api/chats", params);
     } catch (err) {
       setStatus("could not reach the server");
+      return;
+    }
+    if (res.status === 401) {
+      setStatus("401: sign in to start a chat");
+      readSession(); // the page may have thought it was signed in
       return;
     }
     if (!res.ok || !res.json) {
@@ -244,7 +270,7 @@ async function background() {
     const run = app.run;
     try {
       if (run && run.endedAt === null) await pollStats(run);
-      if (clock.age() > CLOCK_EVERY_MS) await readConfig();
+      if (clock.age() > CLOCK_EVERY_MS && !session.signedOut) await readConfig();
     } catch (err) {
       // unreachable server: the panes show it; keep trying
     }
@@ -261,6 +287,7 @@ function render() {
       : run.endedAt !== null
         ? "ended"
         : "running";
+  document.body.dataset.runId = run ? run.id : "";
   $("#conn-now").textContent = budget.now;
   $("#conn-peak").textContent = budget.peak;
   $("#clock-offset").textContent =
@@ -389,6 +416,72 @@ $("#download-json").addEventListener("click", () => {
 });
 window.addEventListener("resize", () => ui.dirty());
 
+// ---- session: the "sign in as" box ------------------------------------------------------------
+function showSession(text = null) {
+  const state = session.state;
+  const mode = state.auth === null ? "unknown" : !state.auth ? "off" : state.user ? "in" : "out";
+  document.body.dataset.session = mode;
+  $("#session-status").textContent = describeSession(state);
+  $("#session-note").textContent = text ?? "";
+  // Auth off: nothing to sign in to. Signed in: sign out first to change user. Unknown (the
+  // server did not answer): as the page was served.
+  const box = mode === "out" || (mode === "unknown" && $("#session-form").dataset.auth === "on");
+  $("#session-token-label").hidden = !box;
+  $("#sign-in").hidden = !box;
+  $("#sign-out").hidden = mode !== "in";
+}
+
+async function readSession() {
+  try {
+    await session.read();
+  } catch (err) {
+    session.state = { ...session.state, auth: null };
+  }
+  showSession();
+}
+
+/** Signed in (or auth is off): read the server's settings now, if they were out of reach. */
+async function readSettings() {
+  if (session.signedOut) return;
+  const first = await readConfig();
+  if (!first || configShown) return;
+  for (let i = 0; i < 4; i += 1) await readConfig(); // a few round trips: the shortest wins
+  setSlider(sliders.tokenMs, first.token_ms);
+  setSlider(sliders.ttftMs, first.ttft_ms);
+  setSlider(sliders.heartbeatS, first.heartbeat);
+  setSlider(sliders.tickerRate, first.ticker_rate);
+  configShown = true;
+}
+
+$("#session-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const input = $("#session-token");
+  $("#sign-in").disabled = true;
+  try {
+    const result = await session.signIn(input.value);
+    if (result.ok) input.value = ""; // the cookie holds it now; the page keeps no copy
+    showSession(result.ok ? "" : result.text);
+    if (result.ok) await readSettings();
+  } catch (err) {
+    showSession("the server is unreachable");
+  } finally {
+    $("#sign-in").disabled = false;
+  }
+  ui.dirty();
+});
+$("#sign-out").addEventListener("click", async () => {
+  // Signing out ends what the page streams as this user (open streams would outlive the cookie).
+  $("#ticker").checked = false;
+  $("#ticker-rate-label").hidden = true;
+  app.stopAll();
+  try {
+    await session.signOut();
+    showSession("signed out");
+  } catch (err) {
+    showSession("the server is unreachable");
+  }
+});
+
 // ---- test hook --------------------------------------------------------------------------------
 /** Whether a test asked for `window.lab`: `?test=1`, or `window.__RTL_TEST__` set beforehand. */
 function testHookWanted() {
@@ -402,6 +495,7 @@ if (testHookWanted()) {
     panes,
     budget,
     clock,
+    session,
     summary: () => app.summary(),
     markdown: () => app.markdown(),
   };
@@ -410,15 +504,8 @@ if (testHookWanted()) {
 // ---- start ------------------------------------------------------------------------------------
 async function init() {
   try {
-    // A few round trips for the clock offset; the shortest one wins.
-    const first = await readConfig();
-    for (let i = 0; i < 4; i += 1) await readConfig();
-    if (first) {
-      setSlider(sliders.tokenMs, first.token_ms);
-      setSlider(sliders.ttftMs, first.ttft_ms);
-      setSlider(sliders.heartbeatS, first.heartbeat);
-      setSlider(sliders.tickerRate, first.ticker_rate);
-    }
+    await readSession(); // first: with auth on and nobody signed in, config would be refused
+    await readSettings();
     document.body.dataset.ready = "true";
   } catch (err) {
     setStatus("could not reach the server");

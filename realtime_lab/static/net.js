@@ -51,16 +51,22 @@ export class SideQueue {
 /**
  * A JSON API client whose calls go through one `SideQueue` and count against `budget`.
  *
- * The returned `api(method, path, body)` resolves to `{ok, status, json, sent, t0, t1}`:
- * `sent` is the monotonic time the request left, `t0`/`t1` wall times around it (for clock
- * samples). It rejects only when the server is unreachable.
+ * The returned `api(method, path, body, headers)` resolves to `{ok, status, json, sent, t0,
+ * t1}`: `sent` is the monotonic time the request left, `t0`/`t1` wall times around it (for
+ * clock samples). It rejects only when the server is unreachable. Every call carries the
+ * page's session cookie (when signed in); `headers` adds to the request's (Authorization).
  */
 export function createApi({ budget, clock, queue = new SideQueue(), fetch = globalThis.fetch }) {
-  return (method, path, body) =>
+  return (method, path, body, headers = {}) =>
     queue.run(async () => {
       budget.take();
       try {
-        const init = { method, cache: "no-store", headers: {} };
+        const init = {
+          method,
+          cache: "no-store",
+          credentials: "same-origin",
+          headers: { ...headers },
+        };
         if (body !== undefined) {
           init.headers["Content-Type"] = "application/json";
           init.body = JSON.stringify(body);

@@ -33,6 +33,7 @@ export class PollingPane extends Pane {
         const response = await fetch(this.url(this.cursor), {
           signal: controller.signal,
           cache: "no-store",
+          credentials: "same-origin", // the session cookie, when signed in
         });
         if (!response.ok) throw await HttpError.from(response);
         body = await response.json();

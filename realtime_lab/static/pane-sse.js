@@ -5,9 +5,7 @@ import { Pane } from "./pane.js";
 export default class SSEPane extends Pane {
   open(after) {
     const { budget } = this.deps;
-    const source = new EventSource(
-      `/sse/${encodeURIComponent(this.run.channel)}?${this.query(after)}`,
-    );
+    const source = new EventSource(this.url(after));
     this.source = source;
     budget.take();
     this.m.requests += 1;
@@ -40,10 +38,13 @@ export default class SSEPane extends Pane {
         }
         if (this.ended) return;
         if (source.readyState === EventSource.CLOSED) {
-          // The browser gave up (an HTTP error status it does not show us): reconnect
-          // ourselves, with ?after.
+          // The browser gave up (an HTTP error status it does not show us): ask the server
+          // what it was, then reconnect ourselves with ?after, or say why not.
           this.shut();
-          this.failed({ why: "the stream failed" });
+          this.failed({
+            why: "the stream failed",
+            probe: this.url(this.resumeFrom(), false),
+          });
         } else {
           // The browser reconnects by itself after `retry:` ms, sending Last-Event-ID.
           this.m.requests += 1;
@@ -51,6 +52,11 @@ export default class SSEPane extends Pane {
         }
       }),
     );
+  }
+
+  /** The stream's URL from `after`; `tagged` false for a probe (see Pane.query). */
+  url(after, tagged = true) {
+    return `/sse/${encodeURIComponent(this.run.channel)}?${this.query(after, {}, tagged)}`;
   }
 
   shut() {

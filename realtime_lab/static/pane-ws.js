@@ -1,6 +1,7 @@
 /* WebSocket: one socket; the browser does not resume it, so the pane reconnects with ?after. */
 
 import { Pane } from "./pane.js";
+import { wsCloseProblem } from "./pane-errors.js";
 
 export default class WSPane extends Pane {
   open(after) {
@@ -12,7 +13,9 @@ export default class WSPane extends Pane {
     const socket = new WebSocket(url);
     this.socket = socket;
     this.m.requests += 1;
+    let wasOpen = false;
     socket.onopen = () => {
+      wasOpen = true;
       if (this.socket === socket) this.opened();
     };
     socket.onmessage = (event) => {
@@ -22,8 +25,16 @@ export default class WSPane extends Pane {
       if (this.socket !== socket) return;
       this.socket = null;
       if (this.ended || !this.active) return;
-      this.failed({ why: `closed (${event.code}${event.reason ? " " + event.reason : ""})` });
+      // A refused handshake is a bare 1006 to us: the probe asks the server's poll endpoint
+      // about the same channel and position (the same access checks, and it holds no stream).
+      this.failed(wsCloseProblem(event, { opened: wasOpen, probe: this.probeUrl(after) }));
     };
+  }
+
+  /** Where to ask why a handshake from `after` was refused (see pane-errors.js diagnose). */
+  probeUrl(after) {
+    const query = this.query(after, { limit: "1" }, false);
+    return new URL(`/poll/${encodeURIComponent(this.run.channel)}?${query}`, this.deps.base).href;
   }
 
   shut(code = 1000, reason = "") {

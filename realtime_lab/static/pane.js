@@ -17,7 +17,7 @@
  */
 
 import { SLASH, fmtBytes, fmtMs, percentile } from "./format.js";
-import { judge } from "./pane-errors.js";
+import { diagnose, judge, needsProbe } from "./pane-errors.js";
 import { Sequence } from "./sequence.js";
 
 export const MAX_SAMPLES = 5000; // latency samples kept per pane (percentiles over the last ones)
@@ -36,6 +36,7 @@ export class Pane {
    *               when the server is unreachable
    *   options     the user's settings, read at each use: pollIntervalMs(), longpollTimeoutS()
    *   base        the page's URL, to build absolute (ws:) URLs from
+   *   fetch       optional: the fetch() that probes a failed stream (pane-errors.js diagnose)
    */
   constructor(root, deps) {
     this.root = root;
@@ -102,9 +103,13 @@ export class Pane {
     return this.lastId ?? this.cursor ?? this.run.after;
   }
 
-  /** The query string of a transport URL: our client tag, `after`, and `extra`. */
-  query(after, extra = {}) {
-    const params = new URLSearchParams({ client: this.tag, ...extra });
+  /**
+   * The query string of a transport URL: our client tag, `after`, and `extra`. A probe
+   * (`tagged` false) goes without the tag: it is not one of this pane's requests, and the
+   * server's figures for the pane must not count it.
+   */
+  query(after, extra = {}, tagged = true) {
+    const params = new URLSearchParams({ ...(tagged ? { client: this.tag } : {}), ...extra });
     if (after) params.set("after", after);
     return params.toString();
   }
@@ -133,29 +138,53 @@ export class Pane {
   /**
    * The connection or a request failed: every transport reports it here, and only here is it
    * decided (pane-errors.js `judge`) and shown. Call it once per failure, with the connection
-   * already shut.
+   * already shut. A problem with a `probe` URL (EventSource and WebSocket, which never show a
+   * refused request's status) is first taken to the server to learn its status: the pane says
+   * so meanwhile, and a cut, a stop or an end in between wins over the answer.
    */
   failed(problem) {
+    if (!needsProbe(problem)) {
+      this.settle(problem);
+      return;
+    }
+    const gen = this.gen;
+    this.setState("reconnecting");
+    this.note(`${problem.why || "the connection failed"}; asking the server why…`);
+    diagnose(problem, { fetch: this.deps.fetch, budget: this.deps.budget }).then((known) => {
+      if (gen === this.gen && this.active && !this.ended) this.settle(known);
+    });
+  }
+
+  /** Carry out `judge`'s verdict on a problem whose status is known (or will not be). */
+  settle(problem) {
     const verdict = judge(problem);
     if (verdict.action === "give-up") {
-      this.note(verdict.text);
-      this.finish("error");
+      this.finish(verdict.end, verdict.text); // the verdict's line stays, not "ended: ..."
     } else {
-      this.retryLater(verdict.text);
+      this.retryLater(verdict.text, verdict.delayMs);
     }
   }
 
-  /** Try again after a growing pause, from the last id. */
-  retryLater(why) {
+  /**
+   * Try again from the last id: after `delayMs` when given (`why` then says how long: a 429's
+   * Retry-After), else after a growing pause (which is added to `why`).
+   */
+  retryLater(why, delayMs = null) {
     this.wasDown = true;
     this.m.failures += 1;
     this.setState("reconnecting");
-    this.backoffMs = Math.min(this.backoffMs ? this.backoffMs * 2 : 200, 5000);
-    if (why) this.note(`${why}; retrying in ${this.backoffMs} ms`);
+    let wait = delayMs;
+    if (wait === null) {
+      this.backoffMs = Math.min(this.backoffMs ? this.backoffMs * 2 : 200, 5000);
+      wait = this.backoffMs;
+      if (why) this.note(`${why}; retrying in ${wait} ms`);
+    } else if (why) {
+      this.note(why);
+    }
     const gen = this.gen;
     setTimeout(() => {
       if (gen === this.gen && this.active && !this.ended) this.open(this.resumeFrom());
-    }, this.backoffMs);
+    }, wait);
   }
 
   /** The connection (or a poll) succeeded. */
@@ -257,7 +286,9 @@ export class Pane {
     this.scrollPending = true;
   }
 
-  finish(reason) {
+  /** End the pane for `reason` ("done", "cancelled", "unauthenticated", ...); `why` is the
+   * line to show (by default "ended: <reason>", and nothing for "done"). */
+  finish(reason, why = null) {
     if (this.ended) return;
     this.ended = reason;
     this.active = false;
@@ -266,7 +297,8 @@ export class Pane {
     this.cutEl.disabled = true;
     this.root.dataset.end = reason;
     this.setState("closed");
-    if (reason !== "done") this.note(`ended: ${reason}`);
+    if (why) this.note(why);
+    else if (reason !== "done") this.note(`ended: ${reason}`);
     this.deps.onEnded(this);
   }
 

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-TRANSPORTS = ("poll", "longpoll", "sse", "ws")
+TRANSPORTS = ("poll", "longpoll", "sse", "ws", "fetch")
 
 __all__ = ["TRANSPORTS"]

@@ -40,18 +40,25 @@ async def start_chat(request: web.Request, body: dict[str, Any]) -> Chat:
             f"prompt must be a non-empty string of at most {MAX_PROMPT} characters",
         )
     identity = identity_of(request)
+    seed = int(body_number(body, "seed", 0, -(2**31), 2**31, integer=True))
+    ttft_ms = body_number(body, "ttft_ms", settings.ttft_ms, 0, 60_000)
+    token_ms = body_number(body, "token_ms", settings.token_ms, 0, 10_000)
+    max_tokens = int(body_number(body, "max_tokens", settings.max_tokens, 1, 5000, integer=True))
+    chats = request.app[CHATS_KEY]
     try:
-        chat = request.app[CHATS_KEY].start(
+        chat = chats.start(
             prompt,
-            seed=int(body_number(body, "seed", 0, -(2**31), 2**31, integer=True)),
-            ttft_ms=body_number(body, "ttft_ms", settings.ttft_ms, 0, 60_000),
-            token_ms=body_number(body, "token_ms", settings.token_ms, 0, 10_000),
-            max_tokens=int(
-                body_number(body, "max_tokens", settings.max_tokens, 1, 5000, integer=True)
-            ),
-            **({} if identity is None else {"owner": identity.user}),
+            seed=seed,
+            ttft_ms=ttft_ms,
+            token_ms=token_ms,
+            max_tokens=max_tokens,
+            owner=None if identity is None else identity.user,
         )
     except LimitReached as exc:
         raise limit_problem(exc) from None
-    await request.app[BUS_KEY].declare(chat.channel)
+    try:
+        await request.app[BUS_KEY].declare(chat.channel)
+    except LimitReached as exc:
+        chats.cancel(chat.id)  # no channel for it (the bus is full): it cannot run
+        raise limit_problem(exc) from None
     return chat

@@ -15,7 +15,7 @@ from realtime_lab.transports.accounting import Hub
 from realtime_lab.transports.chaos import Chaos
 
 #: The transports whose connections have heartbeats.
-BEATING = ("sse", "ws")
+BEATING = ("sse", "ws", "fetch")
 
 
 class Heartbeat:

@@ -11,6 +11,7 @@ from realtime_lab.bus import Bus
 from realtime_lab.config import Settings
 from realtime_lab.feed.chats import ChatRegistry
 from realtime_lab.feed.ticker import Ticker
+from realtime_lab.transports.abortgrace import AbortGrace
 from realtime_lab.transports.access import Access
 from realtime_lab.transports.accounting import Hub
 from realtime_lab.transports.broadcast import Broadcasts
@@ -29,3 +30,4 @@ REGISTRY_KEY: Final = web.AppKey("metrics_registry", CollectorRegistry)
 ACCESS_KEY: Final = web.AppKey("access", Access)
 SLOTS_KEY: Final = web.AppKey("stream_slots", StreamSlots)
 HEARTBEAT_KEY: Final = web.AppKey("heartbeat", Heartbeat)
+ABORT_GRACE_KEY: Final = web.AppKey("abort_grace", AbortGrace)

@@ -69,6 +69,8 @@ async def open_request(
     resume_header: bool = False,
     stream: bool = False,
     browser_origin: bool = False,
+    channel: str | None = None,
+    inject_faults: bool = True,
 ) -> Opening:
     """Check a transport request; answer (and count) it with a JSON error when it is refused.
 
@@ -77,6 +79,8 @@ async def open_request(
     ``stream``: the request may hold a stream open; it claims a slot (release it at the end).
     ``browser_origin``: refuse an ``Origin`` that is not allowed (a WebSocket handshake, which
     browsers send cross-site with cookies and which CORS does not guard).
+    ``channel``: the channel, when the request names it otherwise than in its path.
+    ``inject_faults``: ``False`` when the handler applied chaos failures itself, earlier.
 
     Raises:
         HTTPProblem: 400 for a malformed channel, position or tag, 401/403 for a missing or
@@ -87,12 +91,14 @@ async def open_request(
     client = client_tag(request)
     counters = Counters(requests=1)
     try:
-        app[CHAOS_KEY].maybe_fail(transport)
+        if inject_faults:
+            app[CHAOS_KEY].maybe_fail(transport)
         access = app[ACCESS_KEY]
         access.check_host(request)
         if browser_origin:
             access.check_origin(request)
-        channel = await existing_channel(request)
+        if channel is None:
+            channel = await existing_channel(request)
         header = request.headers.get("Last-Event-ID") if resume_header else None
         if header is not None:
             after = after_param(header, "Last-Event-ID")

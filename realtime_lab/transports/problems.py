@@ -7,6 +7,7 @@ from typing import Any, Final
 
 from aiohttp import hdrs, web
 
+from realtime_lab.auth import redact
 from realtime_lab.protocol.envelope import dumps
 
 log = logging.getLogger("realtime_lab.server")
@@ -76,13 +77,14 @@ async def json_errors(request: web.BaseRequest, response: web.StreamResponse) ->
         log.warning(
             "%s %s -> %d %s: %s",
             request.method,
-            request.path_qs,
+            redact(request.path_qs),  # never a ticket or token in the log
             response.status,
             response.code,
             response.message,
         )
         return
-    log.warning("%s %s -> %d %s", request.method, request.path_qs, response.status, response.reason)
+    path = redact(request.path_qs)
+    log.warning("%s %s -> %d %s", request.method, path, response.status, response.reason)
     if isinstance(response, web.Response) and response.content_type == "text/plain":
         code = _AIOHTTP_CODES.get(response.status, "http-error")
         body = dumps(error_body(code, response.text or response.reason))

@@ -11,7 +11,7 @@ Why not ``aiohttp_sse.EventSourceResponse`` here: its ``send()`` formats every m
 subscriber and awaits a drain per write, i.e. one coroutine per subscriber per event. This
 handler writes bytes that are SSE-formatted and chunk-framed once per event, for all subscribers,
 directly to each socket. (``aiohttp-sse`` serves the one-subscriber OpenAI-compatible endpoint,
-where its API is the right fit: see :mod:`realtime_lab.api`.)
+where its API is the right fit: see :mod:`realtime_lab.openai_api`.)
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from realtime_lab.transports.keys import (
     HUB_KEY,
     SETTINGS_KEY,
 )
-from realtime_lab.transports.preamble import open_request
+from realtime_lab.transports.preamble import Opening, open_request
 from realtime_lab.transports.stream import (
     END_OF_STREAM,
     SHUTDOWN,
@@ -107,59 +107,70 @@ class SSEConnection(StreamConnection):
 
 async def sse(request: web.Request) -> web.StreamResponse:
     """``GET /sse/{channel}``: the event stream (see the module docstring)."""
-    app = request.app
-    hub, bus, settings, chaos = app[HUB_KEY], app[BUS_KEY], app[SETTINGS_KEY], app[CHAOS_KEY]
     opening = await open_request(request, "sse", resume_header=True, stream=True)
-    channel, after, client, counters = (
-        opening.channel,
-        opening.after,
-        opening.client,
-        opening.counters,
-    )
     try:
+        after = opening.after
         if isinstance(after, Cursor):
-            info = await bus.info(channel)
+            info = await request.app[BUS_KEY].info(opening.channel)
             if (
                 info is not None
                 and info.finished
                 and after.epoch == info.epoch
                 and after.seq == info.last_seq
             ):
-                # 204 tells an EventSource to stop reconnecting: the stream is over. Only for the
-                # end's own id: a later seq was never issued and is answered with a reset.
+                # 204 tells an EventSource to stop reconnecting: the stream is over. Only for
+                # the end's own id: a later seq was never issued and is answered with a reset.
+                hub = request.app[HUB_KEY]
+                counters = opening.counters
                 return MeteredResponse(
-                    b"", "sse", client, counters, hub, status=204, content_type=None
+                    b"", "sse", opening.client, counters, hub, status=204, content_type=None
                 )
-
-        response = web.StreamResponse(headers=SSE_HEADERS)
-        await response.prepare(request)
-        conn = SSEConnection(request, channel, client, chaos, settings.send_buffer)
-        conn.counters = counters
-        writer = request._payload_writer  # headers as aiohttp wrote them
-        counters.bytes += writer.output_size
-        hub.register(conn)
-        group = None
-        key, frame = ("sse.c", sse_chunk) if conn.is_chunked else ("sse", sse_frame)
-        try:
-            conn.write(conn.raw(encode_retry(settings.retry_ms)))
-            group = await app[BROADCASTS_KEY].attach(conn, channel, after, key, frame)
-            reason = await conn.done
-        finally:
-            conn.discard()
-            if group is not None:
-                group.remove(conn)
-            hub.unregister(conn)
-        transport = request.transport
-        if (
-            reason in (END_OF_STREAM, SHUTDOWN)
-            and transport is not None
-            and not transport.is_closing()
-        ):
-            before = writer.output_size
-            await response.write_eof()
-            hub.record("sse", client, Counters(bytes=writer.output_size - before))
-        # After an overflow, a chaos drop or a lost client the socket is already closing: aiohttp's
-        # own write_eof then fails quietly with a ConnectionError it expects.
+        response, _ = await stream_events(request, opening, SSEConnection)
         return response
     finally:
         opening.release()
+
+
+async def stream_events(
+    request: web.Request,
+    opening: Opening,
+    kind: type[SSEConnection],
+    preface: bytes = b"",
+) -> tuple[web.StreamResponse, str]:
+    """Answer ``request`` with the event stream ``opening`` asks for, until it ends.
+
+    ``preface``: an SSE block written after ``retry:`` and before the first event (the fetch
+    stream names its chat there). Returns the response and why the stream ended.
+    """
+    app = request.app
+    hub, settings, chaos = app[HUB_KEY], app[SETTINGS_KEY], app[CHAOS_KEY]
+    channel, client, counters = opening.channel, opening.client, opening.counters
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    conn = kind(request, channel, client, chaos, settings.send_buffer)
+    conn.counters = counters
+    writer = request._payload_writer  # headers as aiohttp wrote them
+    counters.bytes += writer.output_size
+    hub.register(conn)
+    group = None
+    key, frame = ("sse.c", sse_chunk) if conn.is_chunked else ("sse", sse_frame)
+    try:
+        # Without its blank line the retry: field joins the next block (the preface or the first
+        # event): the same to an EventSource (a field applies when its line ends), while a block
+        # of its own is an empty event to httpx-sse and openai's decoder (event.json() raises).
+        conn.write(conn.raw(encode_retry(settings.retry_ms)[:-1] + preface))
+        group = await app[BROADCASTS_KEY].attach(conn, channel, opening.after, key, frame)
+        reason = await conn.done
+    finally:
+        conn.discard()
+        if group is not None:
+            group.remove(conn)
+        hub.unregister(conn)
+    transport = request.transport
+    if reason in (END_OF_STREAM, SHUTDOWN) and transport is not None and not transport.is_closing():
+        before = writer.output_size
+        await response.write_eof()
+        hub.record(kind.transport, client, Counters(bytes=writer.output_size - before))
+    # After an overflow, a chaos drop or a lost client the socket is already closing: aiohttp's
+    # own write_eof then fails quietly with a ConnectionError it expects.
+    return response, reason

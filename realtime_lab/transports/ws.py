@@ -129,7 +129,9 @@ async def ws(request: web.Request) -> web.StreamResponse:
             raise
         # A browser's WebSocket never sees a refused handshake's status: say it with a close
         # code it does see (1013, try again later) and the reason.
-        return await _refuse_upgrade(request, settings.ws_max_message, exc.message)
+        wait = exc.headers.get("Retry-After", "5")
+        why = f"{exc.code}: {exc.message} (retry after {wait} s)"
+        return await _refuse_upgrade(request, settings.ws_max_message, why)
     try:
         return await _serve(request, opening, hub, bus, settings.ws_max_message, chaos)
     finally:

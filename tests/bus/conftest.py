@@ -33,12 +33,13 @@ async def make_bus(backend: str) -> AsyncIterator[MakeBus]:
     """Factory of started buses of the current backend, closed at the end of the test.
 
     Every bus a test makes shares the backend: two Redis buses see the same keys, as two server
-    processes would; two memory buses are two independent processes.
+    processes would; two memory buses are two independent processes. ``options`` are the other
+    keyword arguments of :func:`create_bus` (``history_bytes``, ``max_channels``).
     """
     made: list[Bus] = []
 
-    async def make(history: int = 1000, ttl: float = 300.0) -> Bus:
-        bus = create_bus(backend, history=history, ttl=ttl)
+    async def make(history: int = 1000, ttl: float = 300.0, **options: int) -> Bus:
+        bus = create_bus(backend, history=history, ttl=ttl, **options)
         await bus.start()
         made.append(bus)
         return bus

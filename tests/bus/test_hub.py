@@ -8,6 +8,7 @@ the test lets it finish (``gate``), so publishes can land between a read and the
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from typing import Any
 
 import pytest
@@ -22,10 +23,14 @@ from .conftest import Recorder, wait_until
 
 
 class ScriptedBroker(Broker):
-    def __init__(self, history: int = 1000) -> None:
+    def __init__(self, history: int = 1000, ttl: float = 300.0) -> None:
+        super().__init__()
         self.url = "scripted://"
         self.history = history
-        self.ttl = 300.0
+        self.ttl = ttl
+        self.retained: list[tuple[str, ...]] = []
+        self.retain_called = asyncio.Event()
+        self.tickets: dict[str, tuple[bytes, float]] = {}
         self.epoch = "e1"
         self.events: list[Event] = []
         self.queued: list[Event] = []  # published, not yet sent live
@@ -83,6 +88,17 @@ class ScriptedBroker(Broker):
 
     async def unsubscribe(self, channel: str) -> None:
         self.subscribed.discard(channel)
+
+    async def retain(self, channels: Collection[str]) -> None:
+        self.retained.append(tuple(channels))
+        self.retain_called.set()
+
+    async def put_ticket(self, key: str, value: bytes, ttl_s: float) -> None:
+        self.tickets[key] = (value, ttl_s)
+
+    async def take_ticket(self, key: str) -> bytes | None:
+        entry = self.tickets.pop(key, None)
+        return None if entry is None else entry[0]
 
 
 @pytest.fixture
@@ -223,7 +239,49 @@ async def test_one_subscription_per_channel_whatever_the_sinks(hub: Any) -> None
     assert info.subscribers == 5
     for attachment in attachments:
         attachment.detach()
+
     async def released() -> bool:
         return not broker.subscribed
 
     await wait_until(released)
+
+
+async def test_followed_channels_are_retained_periodically() -> None:
+    broker = ScriptedBroker(ttl=0.15)  # retain every 0.05 s
+    bus = Bus(broker)
+    await bus.start()
+    try:
+        attachment = await bus.attach("c", None, Recorder())
+        await bus.attach("d", None, Recorder())
+
+        async def retained(expected: set[str]) -> bool:
+            return any(set(call) == expected for call in broker.retained)
+
+        await wait_until(lambda: retained({"c", "d"}))
+        attachment.detach()
+
+        async def released() -> bool:
+            return "c" not in broker.subscribed
+
+        await wait_until(released)
+        broker.retained.clear()
+        await wait_until(lambda: retained({"d"}))
+    finally:
+        await bus.close()
+    # Stopped with the bus: no call after close.
+    calls = len(broker.retained)
+    broker.retain_called.clear()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await broker.retain_called.wait()
+    assert len(broker.retained) == calls
+
+
+async def test_tickets_and_limits_pass_through_to_the_broker(hub: Any) -> None:
+    bus, broker = hub
+    await bus.put_ticket("k" * 64, b"v", 5.0)
+    assert broker.tickets == {"k" * 64: (b"v", 5.0)}
+    assert await bus.take_ticket("k" * 64) == b"v"
+    assert await bus.take_ticket("k" * 64) is None
+    broker.limits["too-many-channels"] += 2
+    assert bus.limits["too-many-channels"] == 2

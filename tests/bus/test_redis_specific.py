@@ -10,10 +10,9 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from realtime_lab.bus import create_bus
-from realtime_lab.bus import Bus
+from realtime_lab.bus import Bus, create_bus
 from realtime_lab.bus.redis import RedisBroker, split_url
-from realtime_lab.errors import BusClosed, BusError
+from realtime_lab.errors import BusClosed, BusError, EventTooLarge, TooManyChannels
 from realtime_lab.protocol.cursor import parse_id
 from realtime_lab.protocol.envelope import END, RESET, Event
 from tests.redis_server import RedisServer, free_port, redis_server_binary
@@ -102,17 +101,31 @@ async def test_keys_stream_and_wire_format(
     ]
     prefix = split_url(redis_url)[1]["prefix"]
     meta, stream = f"{prefix}:{{{channel}}}:meta", f"{prefix}:{{{channel}}}:stream"
-    bus_epoch = f"{prefix}:epoch"
-    expected = sorted(key.encode() for key in (meta, stream, bus_epoch))
+    tombstone = f"{prefix}:{{{channel}}}:gone"
+    bus_epoch, index = f"{prefix}:epoch", f"{prefix}:channels"
+    expected = sorted(key.encode() for key in (meta, stream, tombstone, bus_epoch, index))
     assert sorted(await raw.keys(f"{prefix}:*")) == expected
 
     epoch = parse_id(events[0].id).epoch
     assert await raw.get(bus_epoch) == epoch.encode()  # a channel's first life: the bus epoch
-    assert await raw.hgetall(meta) == {b"epoch": epoch.encode(), b"last": b"5"}
+    kept = sum(len(e.json) for e in events[2:])
+    assert await raw.hgetall(meta) == {
+        b"epoch": epoch.encode(),
+        b"last": b"5",
+        b"bytes": str(kept).encode(),
+    }
     entries: list[tuple[bytes, dict[bytes, bytes]]] = await raw.xrange(stream)  # type: ignore[assignment]
     assert [entry_id for entry_id, _ in entries] == [b"3-0", b"4-0", b"5-0"]  # trimmed to 3
     assert [fields[b"e"] for _, fields in entries] == [e.json for e in events[2:]]
-    assert await raw.ttl(meta) == -1  # unfinished channels do not expire
+    # Unfinished channels expire too, ttl after their last event; the index says when.
+    for key in (meta, stream):
+        assert 0 < await raw.pttl(key) <= 300_000
+    assert 24 * 3600_000 < await raw.pttl(tombstone) <= 24 * 3600_000 + 300_000
+    assert await raw.zrange(index, 0, -1) == [channel.encode()]
+    now_s, now_us = await raw.time()
+    score = await raw.zscore(index, channel)
+    assert score is not None
+    assert 0 < score - (now_s * 1000 + now_us // 1000) <= 300_000
 
 
 @pytest.mark.redis
@@ -403,3 +416,106 @@ def live_key(bus: Bus, channel: str) -> bytes:
     broker = bus.broker
     assert isinstance(broker, RedisBroker)
     return broker.live_key(channel)
+
+
+# Bounds ------------------------------------------------------------------------------------------
+@pytest.mark.redis
+async def test_the_channel_cap_is_shared_by_every_process(make_redis_bus: MakeRedisBus) -> None:
+    first, second = await make_redis_bus(), await make_redis_bus()
+    for bus in (first, second):
+        broker = bus.broker
+        assert isinstance(broker, RedisBroker)
+        broker.max_channels = 2
+    await first.publish(new_channel(), "token", {})
+    await second.publish(new_channel(), "token", {})
+    with pytest.raises(TooManyChannels) as raised:
+        await first.publish(new_channel(), "token", {})
+    assert raised.value.retry_after is not None
+    assert 290 < raised.value.retry_after <= 300  # when the first channel expires
+    assert (first.limits["too-many-channels"], second.limits["too-many-channels"]) == (1, 0)
+
+
+@pytest.mark.redis
+async def test_byte_cap_accounting_in_the_meta_hash(
+    make_redis_bus: MakeRedisBus, raw: aioredis.Redis, redis_url: str
+) -> None:
+    bus = await make_redis_bus()
+    broker = bus.broker
+    assert isinstance(broker, RedisBroker)
+    broker.history_bytes = 700
+    channel = new_channel()
+    published = [await bus.publish(channel, "token", {"pad": "x" * (50 * i)}) for i in range(9)]
+    prefix = split_url(redis_url)[1]["prefix"]
+    meta, stream = f"{prefix}:{{{channel}}}:meta", f"{prefix}:{{{channel}}}:stream"
+    entries: list[tuple[bytes, dict[bytes, bytes]]] = await raw.xrange(stream)  # type: ignore[assignment]
+    kept = [fields[b"e"] for _, fields in entries]
+    assert kept == [e.json for e in published[-len(kept) :]]
+    assert len(kept) < 9
+    assert sum(map(len, kept)) <= 700 < sum(map(len, kept)) + len(published[-len(kept) - 1].json)
+    assert await raw.hget(meta, "bytes") == str(sum(map(len, kept))).encode()
+    # Refused without a round trip when surely too large, by the script when just too large.
+    with pytest.raises(EventTooLarge):
+        await bus.publish(channel, "token", {"pad": "x" * 700})
+    assert int(await raw.hget(meta, "last") or 0) == 9
+
+
+@pytest.mark.redis
+async def test_retain_extends_unfinished_channels_only(
+    make_redis_bus: MakeRedisBus,
+    raw: aioredis.Redis,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("realtime_lab.bus.redis.RETAIN_BATCH", 2)  # three channels: two batches
+    bus = await make_redis_bus(ttl=30)
+    broker = bus.broker
+    assert isinstance(broker, RedisBroker)
+    prefix = split_url(redis_url)[1]["prefix"]
+    live, done, missing = new_channel(), new_channel(), new_channel()
+    await bus.publish(live, "token", {})
+    await bus.publish(done, END, {})
+    for name in (live, done):
+        await raw.pexpire(f"{prefix}:{{{name}}}:meta", 1000)
+    await broker.retain([missing, done, live])  # live is in the second batch
+    assert 1000 < await raw.pttl(f"{prefix}:{{{live}}}:meta") <= 30_000
+    assert 0 < await raw.pttl(f"{prefix}:{{{done}}}:meta") <= 1000  # still ends ttl after end
+    assert await raw.exists(f"{prefix}:{{{missing}}}:meta") == 0  # not created
+
+
+@pytest.mark.redis
+async def test_tickets_are_prefixed_keys_with_an_expiry(
+    make_redis_bus: MakeRedisBus, raw: aioredis.Redis, redis_url: str
+) -> None:
+    bus = await make_redis_bus()
+    prefix = split_url(redis_url)[1]["prefix"]
+    key = "ab" * 32
+    await bus.put_ticket(key, b"record", 2.5)
+    assert 2000 < await raw.pttl(f"{prefix}:ticket:{key}") <= 2500
+    assert await bus.take_ticket(key) == b"record"
+    assert await raw.exists(f"{prefix}:ticket:{key}") == 0
+
+
+def test_bound_options_come_from_the_url() -> None:
+    broker = create_bus("redis://h:1/2?history_bytes=512&max_channels=7&socket_timeout=3").broker
+    assert isinstance(broker, RedisBroker)
+    assert (broker.history_bytes, broker.max_channels) == (512, 7)
+    assert split_url("redis://h/0?history_bytes=1&max_channels=2")[0] == "redis://h/0"
+    default = create_bus("redis://h:1/2").broker
+    assert isinstance(default, RedisBroker)
+    assert (default.history_bytes, default.max_channels) == (1 << 20, 10_000)
+    with pytest.raises(ValueError, match="max_channels"):
+        RedisBroker("redis://h:1/2", history=1, ttl=1, max_channels=0)
+
+
+@pytest.mark.redis
+async def test_a_channel_without_a_byte_count_is_counted_once(
+    make_redis_bus: MakeRedisBus, raw: aioredis.Redis, redis_url: str
+) -> None:
+    bus = await make_redis_bus()
+    channel = new_channel()
+    events = [await bus.publish(channel, "token", {"i": i}) for i in range(3)]
+    prefix = split_url(redis_url)[1]["prefix"]
+    meta = f"{prefix}:{{{channel}}}:meta"
+    await raw.hdel(meta, "bytes")  # as a channel stored by an older version would be
+    events.append(await bus.publish(channel, "token", {"i": 3}))
+    assert await raw.hget(meta, "bytes") == str(sum(len(e.json) for e in events)).encode()

@@ -8,10 +8,12 @@ from typing import Any
 
 import aiohttp
 
-from realtime_lab.clients import StreamClient
+from realtime_lab.clients import StreamClient, open_stream
 from realtime_lab.protocol.envelope import Event
 
-TRANSPORTS = ("poll", "longpoll", "sse", "ws")
+TRANSPORTS = ("poll", "longpoll", "sse", "ws", "fetch")
+#: The transports that read a channel by name (fetch streams the chat it creates).
+CHANNEL_TRANSPORTS = ("poll", "longpoll", "sse", "ws")
 TIMEOUT = 20.0  # generous: two shared cores, other test runs in parallel
 
 #: Fast options for the clients under test (quick reconnects, short polls).
@@ -23,11 +25,16 @@ FAST: dict[str, Any] = {
 }
 
 
-async def start_chat(base: str, prompt: str, **options: Any) -> dict[str, Any]:
-    """POST /api/chats; the 201 answer."""
+async def start_chat(
+    base: str, prompt: str, *, bearer: str | None = None, **options: Any
+) -> dict[str, Any]:
+    """POST /api/chats (as the user of the ``bearer`` token, if any); the 201 answer."""
+    headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
     async with (
         aiohttp.ClientSession() as session,
-        session.post(f"{base}/api/chats", json={"prompt": prompt, **options}) as response,
+        session.post(
+            f"{base}/api/chats", json={"prompt": prompt, **options}, headers=headers
+        ) as response,
     ):
         assert response.status == 201, await response.text()
         answer: dict[str, Any] = await response.json()
@@ -48,6 +55,38 @@ async def next_event(iterator: AsyncIterator[Event], timeout: float = TIMEOUT) -
     return await asyncio.wait_for(anext(iterator), timeout)
 
 
+async def rest_of(iterator: AsyncIterator[Event], timeout: float = TIMEOUT) -> list[Event]:
+    """The remaining events of a running iteration, until it stops, within ``timeout``."""
+    events: list[Event] = []
+    async with asyncio.timeout(timeout):
+        async for event in iterator:
+            events.append(event)
+    return events
+
+
 def text_of(events: list[Event]) -> str:
     """The concatenated token text."""
     return "".join(e.data["text"] for e in events if e.type == "token")
+
+
+async def chat_stream(
+    base: str,
+    transport: str,
+    prompt: str,
+    *,
+    owner: str | None = None,
+    client: dict[str, Any] | None = None,
+    **chat: Any,
+) -> StreamClient:
+    """A client (not yet entered) of a new chat over ``transport``.
+
+    ``fetch`` creates the chat with its own POST; the other transports read the channel of a
+    chat ``POST /api/chats`` started first, as the user of the ``owner`` token (the fetch POST
+    sends the client's ``token``). ``client``: options for :func:`open_stream`.
+    """
+    options = client or {}
+    body = {"prompt": prompt, **chat}
+    if transport == "fetch":
+        return open_stream(base, None, "fetch", chat=body, **options)
+    answer = await start_chat(base, prompt, bearer=owner, **chat)
+    return open_stream(base, answer["channel"], transport, **options)

@@ -72,7 +72,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("transport", ["sse", "ws", "longpoll"])
+@pytest.mark.parametrize("transport", ["sse", "ws", "longpoll", "fetch"])
 def test_chat_prints_the_whole_answer(server_url: str, transport: str) -> None:
     result = run_cli(
         "chat", PROMPT, "--url", server_url, "--transport", transport, "--seed", "9",
@@ -84,6 +84,17 @@ def test_chat_prints_the_whole_answer(server_url: str, transport: str) -> None:
     assert '"reason":"done"' in result.stdout
     assert f"{transport}: " in result.stderr  # the statistics
     assert "latency ms p50" in result.stderr
+    # Which chat, before the answer: "chat <id> on chat.<id> over <transport>".
+    _, chat_id, _, channel, _, over = result.stderr.splitlines()[0].split()
+    assert (channel, over) == (f"chat.{chat_id}", transport)
+    if transport == "fetch":
+        assert "1 requests" in result.stderr  # one POST started and streamed the chat
+
+
+def test_tail_reads_channels_only(server_url: str) -> None:
+    result = run_cli("tail", f"{server_url}/ticker", "--transport", "fetch")
+    assert result.returncode == 2  # argparse: fetch streams the chat it creates, not a channel
+    assert "invalid choice: 'fetch'" in result.stderr
 
 
 def test_tail_prints_json_envelopes_and_a_json_summary(server_url: str) -> None:
@@ -158,3 +169,34 @@ def test_ctrl_c_prints_the_statistics(server_url: str) -> None:
             process.wait(timeout=10)
     assert process.returncode == 130
     assert b"ws: 1 events" in err
+
+
+def test_ctrl_c_on_a_fetch_chat_cancels_it(server_url: str) -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable, "-m", "realtime_lab", "chat", PROMPT, "--url", server_url,
+            "-t", "fetch", "--ttft-ms", "0", "--token-ms", "2000",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )  # fmt: skip
+    try:
+        assert process.stderr is not None
+        ready, _, _ = select.select([process.stderr], [], [], 30)
+        assert ready, "chat printed nothing"
+        announced = process.stderr.readline().decode().split()
+        assert announced[0] == "chat", announced
+        chat_id = announced[1]
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    assert process.returncode == 130
+    assert b"fetch: " in err  # the statistics
+    # Cancelled at once, not after the server's abort grace: it says so already.
+    with urllib.request.urlopen(f"{server_url}/api/chats/{chat_id}", timeout=10) as response:
+        assert json.loads(response.read())["status"] == "cancelled"

@@ -98,16 +98,28 @@ class Dashboard:
         await self.page.fill("#prompt", prompt)
         await self.page.fill("#seed", str(seed))
         await self.page.fill("#max-tokens", str(max_tokens))
+        runs = await self.page.evaluate("() => window.lab.app.runs")
         await self.page.click("#send")
+        # A new run, not the one before it (which may have been a chat too).
         await self.page.wait_for_function(
-            "() => window.lab.app.run !== null && window.lab.app.run.mode === 'chat'",
+            "runs => window.lab.app.runs > runs && window.lab.app.run.mode === 'chat'",
+            arg=runs,
             timeout=WAIT_MS,
         )
 
     async def wait_finished(self) -> dict[str, Any]:
         """Wait until every pane has ended and the final server stats are in; the summary."""
-        # data-run=final is set when the page has rendered the final figures.
-        await self.page.wait_for_selector("body[data-run=final]", state="attached", timeout=WAIT_MS)
+        # data-run=final is set when the page has rendered the final figures; data-run-id says
+        # of which run (an earlier run's "final" may still be on the page for 100 ms).
+        await self.page.wait_for_function(
+            """() => {
+                const run = window.lab.app.run;
+                const body = document.body.dataset;
+                return run !== null && run.statsFinal && body.run === "final"
+                    && body.runId === run.id;
+            }""",
+            timeout=WAIT_MS,
+        )
         summary = await self.summary()
         assert summary["finished"], summary
         assert summary["stats_final"], summary
@@ -127,6 +139,20 @@ class Dashboard:
         """One figure as the pane shows it."""
         text = await self.page.text_content(f"#pane-{transport} [data-metric={name}]")
         return (text or "").strip()
+
+    async def note(self, transport: str) -> str:
+        """The line under a pane's answer: what last happened to its connection."""
+        text = await self.page.text_content(f"#pane-{transport} [data-role=note]")
+        return (text or "").strip()
+
+    async def sign_in(self, token: str) -> None:
+        """Paste ``token`` into the "sign in as" box, press Sign in, and wait until the page
+        says it is signed in."""
+        await self.page.fill("#session-token", token)
+        await self.page.click("#sign-in")
+        await self.page.wait_for_selector(
+            "body[data-session=in]", state="attached", timeout=WAIT_MS
+        )
 
     async def wait_tokens(self, transport: str, count: int) -> None:
         """Wait until a pane has shown ``count`` tokens."""

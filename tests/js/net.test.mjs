@@ -88,3 +88,24 @@ test("api: a body that is not JSON is null; an unreachable server rejects", asyn
   assert.equal(errorText({ status: 502, json: null }), "HTTP 502");
   assert.equal(errorText(undefined), "HTTP ?");
 });
+
+test("api: the page's cookie on every call, and headers of the caller's own", async () => {
+  const seen = [];
+  const fetch = async (path, init) => {
+    seen.push(init);
+    return { ok: true, status: 200, text: async () => "{}" };
+  };
+  const api = createApi({
+    budget: new ConnectionBudget(),
+    clock: new Clock({ now: () => 0, origin: 0 }),
+    fetch,
+  });
+  const headers = { Authorization: "Bearer t" };
+  await api("POST", "/api/session", undefined, headers);
+  await api("GET", "/api/session");
+  assert.equal(seen[0].credentials, "same-origin");
+  assert.deepEqual(seen[0].headers, { Authorization: "Bearer t" });
+  assert.equal(seen[0].body, undefined);
+  assert.deepEqual(seen[1].headers, {}); // the token went once, and is not kept
+  assert.deepEqual(headers, { Authorization: "Bearer t" }); // the caller's object is untouched
+});

@@ -82,7 +82,7 @@ class RecordingPane extends Pane {
 }
 
 /** A pane on a fake page, and what it reported to the page. */
-function setup({ after = "", mode = "chat" } = {}) {
+function setup({ after = "", mode = "chat", fetch = undefined } = {}) {
   const page = { now: 100, refreshes: 0, ended: [], stats: null };
   const clock = new Clock({ now: () => page.now, origin: 1_000_000 });
   clock.add(0, 0, 5); // server clock 5 ms ahead
@@ -98,6 +98,7 @@ function setup({ after = "", mode = "chat" } = {}) {
     },
     options: { pollIntervalMs: () => 250, longpollTimeoutS: () => 25 },
     base: "http://127.0.0.1:8000/",
+    fetch,
   });
   const run = { id: "page-1", mode, channel: "chat-1", after, t0: 40 };
   pane.begin(run);
@@ -196,12 +197,105 @@ test("the end event finishes the pane and tells the page", () => {
   assert.equal(pane.textNode.data, "a");
 });
 
-test("a refused request (4xx) ends the pane with an error", () => {
+test("a refused request (4xx) ends the pane, and its line stays", () => {
   const { pane, page, root } = setup();
   pane.failed({ status: 404, error: { message: "no such channel" } });
   assert.equal(pane.ended, "error");
   assert.deepEqual(page.ended, ["error"]);
-  assert.equal(root.parts.note.textContent, "ended: error");
+  assert.equal(root.parts.note.textContent, "404 no such channel"); // not "ended: error"
+  assert.equal(root.dataset.end, "error");
+});
+
+test("401 and 403 end the pane with what to do next", () => {
+  const first = setup();
+  first.pane.failed({ status: 401, error: { code: "unauthenticated", message: "sign in: ..." } });
+  assert.equal(first.pane.ended, "unauthenticated");
+  assert.equal(first.root.parts.note.textContent, "401: sign in");
+  assert.equal(first.pane.state, "closed");
+  assert.equal(first.pane.summary().end, "unauthenticated");
+  const second = setup();
+  second.pane.failed({ status: 403, error: { code: "forbidden", message: "another user's" } });
+  assert.deepEqual(second.page.ended, ["forbidden"]);
+  assert.equal(second.root.parts.note.textContent, "403: not yours");
+});
+
+test("a 429 waits its Retry-After, says so, and resumes from the last id", (t) => {
+  const timers = [];
+  const realSetTimeout = globalThis.setTimeout;
+  globalThis.setTimeout = (callback, ms) => timers.push({ callback, ms });
+  t.after(() => (globalThis.setTimeout = realSetTimeout));
+
+  const { pane, root } = setup();
+  pane.opened();
+  pane.handle(token(1, "a"), 0);
+  pane.failed({ status: 429, error: { code: "too-many-streams" }, retryAfterS: 3 });
+  assert.equal(pane.state, "reconnecting");
+  assert.equal(root.parts.note.textContent, "429: too many streams, retrying in 3 s");
+  assert.deepEqual(
+    timers.map((timer) => timer.ms),
+    [3000],
+  );
+  assert.equal(pane.ended, null);
+  timers[0].callback();
+  assert.deepEqual(pane.opens, ["", "e1-1"]);
+  pane.opened();
+  assert.equal(pane.m.reconnects, 1);
+  assert.equal(pane.backoffMs, 0);
+});
+
+/** A fetch() whose answers the test releases one by one. */
+function heldFetch() {
+  const calls = [];
+  const fetch = (url, init) =>
+    new Promise((resolve) => calls.push({ url, init, answer: resolve }));
+  const answer = async (i, status, body) => {
+    calls[i].answer({
+      status,
+      ok: status >= 200 && status < 300,
+      headers: { get: () => null },
+      json: async () => body,
+    });
+    for (let n = 0; n < 5; n += 1) await new Promise((resolve) => setImmediate(resolve));
+  };
+  return { fetch, calls, answer };
+}
+
+test("a stream refused out of sight: the pane asks its probe URL, then says why", async () => {
+  const held = heldFetch();
+  const { pane, page, root } = setup({ fetch: held.fetch });
+  pane.failed({ why: "the stream failed", probe: "/sse/chat-1?after=e1-2" });
+  assert.equal(root.parts.note.textContent, "the stream failed; asking the server why…");
+  assert.equal(pane.state, "reconnecting");
+  assert.equal(held.calls[0].url, "/sse/chat-1?after=e1-2");
+  assert.equal(pane.deps.budget.now, 1); // the probe holds a connection while it asks
+  await held.answer(0, 403, { error: { code: "forbidden", message: "another user's chat" } });
+  assert.equal(pane.ended, "forbidden");
+  assert.deepEqual(page.ended, ["forbidden"]);
+  assert.equal(root.parts.note.textContent, "403: not yours");
+  assert.equal(pane.deps.budget.now, 0);
+});
+
+test("a probe's answer is dropped when the pane was stopped or cut meanwhile", async () => {
+  const held = heldFetch();
+  const stopped = setup({ fetch: held.fetch });
+  stopped.pane.failed({ why: "closed (1006)", probe: "http://h/poll/chat-1?limit=1" });
+  stopped.pane.stop();
+  await held.answer(0, 401, { error: { code: "unauthenticated" } });
+  assert.equal(stopped.pane.ended, null);
+  assert.equal(stopped.root.parts.note.textContent, "stopped");
+
+  const cut = setup({ fetch: held.fetch });
+  cut.pane.opened();
+  cut.pane.failed({ why: "closed (1006)", probe: "http://h/poll/chat-1?limit=1" });
+  cut.root.parts.cut.listeners.click();
+  await held.answer(1, 401, { error: { code: "unauthenticated" } });
+  assert.equal(cut.pane.ended, null);
+  assert.deepEqual(cut.pane.opens, ["", ""]);
+});
+
+test("the query leaves the client tag out of a probe", () => {
+  const { pane } = setup();
+  assert.equal(pane.query("e1-4", { limit: "1" }, false), "limit=1&after=e1-4");
 });
 
 test("a failure is retried from the last id after a growing pause: a reconnect", (t) => {

@@ -15,10 +15,15 @@ import aiohttp
 
 from realtime_lab.clients import StreamClient, open_stream
 from realtime_lab.feed.llm import answer_tokens
+from realtime_lab.protocol.channels import chat_id_of
 from realtime_lab.protocol.envelope import Event
 from tests.conftest import RunningServer
 
-TRANSPORTS = ("poll", "longpoll", "sse", "ws")
+TRANSPORTS = ("poll", "longpoll", "sse", "ws", "fetch")
+#: The transports that read a channel by name (fetch streams the chat its POST creates).
+CHANNEL_TRANSPORTS = ("poll", "longpoll", "sse", "ws")
+#: The transports that hold one stream open (the others ask again and again).
+STREAMING = ("sse", "ws", "fetch")
 TIMEOUT = 20.0  # generous: two shared cores, other test runs in parallel
 
 #: Client options for fast recoveries: quick reconnects, short polls.
@@ -83,6 +88,13 @@ class Reader:
     def tokens(self) -> list[Event]:
         return [e for e in self.events if e.type == "token"]
 
+    @property
+    def chat_id(self) -> str:
+        """The id of the chat this reader streams (a fetch stream knows it once it named it)."""
+        chat_id = chat_id_of(self.client.channel)
+        assert chat_id is not None, f"no chat known yet: {self}"
+        return chat_id
+
     async def wait_for(self, predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
         """Wait until ``predicate()`` holds (checked at every event), or fail saying where the
         stream got to."""
@@ -120,6 +132,31 @@ class Reader:
 def reader(server: RunningServer, channel: str, transport: str, **options: Any) -> Reader:
     """A :class:`Reader` of ``channel`` over ``transport`` with :data:`FAST` options."""
     return Reader(open_stream(server.url, channel, transport, **{**FAST, **options}))
+
+
+def fetch_reader(server: RunningServer, *, token_ms: float, **options: Any) -> Reader:
+    """A :class:`Reader` of a new chat (the one of :func:`chat_request`) over ``fetch``: its
+    POST starts the chat. :data:`FAST` options."""
+    request = chat_request(token_ms=token_ms)
+    return Reader(open_stream(server.url, None, "fetch", chat=request, **{**FAST, **options}))
+
+
+def chat_request(
+    *,
+    token_ms: float,
+    prompt: str = PROMPT,
+    seed: int = SEED,
+    max_tokens: int = MAX_TOKENS,
+    ttft_ms: float = 20.0,
+) -> dict[str, Any]:
+    """The body of ``POST /api/chats`` (and of a fetch stream's POST) for the test's chat."""
+    return {
+        "prompt": prompt,
+        "seed": seed,
+        "max_tokens": max_tokens,
+        "token_ms": token_ms,
+        "ttft_ms": ttft_ms,
+    }
 
 
 async def post(
@@ -179,13 +216,9 @@ async def start_chat(
     ttft_ms: float = 20.0,
 ) -> dict[str, Any]:
     """``POST /api/chats``; the 201 answer."""
-    body = {
-        "prompt": prompt,
-        "seed": seed,
-        "max_tokens": max_tokens,
-        "token_ms": token_ms,
-        "ttft_ms": ttft_ms,
-    }
+    body = chat_request(
+        token_ms=token_ms, prompt=prompt, seed=seed, max_tokens=max_tokens, ttft_ms=ttft_ms
+    )
     return await post(session, f"{server.url}/api/chats", body, status=201)
 
 

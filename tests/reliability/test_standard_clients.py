@@ -1,16 +1,27 @@
-"""The SSE endpoint read by a spec-following client library, not by our own client.
+"""The SSE endpoint read by spec-following client libraries, not by our own client.
 
 ``httpx-sse`` parses ``text/event-stream`` as the WHATWG spec says and leaves reconnecting to
 its caller, which lets the test play the ``EventSource`` reconnection algorithm step by step:
 read part of a chat, lose the connection, come back with ``Last-Event-ID`` set to the last id
-seen, stop at the ``end`` event, and get ``204 No Content`` when coming back after it.
+seen, stop at the ``end`` event, and get ``204 No Content`` when coming back after it. It
+yields an event for every block that sets a field, even one with no data (the spec dispatches
+nothing then), which is why the stream's ``retry:`` rides in the first event's block: every
+event it yields has JSON data.
+
+``aiohttp-sse-client`` is an ``EventSource`` that reconnects by itself. A client that stops at
+``end`` never reconnects and sees nothing more; one that keeps iterating reconnects after the
+stream closes and gets the 204, which this library raises as ``ConnectionAbortedError`` (a
+``ConnectionError``, which its documentation tells callers to catch): there is no answer a
+server could give instead that it would take as "the stream is over".
 """
 
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any
 
+import aiohttp
 import pytest
 
 from realtime_lab.feed.llm import answer_tokens
@@ -19,6 +30,7 @@ from tests.reliability.helpers import MAX_TOKENS, PROMPT, SEED
 
 httpx = pytest.importorskip("httpx")
 httpx_sse = pytest.importorskip("httpx_sse")
+sse_client = pytest.importorskip("aiohttp_sse_client.client")
 
 RETRY_MS = 250
 TIMEOUT = httpx.Timeout(20.0)
@@ -41,15 +53,14 @@ async def test_httpx_sse_resumes_exactly_with_last_event_id(start_server: StartS
             assert source.response.status_code == 200
             async for sse in source.aiter_sse():
                 first.append(sse)
-                if sse.data and json.loads(sse.data)["data"]["index"] == 19:
+                if sse.json()["data"]["index"] == 19:  # every event is JSON, the first one too
                     break
-        # The stream opens with the reconnection time, in a block of its own.
-        assert first[0].retry == RETRY_MS
-        assert first[0].data == ""
-        tokens = [json.loads(sse.data) for sse in first[1:]]
-        assert all(sse.event == "message" for sse in first[1:])  # tokens are unnamed messages
+        # The reconnection time arrives with the first event, not as an event of its own.
+        assert [sse.retry for sse in first] == [RETRY_MS] + [None] * 19
+        tokens = [sse.json() for sse in first]
+        assert all(sse.event == "message" for sse in first)  # tokens are unnamed messages
         assert [t["data"]["index"] for t in tokens] == list(range(20))
-        assert [sse.id for sse in first[1:]] == [t["id"] for t in tokens]
+        assert [sse.id for sse in first] == [t["id"] for t in tokens]
         last_id = first[-1].id
 
         # Second connection, as EventSource makes it: Last-Event-ID = the last id seen.
@@ -58,12 +69,12 @@ async def test_httpx_sse_resumes_exactly_with_last_event_id(start_server: StartS
             http, "GET", url, headers={"Last-Event-ID": last_id}
         ) as source:
             async for sse in source.aiter_sse():
-                if sse.data:
-                    rest.append(sse)
+                rest.append(sse)
                 if sse.event == "end":
                     break  # the end event is the signal to stop: no reconnection
         assert [sse.event for sse in rest] == ["message"] * (len(expected) - 20) + ["end"]
-        resumed = [json.loads(sse.data) for sse in rest]
+        assert rest[0].retry == RETRY_MS  # each connection opens with it
+        resumed = [sse.json() for sse in rest]
         assert [t["data"]["index"] for t in resumed[:-1]] == list(range(20, len(expected)))
         text = "".join(t["data"]["text"] for t in tokens + resumed[:-1])
         assert text == "".join(expected)
@@ -81,3 +92,54 @@ async def test_httpx_sse_resumes_exactly_with_last_event_id(start_server: StartS
     ids = [t["id"] for t in tokens + resumed]
     seqs = [int(i.rsplit("-", 1)[1]) for i in ids]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "ids must be consecutive"
+
+
+async def _chat_url(http: aiohttp.ClientSession, base: str) -> str:
+    async with http.post(
+        f"{base}/api/chats",
+        json={"prompt": PROMPT, "seed": SEED, "max_tokens": MAX_TOKENS, "token_ms": 2},
+    ) as resp:
+        assert resp.status == 201
+        return f"{base}/sse/{(await resp.json())['channel']}"
+
+
+async def test_aiohttp_sse_client_stops_cleanly_at_end(start_server: StartServer) -> None:
+    server = await start_server(retry_ms=RETRY_MS)
+    expected = answer_tokens(PROMPT, SEED, max_tokens=MAX_TOKENS)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
+        url = await _chat_url(http, server.url)
+        messages: list[Any] = []
+        async with sse_client.EventSource(url, session=http) as source:
+            async for message in source:
+                messages.append(message)
+                if message.type == "end":
+                    break  # the end event is the signal to stop: no reconnection, no 204
+        assert source.ready_state == sse_client.READY_STATE_CLOSED
+    # Every message has JSON data: tokens are unnamed (type None), the end is named.
+    assert [m.type for m in messages] == [None] * len(expected) + ["end"]
+    envelopes = [json.loads(m.data) for m in messages]
+    assert "".join(e["data"]["text"] for e in envelopes[:-1]) == "".join(expected)
+    assert envelopes[-1]["data"]["reason"] == "done"
+    assert messages[-1].last_event_id == envelopes[-1]["id"]
+
+
+async def test_aiohttp_sse_client_reading_past_end_raises_on_the_204(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(retry_ms=20)  # the reconnection comes quickly
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
+        url = await _chat_url(http, server.url)
+        types: list[str | None] = []
+        async with sse_client.EventSource(
+            url, session=http, reconnection_time=timedelta(seconds=30)
+        ) as source:
+            # The stream's retry: replaced the 30 s: the reconnection (with Last-Event-Id = the
+            # end's id) comes within the test's timeout, and its 204 is raised.
+            with pytest.raises(ConnectionAbortedError, match="204"):
+                await _read_types(source, types)
+    assert types[-1] == "end"
+
+
+async def _read_types(source: Any, types: list[str | None]) -> None:
+    async for message in source:
+        types.append(message.type)

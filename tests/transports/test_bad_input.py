@@ -14,7 +14,12 @@ from tests.transports.collect import publish, running, sse, start_chat, until_co
 
 STREAMS = ("poll", "longpoll", "sse", "ws")
 POLLS = ("poll", "longpoll")
-JSON_POSTS = ("/api/chats", "/api/channels/room.x/events", "/v1/chat/completions")
+JSON_POSTS = (
+    "/api/chats",
+    "/api/chats/stream",
+    "/api/channels/room.x/events",
+    "/v1/chat/completions",
+)
 BIG = json.dumps({"prompt": "x" * (70 * 1024)})
 JSON = "application/json"
 
@@ -81,6 +86,17 @@ CASES = [
     send("POST", "/api/chats", 400, PARAM, {"prompt": ""}, "empty-prompt"),
     send("POST", "/api/chats", 400, PARAM, {"prompt": "hi", "max_tokens": 0}, "max-tokens"),
     send("POST", "/api/chats", 400, PARAM, {"prompt": "hi", "seed": True}, "seed-bool"),
+    send("POST", "/api/chats/stream", 400, PARAM, {"prompt": ""}, "stream-empty-prompt"),
+    send("POST", "/api/chats/stream", 400, PARAM, {"prompt": "hi", "seed": 0.5}, "stream-seed"),
+    pytest.param(
+        "POST",
+        "/api/chats/stream",
+        {"Content-Type": JSON, "Last-Event-ID": "x-y"},
+        json.dumps({"prompt": "hi"}),
+        400,
+        CURSOR,
+        id="stream-last-event-id",
+    ),
     send("PATCH", "/api/config", 400, PARAM, {"history": 5}, "config-not-tunable"),
     send("PATCH", "/api/config", 400, PARAM, {"heartbeat": 0}, "config-range"),
     send("POST", "/v1/chat/completions", 400, PARAM, {"messages": []}, "openai-messages"),
@@ -112,7 +128,13 @@ async def test_bad_request_is_a_json_error_and_streams_carry_on(
             error = json.loads(raw)["error"]
             if status == 405:
                 assert resp.headers["Allow"]
-        assert error["code"] == code
+        if path.startswith("/v1/"):
+            # OpenAI's shape there: snake_case codes, with a type and a param.
+            assert error["code"] == code.replace("-", "_")
+            assert error["type"] == "invalid_request_error"
+            assert "param" in error
+        else:
+            assert error["code"] == code
         assert isinstance(error["message"], str)
         assert error["message"]
 
@@ -144,6 +166,25 @@ async def test_errors_are_counted(server: RunningServer, session: aiohttp.Client
         assert body["transports"][transport]["errors"] == 1, transport
         assert body["transports"][transport]["requests"] == 1, transport
     assert body["client"]["errors"] == 4
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server: fetch_stream counts no error for a refusal before its preamble (a bad "
+    "Last-Event-ID, a bad body, a missing user): /api/stats shows fetch errors 0, requests 0",
+)
+async def test_fetch_errors_are_counted(
+    server: RunningServer, session: aiohttp.ClientSession
+) -> None:
+    stream = f"{server.url}/api/chats/stream?client=bad"
+    for request, headers in [({"prompt": ""}, {}), ({"prompt": "hi"}, {"Last-Event-ID": "x"})]:
+        async with session.post(stream, json=request, headers=headers) as resp:
+            assert resp.status == 400
+    async with session.get(f"{server.url}/api/stats?client=bad") as resp:
+        body = await resp.json()
+    assert body["transports"]["fetch"]["errors"] == 2
+    assert body["transports"]["fetch"]["requests"] == 2
+    assert body["client"]["errors"] == 2
 
 
 async def test_unknown_chat_becomes_known_when_created(

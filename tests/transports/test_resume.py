@@ -6,11 +6,40 @@ import aiohttp
 import pytest
 
 from tests.conftest import RunningServer, StartServer
-from tests.transports.collect import Envelope, collect, longpoll, sse, start_chat, ws
+from tests.transports.collect import (
+    FETCH_RESUME_PENDING,
+    Envelope,
+    collect,
+    fetch,
+    longpoll,
+    sse,
+    start_chat,
+    ws,
+)
 
-#: Every way of resuming: the four transports, SSE by query and by header, WebSocket by query
-#: and by the ``resume`` message on an open socket.
-WAYS = ("poll", "longpoll", "sse-after", "sse-header", "ws-after", "ws-message")
+#: Every way of resuming: the polls, SSE by query and by header, WebSocket by query and by the
+#: ``resume`` message on an open socket, and the fetch stream's retry of its POST with
+#: ``Last-Event-ID`` (which names the chat: its channel's epoch is the chat's id).
+WAYS = (
+    "poll",
+    "longpoll",
+    "sse-after",
+    "sse-header",
+    "ws-after",
+    "ws-message",
+    pytest.param("fetch", marks=FETCH_RESUME_PENDING),
+)
+CASES = ("history-trimmed", "future-id", "unknown-epoch")
+#: The unservable ids, each way; not an unknown epoch for fetch: an id of no chat names
+#: nothing to resume (404, see test_fetch.py).
+UNSERVABLE = [
+    pytest.param(way, case, marks=FETCH_RESUME_PENDING, id=f"{case}-{way}")
+    if way == "fetch"
+    else pytest.param(way, case, id=f"{case}-{way}")
+    for case in CASES
+    for way in ("poll", "longpoll", "sse-after", "sse-header", "ws-after", "ws-message", "fetch")
+    if (way, case) != ("fetch", "unknown-epoch")
+]
 
 
 async def resume(
@@ -24,6 +53,14 @@ async def resume(
     elif way == "sse-header":
         # The header wins over the URL's ?after (which a browser keeps from the first open).
         result = await sse(session, base, channel, after="now", last_event_id=after)
+    elif way == "fetch":
+        # The retry of a request whose body is not looked at again: the id names the chat.
+        fetched = await fetch(session, base, {"prompt": "any"}, last_event_id=after)
+        assert fetched.status == 200, fetched.error
+        assert fetched.chat is not None
+        assert fetched.chat["channel"] == channel
+        assert fetched.closed_by_server
+        return fetched.events
     elif way == "ws-after":
         ws_result = await ws(session, base, channel, after=after)
         assert ws_result.controls == []
@@ -59,8 +96,7 @@ async def test_resume_mid_stream_yields_exactly_the_rest(
         assert rest == events[cut + 1 :], cut
 
 
-@pytest.mark.parametrize("way", WAYS)
-@pytest.mark.parametrize("case", ["history-trimmed", "future-id", "unknown-epoch"])
+@pytest.mark.parametrize(("way", "case"), UNSERVABLE)
 async def test_unservable_id_yields_reset_then_oldest_retained(
     way: str, case: str, start_server: StartServer, session: aiohttp.ClientSession
 ) -> None:

@@ -123,7 +123,7 @@ async def test_stalled_subscriber_is_ended_and_the_others_get_everything(
     # A long grace before the abort, so that the test can read what the server queued for the
     # stalled client (its last events and the overflow signal) deterministically.
     monkeypatch.setattr(stream, "ABORT_GRACE_S", 60.0)
-    server = await start_server(send_buffer=SEND_BUFFER, history=100_000)
+    server = await start_server(send_buffer=SEND_BUFFER, history=100_000, history_bytes=1 << 30)
     stalled = await open_stalled(server, session)
     try:
         kernel = kernel_capacity(stalled)
@@ -188,7 +188,7 @@ async def test_never_reading_subscriber_is_aborted(
     start_server: StartServer, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(stream, "ABORT_GRACE_S", 0.2)
-    server = await start_server(send_buffer=SEND_BUFFER, history=100_000)
+    server = await start_server(send_buffer=SEND_BUFFER, history=100_000, history_bytes=1 << 30)
     stalled = await open_stalled(server, session)
     try:
         assert server.runner.server is not None
@@ -227,7 +227,7 @@ async def test_resuming_from_far_back_is_paced_not_overflowed(
     # A client that resumes from an old id asks for more history than send_buffer (and the
     # kernel buffers) can hold at once. That is not falling behind: the server must write the
     # replay as the client reads it, not overflow it.
-    server = await start_server(send_buffer=SEND_BUFFER, history=100_000)
+    server = await start_server(send_buffer=SEND_BUFFER, history=100_000, history_bytes=1 << 30)
     probe = await stalled_get(server.port, f"/sse/{CHANNEL}?after=now")
     try:
         count = 2 * kernel_capacity(probe) // len(PAD) + 1
@@ -267,7 +267,7 @@ async def test_stalled_websocket_is_closed_1013_naming_the_resume_id(
     start_server: StartServer, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(stream, "ABORT_GRACE_S", 60.0)  # so the test can read the close frame
-    server = await start_server(send_buffer=SEND_BUFFER, history=100_000)
+    server = await start_server(send_buffer=SEND_BUFFER, history=100_000, history_bytes=1 << 30)
     stalled = await open_stalled(server, session, "ws")
     try:
         follower = Follower()

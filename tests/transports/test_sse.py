@@ -30,9 +30,10 @@ async def test_headers_and_exact_framing(
     assert got.headers["x-accel-buffering"] == "no"
     assert got.headers["transfer-encoding"] == "chunked"
     body = got.body.decode()
-    # The reconnection time comes first, as a block of its own.
-    assert body.startswith("retry: 1000\n\n")
-    blocks = body[len("retry: 1000\n\n") :].split("\n\n")
+    # The reconnection time comes first, in the first event's block (a block of its own would be
+    # an empty event to httpx-sse and openai's decoder).
+    assert body.startswith("retry: 1000\n")
+    blocks = body[len("retry: 1000\n") :].split("\n\n")
     assert blocks.pop() == ""  # the body ends with a complete block
     assert len(blocks) == len(events)
     for block, event in zip(blocks, events, strict=True):
@@ -80,7 +81,7 @@ async def test_heartbeat_comment_arrives(
             decoder.feed(chunk)
             if decoder.comments >= 2:
                 break
-    assert raw == b"retry: 1000\n\n" + b": ping\n\n" * decoder.comments
+    assert raw == b"retry: 1000\n" + b": ping\n\n" * decoder.comments
 
 
 async def test_stream_closes_after_end_and_reconnect_gets_204(
