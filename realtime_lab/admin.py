@@ -92,16 +92,8 @@ def _transport(body: dict[str, Any]) -> str:
     return value
 
 
-def _number(
-    body: dict[str, Any],
-    name: str,
-    low: float,
-    high: float,
-    *,
-    low_inclusive: bool = True,
-    integer: bool = False,
-) -> float:
-    return number(body.get(name), name, low, high, integer=integer, above_low=not low_inclusive)
+def _number(body: dict[str, Any], name: str, low: float, high: float, **how: bool) -> float:
+    return number(body.get(name), name, low, high, **how)
 
 
 async def get_state(request: web.Request) -> web.Response:
@@ -127,7 +119,7 @@ async def drop(request: web.Request) -> web.Response:
 async def pause(request: web.Request) -> web.Response:
     """``POST /api/chaos/pause {"seconds"}``: hold every delivery back, then send it all."""
     chaos = _chaos(request)
-    seconds = _number(await json_body(request), "seconds", 0, MAX_PAUSE_S, low_inclusive=False)
+    seconds = _number(await json_body(request), "seconds", 0, MAX_PAUSE_S, above_low=True)
     chaos.pause(seconds)
     log.warning("chaos: delivery paused for %gs", seconds)
     return json_response({"paused_for_s": seconds})

@@ -31,9 +31,14 @@ EVENT_TYPE_RE: Final = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
 
 
 def transport_urls(request: web.Request, channel: str) -> dict[str, str]:
-    """Where each transport serves ``channel``, as absolute URLs."""
-    http = f"{request.scheme}://{request.host}"
-    ws = ("wss" if request.scheme == "https" else "ws") + f"://{request.host}"
+    """Where each transport serves ``channel``, as absolute URLs.
+
+    Built from the request's ``Host`` (which the access checks allowed) and its scheme as the
+    client saw it (``X-Forwarded-Proto`` counts from a trusted proxy).
+    """
+    https = request.app[ACCESS_KEY].is_https(request)
+    http = ("https" if https else "http") + f"://{request.host}"
+    ws = ("wss" if https else "ws") + f"://{request.host}"
     return {
         "poll": f"{http}/poll/{channel}",
         "longpoll": f"{http}/longpoll/{channel}",

@@ -57,7 +57,7 @@ from realtime_lab.protocol.envelope import END, TOKEN, dumps
 from realtime_lab.transports.access import Handler, identity_of
 from realtime_lab.transports.chatstart import MAX_PROMPT, limit_problem
 from realtime_lab.transports.keys import BUS_KEY, CHATS_KEY, SETTINGS_KEY
-from realtime_lab.transports.params import body_number, json_body
+from realtime_lab.transports.params import field, json_body
 from realtime_lab.transports.problems import HTTPProblem, json_response
 
 #: The one model ``/v1/models`` lists (and the ``model`` echoed when a request names none).
@@ -167,13 +167,13 @@ def _content_text(message: dict[str, Any], where: str) -> str:
 
 def _integer(body: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
     try:
-        return int(body_number(body, name, default, low, high, integer=True))
+        return int(field(body, name, default, low, high, integer=True))
     except HTTPProblem as exc:
         raise _invalid(name, exc.message) from None
 
 
 def _seed(body: dict[str, Any]) -> int:
-    # Not body_number(): it goes through float, which would round a 64-bit seed to another one.
+    # Not field(): it goes through float, which would round a 64-bit seed to another one.
     seed = body.get("seed")
     if seed is None:
         return 0

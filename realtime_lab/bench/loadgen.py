@@ -7,7 +7,7 @@ thousands of clients from queueing behind one Python loop.
 Why hand-written clients instead of aiohttp or the project's own clients: they are
 :class:`asyncio.Protocol` s that parse in ``data_received`` (no task, no ``await`` and no
 ``StreamReader`` copy per read) with the fast parsers of :mod:`.wire`, and they count the bytes
-each transport costs exactly as received. The same cost model for all four transports keeps the
+each transport costs exactly as received. The same cost model for all five transports keeps the
 load client's overhead from tilting the comparison; the worker's own CPU use is reported beside
 the server's so a client-bound point shows up as one. The control plane (creating chats) uses
 aiohttp, where a library's convenience costs nothing.
@@ -15,8 +15,15 @@ aiohttp, where a library's convenience costs nothing.
 Even so, these clients spend 10-14 us of CPU per event, which at 1,000 SSE subscribers is more
 than a core of a 2-core machine taken from the server under test. So when the runner hands the
 worker a native binary (``loadclient.c``, see :mod:`.native`), the ticker's SSE and WebSocket
-clients are opened and counted by it instead (:class:`NativeClients`); polls, chats and the
-late-joiner probes stay here.
+clients are opened and counted by it instead (:class:`NativeClients`), and so are the chats
+workload's fetch streams; polls, the other transports' chats and the late-joiner probes stay
+here.
+
+Fetch streaming (``POST /api/chats/stream``) reads no channel: its request starts the chat it
+streams. It runs in the chats workload only, one client per chat (its POST is that chat's
+creation), where the other transports' chats are started by ``POST /api/chats`` and read by
+``chat_readers`` subscribers each; that POST is counted in ``requests`` and the bytes too, so
+that both ways of streaming a chat pay for starting it.
 
 Commands (dicts, one reply each): ``open`` (connect a point's clients, or start its chat
 rounds), ``window`` (count deliveries between two wall-clock times and reply the tally),
@@ -46,7 +53,14 @@ from realtime_lab.bench.server import raise_fd_limit
 from realtime_lab.errors import WebSocketProtocolError
 from realtime_lab.protocol.sequence import DUPLICATE, FOREIGN, NEW, REORDERED, Sequence
 
-TRANSPORTS: Final = ("sse", "ws", "longpoll", "poll")
+#: Every transport the load clients speak.
+TRANSPORTS: Final = ("sse", "ws", "longpoll", "poll", "fetch")
+#: Those that read a channel by name, the ticker's included (fetch streams only the chat it
+#: starts: the chats workload).
+CHANNEL_TRANSPORTS: Final = ("sse", "ws", "longpoll", "poll")
+FETCH_PATH: Final = "/api/chats/stream"
+#: The fetch stream's opening event, which names the chat: not a delivery.
+CHAT_EVENT: Final = "chat"
 CONNECT_CONCURRENCY: Final = 32  # per worker: well under the server's listen backlog (128)
 LONGPOLL_TIMEOUT: Final = 25.0
 POLL_LIMIT: Final = 1000
@@ -331,6 +345,28 @@ class SSEClient(Client):
             self.items(items, now)
 
 
+class FetchClient(SSEClient):
+    """``POST /api/chats/stream``: the request starts a chat, the answer is its SSE stream.
+
+    The stream opens with a ``chat`` event (no id: which chat this is), which is not counted;
+    then the chat's events, read and counted as :class:`SSEClient` reads them.
+    """
+
+    def __init__(self, *args: Any, request: bytes, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.request = request
+
+    def start(self) -> None:
+        self._chunks = None
+        self._parser = wire.SSEParser()
+        path = f"{FETCH_PATH}?client={quote(self.tag, safe='')}"
+        headers = {"Accept": "text/event-stream"}
+        self.send(wire.post_request(path, self.host, self.request, headers))
+
+    def items(self, items: list[wire.Item], now: float) -> None:
+        super().items([item for item in items if item.kind != CHAT_EVENT], now)
+
+
 class WSClient(Client):
     """``GET /ws/{channel}``: hand-made handshake, unmasked server frames, masked pongs."""
 
@@ -453,11 +489,17 @@ def make_client(
     *,
     from_start: bool = False,
     poll_interval: float = 1.0,
+    request: bytes = b"",
 ) -> Client:
-    """A not yet connected client of ``transport`` (``sse``, ``ws``, ``longpoll``, ``poll``)."""
+    """A not yet connected client of ``transport`` (``sse``, ``ws``, ``longpoll``, ``poll``, or
+    ``fetch`` with the chat's JSON ``request``: ``channel`` and ``after`` are not used then)."""
     started = _now_ms()
     if transport == "sse":
         return SSEClient(tally, host, channel, after, tag, started, from_start=from_start)
+    if transport == "fetch":
+        return FetchClient(
+            tally, host, channel, after, tag, started, from_start=from_start, request=request
+        )
     if transport == "ws":
         return WSClient(tally, host, channel, after, tag, started, from_start=from_start)
     if transport in ("poll", "longpoll"):
@@ -489,14 +531,22 @@ class NativeClients:
 
     @classmethod
     async def open(
-        cls, binary: str, spec: dict[str, Any], count: int
+        cls, binary: str, spec: dict[str, Any], count: int, request: bytes | None = None
     ) -> tuple[NativeClients, dict[str, Any]]:
         """Start the binary with ``count`` clients; return it and its ``opened`` reply.
+
+        ``request``: for ``fetch``, the chat request every client POSTs, again after each end
+        (the binary runs the chat rounds itself).
 
         Raises:
             BenchProtocolError: it exited or answered something else.
         """
-        query = f"after=now&client={quote(spec['tag'], safe='')}"
+        tag = quote(spec["tag"], safe="")
+        if spec["transport"] == "fetch":
+            path, extra = f"{FETCH_PATH}?client={tag}", [(request or b"{}").decode()]
+        else:
+            channel = quote(spec["channel"], safe="")
+            path, extra = f"/{spec['transport']}/{channel}?after=now&client={tag}", []
         proc = await asyncio.create_subprocess_exec(
             binary,
             spec["host"],
@@ -504,7 +554,8 @@ class NativeClients:
             spec["transport"],
             str(count),
             spec["host_header"],
-            f"/{spec['transport']}/{quote(spec['channel'], safe='')}?{query}",
+            path,
+            *extra,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
@@ -540,11 +591,13 @@ class NativeClients:
         await self._reply("started")
 
     async def stop(self) -> dict[str, Any]:
-        """End the measurement window; return its tally (``latency`` as raw doubles)."""
+        """End the measurement window; return its tally (``latency`` and ``ttft`` as raw
+        doubles)."""
         await self.send("stop")
         reply = await self._reply("window")
         assert self.proc.stdout is not None
         reply["latency"] = await self.proc.stdout.readexactly(8 * int(reply["latency_count"]))
+        reply["ttft"] = await self.proc.stdout.readexactly(8 * int(reply["ttft_count"]))
         return reply
 
     async def close(self) -> None:
@@ -623,7 +676,15 @@ class Worker:
         raise ValueError(f"unknown command {op!r}")
 
     # Opening ------------------------------------------------------------------------------------
-    def client(self, tally: Tally, channel: str, after: str, *, from_start: bool = False) -> Client:
+    def client(
+        self,
+        tally: Tally,
+        channel: str,
+        after: str,
+        *,
+        from_start: bool = False,
+        request: bytes = b"",
+    ) -> Client:
         spec = self.spec
         return make_client(
             spec["transport"],
@@ -634,6 +695,7 @@ class Worker:
             spec["tag"],
             from_start=from_start,
             poll_interval=float(spec["poll_interval"]),
+            request=request,
         )
 
     async def connect(self, client: Client, *, restart_clock: bool = True) -> bool:
@@ -666,6 +728,20 @@ class Worker:
         self.spec = spec
         self.stopping = False
         count = int(spec["clients"])
+        if spec["workload"] == "chats" and spec["transport"] == "fetch":
+            if spec.get("native") and "fetch" in NATIVE_TRANSPORTS:
+                # One request for every round: the answer's length and pace are the point,
+                # not its words.
+                request = json.dumps(self.chat_request(0, 1)).encode()
+                self.native, opened = await NativeClients.open(
+                    spec["native"], spec, count, request
+                )
+                self.tally.failures = int(opened["failures"])
+                self.tally.errors = list(opened["errors"])
+                return {**opened, "op": "opened"}
+            for i in range(count):
+                self.tasks.append(asyncio.create_task(self.fetch_rounds(i)))
+            return {"op": "opened", "clients": count, "failures": 0, "errors": []}
         if spec["workload"] == "chats":
             if self.session is None:
                 self.session = aiohttp.ClientSession(
@@ -689,6 +765,17 @@ class Worker:
             "errors": list(self.tally.errors),
         }
 
+    def chat_request(self, index: int, round_no: int) -> dict[str, Any]:
+        """The body of ``POST /api/chats`` (or of a fetch stream) for a chat of a round."""
+        spec = self.spec
+        return {
+            "prompt": f"bench worker {self.index} chat {index} round {round_no}",
+            "seed": round_no,
+            "max_tokens": int(spec["chat_tokens"]),
+            "token_ms": float(spec["token_ms"]),
+            "ttft_ms": float(spec["ttft_ms"]),
+        }
+
     async def chat_rounds(self, index: int, share: int) -> None:
         """Start a chat, read it with ``share`` clients to its end, repeat until closed."""
         assert self.session is not None
@@ -697,18 +784,14 @@ class Worker:
         round_no = 0
         while not self.stopping:
             round_no += 1
-            body = {
-                "prompt": f"bench worker {self.index} chat {index} round {round_no}",
-                "seed": round_no,
-                "max_tokens": int(spec["chat_tokens"]),
-                "token_ms": float(spec["token_ms"]),
-                "ttft_ms": float(spec["ttft_ms"]),
-            }
+            body = self.chat_request(index, round_no)
             posted = _now_ms()
             try:
                 async with self.session.post(base + "/api/chats", json=body) as response:
-                    chat = await response.json()
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                    raw = await response.read()
+                    chat = json.loads(raw)
+                    self.count_request(response, raw)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 self.tally.failures += 1
                 self.tally.error(f"POST /api/chats: {exc!r}")
                 await asyncio.sleep(0.5)
@@ -726,6 +809,48 @@ class Worker:
                     self.tally.incomplete += 1
                 self.clients.discard(c)
             if self.tally.in_window:
+                self.tally.chats += 1
+
+    def count_request(self, response: aiohttp.ClientResponse, body: bytes) -> None:
+        """Count the request that started a chat, and its bytes both ways, in the window.
+
+        A fetch stream's POST is its stream request, counted as any request is: the POST that
+        starts a chat for the other transports costs the same, and is counted the same.
+        """
+        tally = self.tally
+        if not tally.in_window:
+            return
+        info = response.request_info
+        sent = info.headers
+        tally.requests += 1
+        request_line = len(f"{info.method} {info.url.raw_path_qs} HTTP/1.1\r\n")
+        content = int(sent.get("Content-Length", "0") or 0)
+        tally.bytes_up += request_line + sum(len(k) + len(v) + 4 for k, v in sent.items()) + 2
+        tally.bytes_up += content
+        status_line = len(f"HTTP/1.1 {response.status} {response.reason or ''}\r\n")
+        head = sum(len(k) + len(v) + 4 for k, v in response.raw_headers) + 2
+        tally.bytes += status_line + head + len(body)
+
+    async def fetch_rounds(self, index: int) -> None:
+        """Start a chat with its fetch stream, read it to its end, repeat until closed.
+
+        One client per chat: its POST starts the chat, so its time to first token runs from
+        that request.
+        """
+        round_no = 0
+        while not self.stopping:
+            round_no += 1
+            request = json.dumps(self.chat_request(index, round_no)).encode()
+            client = self.client(self.tally, "", "", from_start=True, request=request)
+            self.clients.add(client)
+            opened = await self.connect(client)
+            await asyncio.wait([client.done])
+            self.clients.discard(client)
+            if not client.saw_end and not self.stopping:
+                self.tally.incomplete += 1
+            if not opened and not self.stopping:
+                await asyncio.sleep(0.5)  # refused or unreachable, as a failed POST /api/chats
+            elif self.tally.in_window:
                 self.tally.chats += 1
 
     # Measuring ----------------------------------------------------------------------------------
@@ -772,11 +897,16 @@ class Worker:
                 "reordered",
                 "resets",
                 "overflows",
+                "chats",
+                "incomplete",
+                "requests",
             ):
                 result[key] = int(counted[key])
             result["disconnects"] = int(counted["disconnects"])
             result["failures"] = int(counted["failures"])
             result["latency"] = counted["latency"]
+            if self.spec.get("workload") == "chats":
+                result["ttft"] = counted["ttft"]  # each chat's, timed from its POST
             result["cpu"] = cpu + float(counted["cpu"])
             result["errors"] = list(counted["errors"])
         if probe is not None:

@@ -108,6 +108,18 @@ def get_request(path: str, host: str, headers: dict[str, str] | None = None) -> 
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+def post_request(path: str, host: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
+    """A keep-alive ``POST`` request with a JSON ``body``."""
+    lines = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {host}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+    ]
+    lines.extend(f"{name}: {value}" for name, value in (headers or {}).items())
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
 class ChunkedDecoder:
     """Incremental ``Transfer-Encoding: chunked`` body decoder.
 

@@ -10,6 +10,7 @@ envelope JSON kept per channel), ``ttl`` (seconds an idle or finished channel is
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from realtime_lab.bus.base import After, Attachment, ChannelInfo, Replay, Sink
@@ -81,20 +82,9 @@ def create_broker(
     raise UnknownBusBackend(f"no bus backend for {url!r}: use memory:// or redis://host:port/db")
 
 
-def create_bus(
-    url: str,
-    *,
-    history: int = 1000,
-    ttl: float = 300.0,
-    history_bytes: int = DEFAULT_HISTORY_BYTES,
-    max_channels: int = DEFAULT_MAX_CHANNELS,
-) -> Bus:
-    """The bus a URL names (see :func:`create_broker`).
+def create_bus(url: str, **options: Any) -> Bus:
+    """The bus a URL names; ``options`` are :func:`create_broker`'s.
 
     Then ``await bus.start()`` before use and ``await bus.close()`` at shutdown.
     """
-    return Bus(
-        create_broker(
-            url, history=history, ttl=ttl, history_bytes=history_bytes, max_channels=max_channels
-        )
-    )
+    return Bus(create_broker(url, **options))

@@ -121,9 +121,13 @@ class Broker(ABC):
         history = await self.read(channel, None, 0)
         return history.info if history.exists else None
 
-    async def declare(self, channel: str) -> None:
-        """Make the channel known to every process before its first event (a chat's 201)."""
-        await self.read(channel, None, 0, reserve=True)
+    @abstractmethod
+    async def declare(self, channel: str, epoch: str | None = None) -> None:
+        """Make the channel known to every process before its first event (a chat's 201).
+
+        As a reserving :meth:`read`; ``epoch`` is the life it gets if it does not exist yet (a
+        chat's id, so that its event ids name the chat).
+        """
 
     @abstractmethod
     async def subscribe(self, channel: str) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Coroutine
 from typing import Any, Final
 
 from realtime_lab.bus.base import (
@@ -36,7 +35,8 @@ from realtime_lab.bus.base import (
 )
 from realtime_lab.bus.broker import Broker
 from realtime_lab.bus.subscription import Subscription
-from realtime_lab.errors import BusClosed, BusError, LimitReached
+from realtime_lab.bus.tasks import Background
+from realtime_lab.errors import BusClosed, BusError
 from realtime_lab.protocol.cursor import Cursor, parse_id
 from realtime_lab.protocol.envelope import Event
 
@@ -147,7 +147,7 @@ class Bus:
         broker.bind(self)
         self._locals: dict[str, _Local] = {}
         self._sub_lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = Background()
         self._retainer: asyncio.Task[None] | None = None  # in _tasks: close() stops it
         self._closed = False
 
@@ -159,7 +159,7 @@ class Bus:
         """Connect the broker."""
         await self.broker.start()
         if self._retainer is None and not self._closed:
-            self._retainer = self._spawn(self._retain_followed(), "bus-retain")
+            self._retainer = self._background.spawn(self._retain_followed(), "bus-retain")
 
     async def _retain_followed(self) -> None:
         """Every ttl/3, tell the broker which channels this process follows: none is idle."""
@@ -193,13 +193,8 @@ class Bus:
         if self._closed:
             return
         self._closed = True
-        tasks = set(self._tasks)
-        for task in tasks:
-            task.cancel()
         try:
-            if tasks:
-                # asyncio.wait neither raises the tasks' CancelledError nor hides our own.
-                await asyncio.wait(tasks)
+            await self._background.cancel_all()
         finally:
             for local in self._locals.values():
                 local.wake()
@@ -259,14 +254,15 @@ class Bus:
             info.subscribers = len(local.members)
         return info
 
-    async def declare(self, channel: str) -> None:
+    async def declare(self, channel: str, epoch: str | None = None) -> None:
         """Make the channel known to every process before its first event.
 
         A chat is announced (201) before its first token; a subscriber that reaches another
-        server process first must still find the channel.
+        server process first must still find the channel. ``epoch``: the life it gets if it
+        does not exist yet (a chat's id: then every event id names its chat).
         """
         self._check_open()
-        await self.broker.declare(channel)
+        await self.broker.declare(channel, epoch)
 
     def subscribe(
         self, channel: str, after: After = None, *, maxsize: int = DEFAULT_QUEUE_SIZE
@@ -290,7 +286,7 @@ class Bus:
         local = self._locals.get(channel)
         if local is None:
             local = self._locals[channel] = _Local(channel)
-            self._spawn(self._setup(local), f"bus-setup {channel}")
+            self._background.spawn(self._setup(local), f"bus-setup {channel}")
         # Joined (held) before anything is awaited: the channel is not released under us.
         member = _Member(sink, local.next_key + 1)
         local.next_key = member.key
@@ -352,7 +348,9 @@ class Bus:
                 local.ready.set_exception(failure)
                 local.ready.exception()  # retrieved here: the waiting attaches re-raise it
             if subscribed and not self._closed:
-                self._spawn(self._unsubscribe(local.name), f"bus-unsubscribe {local.name}")
+                self._background.spawn(
+                    self._unsubscribe(local.name), f"bus-unsubscribe {local.name}"
+                )
             raise
         local.prefix = history.info.epoch + "-" if history.exists else ""
         local.seen = history.info.last_seq if history.exists else 0
@@ -455,7 +453,9 @@ class Bus:
     # Catch-up ----------------------------------------------------------------------------------
     def _resync(self, local: _Local) -> None:
         if local.resync_task is None and not self._closed:
-            local.resync_task = self._spawn(self._catch_up(local), f"bus-resync {local.name}")
+            local.resync_task = self._background.spawn(
+                self._catch_up(local), f"bus-resync {local.name}"
+            )
 
     async def _catch_up(self, local: _Local) -> None:
         """Read what the live feed missed from history, then let the held events through."""
@@ -529,7 +529,9 @@ class Bus:
             return
         if not local.ready.done():
             return  # _setup calls again once it is done
-        local.release_task = self._spawn(self._release_local(local), f"bus-release {local.name}")
+        local.release_task = self._background.spawn(
+            self._release_local(local), f"bus-release {local.name}"
+        )
 
     async def _release_local(self, local: _Local) -> None:
         try:
@@ -548,20 +550,6 @@ class Bus:
         async with self._sub_lock:
             if channel not in self._locals and not self._closed:
                 await self.broker.unsubscribe(channel)
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-        return task
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            # Refusals and broker failures reach whoever waited on the task; only a bug is ours.
-            if not isinstance(exc, BusError | OSError | LimitReached):
-                log.error("bus task %s failed", task.get_name(), exc_info=exc)
 
     def _check_open(self) -> None:
         if self._closed:

@@ -266,6 +266,13 @@ class MemoryBroker(Broker):
             self._arm()
         return event
 
+    async def declare(self, channel: str, epoch: str | None = None) -> None:
+        self._check_open()
+        if channel not in self._channels:
+            self._create(channel, epoch or self._epoch_for(channel))
+        else:
+            await self.read(channel, None, 0, reserve=True)
+
     async def read(
         self, channel: str, after: After, limit: int | None, *, reserve: bool = False
     ) -> History:

@@ -73,6 +73,7 @@ from redis.exceptions import RedisError
 from realtime_lab.bus.base import After, ChannelInfo, History, epoch_of, is_live, now_ms
 from realtime_lab.bus.broker import DEFAULT_HISTORY_BYTES, DEFAULT_MAX_CHANNELS, Broker
 from realtime_lab.bus.memory import new_epoch
+from realtime_lab.bus.tasks import Background
 from realtime_lab.errors import (
     BusClosed,
     BusError,
@@ -228,7 +229,8 @@ return {1, epoch, seq}
 # KEYS: meta, stream, tombstone, bus epoch, channel index. ARGV: mode ("info", "live", "all" or
 # "cursor"), cursor epoch, cursor seq, limit (-1: none), "1" to reserve the channel (create it
 # when it does not exist, keep it ttl more when it does), ttl ms of such a creation, fresh epoch,
-# bus epoch candidate, ttl ms, tombstone ms, max channels, channel name.
+# bus epoch candidate, ttl ms, tombstone ms, max channels, channel name, the epoch a created
+# channel gets ("" for the usual choice).
 # Returns {0, epoch of its next life} for a channel that does not exist, a refusal
 # {-1, 'too-many-channels', ms} when reserving a new one is over the cap, else
 # {1, epoch, last, first, finished, pttl, payload...}: the payloads are the retained events from
@@ -241,7 +243,11 @@ local meta, stream, gone, index = KEYS[1], KEYS[2], KEYS[3], KEYS[5]
 local reserve = ARGV[5] == '1'
 local epoch = redis.call('HGET', meta, 'epoch')
 if not epoch then
-  epoch = life_epoch(gone, KEYS[4], ARGV[7], ARGV[8])
+  if reserve and ARGV[13] ~= '' then
+    epoch = ARGV[13]
+  else
+    epoch = life_epoch(gone, KEYS[4], ARGV[7], ARGV[8])
+  end
   if not reserve then
     return {0, epoch}
   end
@@ -402,7 +408,7 @@ class RedisBroker(Broker):
         self._retain_script: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._subs: dict[bytes, _Sub] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = Background()
         self._dropping: set[bytes] = set()
         self._closed = False
 
@@ -461,15 +467,8 @@ class RedisBroker(Broker):
         if self._closed:
             return
         self._closed = True
-        tasks = set(self._tasks)
-        if self._reader is not None:
-            tasks.add(self._reader)
-        for task in tasks:
-            task.cancel()
         try:
-            if tasks:
-                # asyncio.wait neither raises the tasks' CancelledError nor hides our own.
-                await asyncio.wait(tasks)
+            await self._background.cancel_all(self._reader)
         finally:
             for sub in self._subs.values():
                 self._forget(sub)
@@ -515,12 +514,6 @@ class RedisBroker(Broker):
         except (RedisError, OSError) as exc:
             raise BusError(f"redis bus at {self._where} failed: {exc}") from exc
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
     # Publish -----------------------------------------------------------------------------------
     async def publish(self, channel: str, type: str, data: dict[str, Any]) -> Event:
         self._check_open()
@@ -560,6 +553,14 @@ class RedisBroker(Broker):
     async def read(
         self, channel: str, after: After, limit: int | None, *, reserve: bool = False
     ) -> History:
+        return await self._read(channel, after, limit, reserve, None)
+
+    async def declare(self, channel: str, epoch: str | None = None) -> None:
+        await self._read(channel, None, 0, True, epoch)
+
+    async def _read(
+        self, channel: str, after: After, limit: int | None, reserve: bool, epoch: str | None
+    ) -> History:
         self._check_open()
         c_epoch, c_seq = "", 0
         if is_live(after) or limit == 0:
@@ -584,14 +585,15 @@ class RedisBroker(Broker):
                 self._tombstone_ms,
                 self.max_channels,
                 channel,
+                epoch or "",
             ],
         )
         if result[0] < 0:
             raise self._refusal(channel, result[1], int(result[2]))
         if not result[0]:
             return History(ChannelInfo(channel, result[1].decode(), 1, 0, False, 0), False, [])
-        epoch, last, first, finished, pttl = result[1:6]
-        info = ChannelInfo(channel, epoch.decode(), int(first), int(last), bool(finished), 0)
+        raw_epoch, last, first, finished, pttl = result[1:6]
+        info = ChannelInfo(channel, raw_epoch.decode(), int(first), int(last), bool(finished), 0)
         try:
             events = [_decode(payload) for payload in result[6:]]
         except InvalidEnvelope as exc:
@@ -764,7 +766,7 @@ class RedisBroker(Broker):
             # Leftovers of an UNSUBSCRIBE in flight, or of a cancelled subscribe: make sure.
             if key not in self._dropping:
                 self._dropping.add(key)
-                self._spawn(self._drop_stray(key), "redis-bus-drop-stray")
+                self._background.spawn(self._drop_stray(key), "redis-bus-drop-stray")
             return
         if kind == "subscribe":
             if not sub.confirmed.done():

@@ -193,6 +193,10 @@ class ChatRegistry:
     async def _generate(self, chat: Chat) -> None:
         reason: Status = "done"
         try:
+            # The channel's life is named by the chat: an event id then says which chat it is
+            # from (a fetch stream resumes by Last-Event-ID alone). Idempotent: the API may
+            # have declared it already.
+            await self._bus.declare(chat.channel, epoch=chat.id)
             for token in paced_tokens(
                 chat.prompt,
                 chat.seed,

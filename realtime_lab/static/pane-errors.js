@@ -12,6 +12,8 @@
  * probe timed out) the problem stays one to retry.
  */
 
+import { QUEUE } from "./net.js";
+
 /** Milliseconds a probe may take before the failure is taken as a network one. */
 export const PROBE_TIMEOUT_MS = 3000;
 /** Seconds to wait after a 429 that names no Retry-After (the server's own default). */
@@ -87,17 +89,27 @@ export function needsProbe(problem) {
  * cookie), read the status, the JSON error and Retry-After, and drop the connection. A probe
  * answered 2xx/3xx, or not answered within `timeoutMs`, leaves the problem as it was (retry).
  *
+ * With a `queue` (net.js `SideQueue`, the page's one queue for its own requests) the probe waits
+ * its turn there and counts as the queue's connection: a WebSocket pane's probe is an HTTP
+ * request, which its socket (outside Chromium's six) is not, and must not take a seventh.
+ *
  * @param {object} problem a problem with a `probe` URL (see `needsProbe`)
- * @param {{fetch?: Function, budget?: {take(): void, give(): void}, timeoutMs?: number}} deps
+ * @param {{fetch?: Function, budget?: {take(h): void, give(h): void},
+ *          queue?: {run(task): Promise}, timeoutMs?: number}} deps
  */
 export async function diagnose(
   problem,
-  { fetch = globalThis.fetch, budget = null, timeoutMs = PROBE_TIMEOUT_MS } = {},
+  { fetch = globalThis.fetch, budget = null, queue = null, timeoutMs = PROBE_TIMEOUT_MS } = {},
 ) {
   if (!needsProbe(problem)) return problem;
+  const ask = () => probe(problem, { fetch, budget, holder: queue ? QUEUE : "probe", timeoutMs });
+  return queue ? queue.run(ask) : ask();
+}
+
+async function probe(problem, { fetch, budget, holder, timeoutMs }) {
   const controller = new AbortController();
   const guard = setTimeout(() => controller.abort(), timeoutMs);
-  if (budget) budget.take();
+  if (budget) budget.take(holder);
   try {
     const response = await fetch(problem.probe, {
       method: "GET",
@@ -118,7 +130,7 @@ export async function diagnose(
   } finally {
     clearTimeout(guard);
     controller.abort(); // a probe that was answered with a stream must not stay open
-    if (budget) budget.give();
+    if (budget) budget.give(holder);
   }
 }
 

@@ -14,37 +14,17 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from realtime_lab.protocol.envelope import Event
+from realtime_lab.transports.outlet import Outlet
 
 
-class BacklogTarget(Protocol):
+class BacklogTarget(Outlet, Protocol):
     """What the backlog needs of its connection."""
-
-    @property
-    def socket(self) -> asyncio.Transport:
-        """The connection's transport (its unsent bytes say when to wait)."""
-        ...
-
-    @property
-    def send_buffer(self) -> int:
-        """Unsent bytes past which the connection has fallen too far behind."""
-        ...
-
-    @property
-    def done(self) -> asyncio.Future[str]:
-        """Resolved once the connection has ended."""
-        ...
 
     def frame(self, event: Event) -> bytes:
         """The bytes that carry ``event``."""
 
     def send(self, event: Event) -> None:
         """Write one event now."""
-
-    def lost(self) -> None:
-        """The socket is gone."""
-
-    def overflow(self) -> None:
-        """End the connection: it fell too far behind."""
 
     def update_steady(self) -> None:
         """Re-check whether the broadcast may write for it again."""

@@ -40,6 +40,7 @@ from realtime_lab.errors import BusError
 from realtime_lab.protocol.cursor import LIVE, Cursor
 from realtime_lab.protocol.envelope import END, Event
 from realtime_lab.transports.chaos import Chaos
+from realtime_lab.transports.outlet import Outlet
 
 log = logging.getLogger("realtime_lab.server")
 
@@ -50,7 +51,7 @@ GAP_WEIGHT: Final = 0.125
 Frame = Callable[[Event], bytes]
 
 
-class Member(Protocol):
+class Member(Outlet, Protocol):
     """What a broadcast needs of a connection it writes for."""
 
     @property
@@ -61,21 +62,6 @@ class Member(Protocol):
     @property
     def steady(self) -> bool:
         """``True`` while the broadcast may write for it (nothing queued, held or delayed)."""
-        ...
-
-    @property
-    def socket(self) -> asyncio.Transport:
-        """The transport the broadcast writes the shared bytes to."""
-        ...
-
-    @property
-    def send_buffer(self) -> int:
-        """Unsent bytes past which the connection has fallen too far behind."""
-        ...
-
-    @property
-    def done(self) -> asyncio.Future[str]:
-        """Resolved once the connection has ended."""
         ...
 
     last_id: str | None
@@ -97,12 +83,6 @@ class Member(Protocol):
 
     def rebase(self) -> None:
         """It was sent the last flush event by event: none of its shared count is its share."""
-
-    def lost(self) -> None:
-        """Its socket is gone."""
-
-    def overflow(self) -> None:
-        """It fell more than ``send_buffer`` behind."""
 
     def finish_stream(self) -> None:
         """The channel's ``end`` was written to it."""

@@ -10,7 +10,7 @@ from realtime_lab.errors import LimitReached
 from realtime_lab.feed.chats import Chat
 from realtime_lab.transports.access import identity_of
 from realtime_lab.transports.keys import BUS_KEY, CHATS_KEY, SETTINGS_KEY
-from realtime_lab.transports.params import body_number
+from realtime_lab.transports.params import field
 from realtime_lab.transports.problems import HTTPProblem
 
 MAX_PROMPT: Final = 4000
@@ -40,10 +40,10 @@ async def start_chat(request: web.Request, body: dict[str, Any]) -> Chat:
             f"prompt must be a non-empty string of at most {MAX_PROMPT} characters",
         )
     identity = identity_of(request)
-    seed = int(body_number(body, "seed", 0, -(2**31), 2**31, integer=True))
-    ttft_ms = body_number(body, "ttft_ms", settings.ttft_ms, 0, 60_000)
-    token_ms = body_number(body, "token_ms", settings.token_ms, 0, 10_000)
-    max_tokens = int(body_number(body, "max_tokens", settings.max_tokens, 1, 5000, integer=True))
+    seed = int(field(body, "seed", 0, -(2**31), 2**31, integer=True))
+    ttft_ms = field(body, "ttft_ms", settings.ttft_ms, 0, 60_000)
+    token_ms = field(body, "token_ms", settings.token_ms, 0, 10_000)
+    max_tokens = int(field(body, "max_tokens", settings.max_tokens, 1, 5000, integer=True))
     chats = request.app[CHATS_KEY]
     try:
         chat = chats.start(
@@ -57,7 +57,7 @@ async def start_chat(request: web.Request, body: dict[str, Any]) -> Chat:
     except LimitReached as exc:
         raise limit_problem(exc) from None
     try:
-        await request.app[BUS_KEY].declare(chat.channel)
+        await request.app[BUS_KEY].declare(chat.channel, epoch=chat.id)
     except LimitReached as exc:
         chats.cancel(chat.id)  # no channel for it (the bus is full): it cannot run
         raise limit_problem(exc) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -56,18 +57,12 @@ def number(
     return parsed
 
 
-def query_number(
-    request: web.Request,
-    name: str,
-    default: float,
-    low: float,
-    high: float,
-    *,
-    integer: bool = False,
+def field(
+    source: Mapping[str, Any], name: str, default: float, low: float, high: float, **how: bool
 ) -> float:
-    """A numeric query parameter in ``[low, high]``; ``default`` when absent."""
-    raw = request.query.get(name)
-    return number(raw, name, low, high, default=default, integer=integer, text=True)
+    """``source[name]`` checked by :func:`number` (``how``: ``integer``, ``text``); ``default``
+    when absent. ``source`` is a JSON body, or with ``text=True`` a request's query."""
+    return number(source.get(name), name, low, high, default=default, **how)
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
@@ -91,16 +86,3 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     except (ValueError, UnicodeEncodeError) as exc:
         raise HTTPProblem(400, "invalid-json", f"body is not strict JSON: {exc}") from exc
     return value
-
-
-def body_number(
-    body: dict[str, Any],
-    name: str,
-    default: float,
-    low: float,
-    high: float,
-    *,
-    integer: bool = False,
-) -> float:
-    """A numeric field of a JSON body, ``default`` when absent (see :func:`number`)."""
-    return number(body.get(name), name, low, high, default=default, integer=integer)

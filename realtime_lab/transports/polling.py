@@ -17,7 +17,7 @@ from realtime_lab.protocol.cursor import Cursor, parse_id
 from realtime_lab.protocol.envelope import Event, dumps
 from realtime_lab.transports.accounting import Counters, LiveConnection, MeteredResponse
 from realtime_lab.transports.keys import BUS_KEY, CHAOS_KEY, HUB_KEY, SETTINGS_KEY
-from realtime_lab.transports.params import query_number
+from realtime_lab.transports.params import field
 from realtime_lab.transports.preamble import Opening, open_request
 from realtime_lab.transports.problems import HTTPProblem
 
@@ -37,9 +37,8 @@ async def _begin(request: web.Request, transport: str) -> tuple[Opening, int]:
     opening = await open_request(request, transport, stream=transport == "longpoll")
     settings = request.app[SETTINGS_KEY]
     try:
-        limit = query_number(
-            request, "limit", settings.poll_limit, 1, settings.poll_max_limit, integer=True
-        )
+        query, high = request.query, settings.poll_max_limit
+        limit = field(query, "limit", settings.poll_limit, 1, high, integer=True, text=True)
     except HTTPProblem as exc:
         opening.release()
         raise opening.refuse(request, exc) from None
@@ -104,16 +103,17 @@ async def longpoll(request: web.Request) -> web.StreamResponse:
     """
     opening, limit = await _begin(request, "longpoll")
     try:
-        channel, after, client, counters = (
-            opening.channel,
-            opening.after,
-            opening.client,
-            opening.counters,
-        )
+        channel, after = opening.channel, opening.after
+        client, counters = opening.client, opening.counters
         settings = request.app[SETTINGS_KEY]
         try:
-            timeout = query_number(
-                request, "timeout", settings.longpoll_timeout, 0, settings.longpoll_max_timeout
+            timeout = field(
+                request.query,
+                "timeout",
+                settings.longpoll_timeout,
+                0,
+                settings.longpoll_max_timeout,
+                text=True,
             )
         except HTTPProblem as exc:
             raise opening.refuse(request, exc) from None

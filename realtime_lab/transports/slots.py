@@ -48,24 +48,17 @@ class StreamSlots:
             HTTPProblem: 429 ``too-many-streams`` over either bound (``0`` means unbounded).
         """
         if self.max_total and self.total >= self.max_total:
-            self.refused["total"] += 1
-            raise HTTPProblem(
-                429,
-                "too-many-streams",
-                f"the server holds its maximum of {self.max_total} open streams; retry later",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
+            raise self._refuse("total", f"the server holds {self.max_total} streams, its most")
         if self.max_per_client and self._by_client[key] >= self.max_per_client:
-            self.refused["per-client"] += 1
-            raise HTTPProblem(
-                429,
-                "too-many-streams",
-                f"at most {self.max_per_client} open streams per client; close one first",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
+            raise self._refuse("per-client", f"at most {self.max_per_client} streams per client")
         self.total += 1
         self._by_client[key] += 1
         return Slot(self, key)
+
+    def _refuse(self, why: str, message: str) -> HTTPProblem:
+        self.refused[why] += 1
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+        return HTTPProblem(429, "too-many-streams", f"{message}; retry later", headers=headers)
 
     def _free(self, key: str) -> None:
         self.total -= 1

@@ -153,12 +153,8 @@ async def _serve(
     max_msg: int,
     chaos: Chaos,
 ) -> web.StreamResponse:
-    channel, after, client, counters = (
-        opening.channel,
-        opening.after,
-        opening.client,
-        opening.counters,
-    )
+    channel, after = opening.channel, opening.after
+    client, counters = opening.client, opening.counters
     settings = request.app[SETTINGS_KEY]
     sock = web.WebSocketResponse(autoping=False, max_msg_size=max_msg, compress=False)
     await sock.prepare(request)

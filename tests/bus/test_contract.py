@@ -462,3 +462,12 @@ async def test_close_ends_subscribers_and_refuses_publishing(make_bus: MakeBus) 
         await bus.attach(channel, None, Recorder())
     assert await bus.info(channel) is None
     await bus.close()  # idempotent
+
+
+async def test_declare_names_the_life_of_a_new_channel(bus: Bus) -> None:
+    channel = new_channel()
+    await bus.declare(channel, epoch="c0ffee123456")
+    first = await bus.publish(channel, "token", {})
+    assert first.id == "c0ffee123456-1"
+    await bus.declare(channel, epoch="other")  # an existing channel keeps its life
+    assert (await bus.publish(channel, "token", {})).id == "c0ffee123456-2"

@@ -83,6 +83,9 @@ class ScriptedBroker(Broker):
             self.reserved.add(channel)
         return History(info, bool(self.events) or channel in self.reserved, events)
 
+    async def declare(self, channel: str, epoch: str | None = None) -> None:
+        await self.read(channel, None, 0, reserve=True)
+
     async def subscribe(self, channel: str) -> None:
         self.subscribed.add(channel)
 

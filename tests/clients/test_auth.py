@@ -46,7 +46,6 @@ from realtime_lab.protocol.envelope import Event
 from realtime_lab.transports.keys import CHATS_KEY
 from tests.clients.helpers import FAST, TIMEOUT, chat_stream, collect, start_chat, text_of
 from tests.conftest import RunningServer, StartServer, free_port
-from tests.transports.collect import FETCH_RESUME_PENDING
 
 SECRET = "a test secret that is at least 32 bytes long"
 AUTHORITY = TokenAuthority(SECRET)
@@ -180,9 +179,7 @@ async def an_event_id_of(server: RunningServer, chat: dict[str, Any]) -> str:
 
 
 @pytest.mark.parametrize("use_tickets", [False, True], ids=["bearer", "tickets"])
-@pytest.mark.parametrize(
-    "transport", [*CHANNEL_TRANSPORTS, pytest.param("fetch", marks=FETCH_RESUME_PENDING)]
-)
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_another_users_chat_is_refused_with_403(
     transport: str, use_tickets: bool, start_server: StartServer
 ) -> None:
@@ -316,7 +313,6 @@ async def test_tickets_survive_a_chaos_drop_with_a_new_ticket_and_no_gap(
             assert s.url.query.get("after") or s.headers.get("Last-Event-ID"), s
 
 
-@FETCH_RESUME_PENDING
 async def test_fetch_with_tickets_sends_its_token_on_every_post_and_survives_a_drop(
     start_server: StartServer, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:

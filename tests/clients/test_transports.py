@@ -34,7 +34,6 @@ from tests.clients.helpers import (
     text_of,
 )
 from tests.conftest import StartServer, free_port
-from tests.transports.collect import FETCH_RESUME_PENDING
 
 PROMPT = "Explain resumable streams 可恢复的流"
 
@@ -101,10 +100,7 @@ async def test_a_whole_chat_arrives_and_iteration_stops_after_end(
         assert stats.requests == 1
 
 
-@pytest.mark.parametrize(
-    "transport",
-    [*CHANNEL_TRANSPORTS, pytest.param("fetch", marks=FETCH_RESUME_PENDING)],
-)
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_resume_after_an_id(transport: str, start_server: StartServer) -> None:
     server = await start_server()
     chat = await start_chat(server.url, PROMPT, seed=4, max_tokens=40)

@@ -33,8 +33,8 @@ import pytest
 from realtime_lab.transports.keys import CHATS_KEY
 from tests.conftest import RunningServer, StartServer
 from tests.reliability.helpers import (
-    CHANNEL_TRANSPORTS,
     STREAMING,
+    TRANSPORTS,
     Reader,
     assert_exact_answer,
     chaos,
@@ -45,7 +45,6 @@ from tests.reliability.helpers import (
     start_chat,
     wait_chat_finished,
 )
-from tests.transports.collect import FETCH_RESUME_PENDING
 
 TOKEN_MS = 8.0  # ~1 s per chat: long enough to fault mid-stream three times
 FAULTS = ("drop", "pause", "fail", "overflow")
@@ -72,20 +71,8 @@ async def sse_ws_overflow(server: RunningServer, session: aiohttp.ClientSession,
     await chaos(session, server, "reset")
 
 
-#: Every (transport, fault); fetch recovers from a fault by resuming, which the server cannot do
-#: yet: only the pause (held, never cut) passes without it.
-CASES = [
-    *(pytest.param(t, f, id=f"{t}-{f}") for t in CHANNEL_TRANSPORTS for f in FAULTS),
-    *(
-        pytest.param(
-            "fetch", f, id=f"fetch-{f}", marks=() if f == "pause" else FETCH_RESUME_PENDING
-        )
-        for f in FAULTS
-    ),
-]
-
-
-@pytest.mark.parametrize(("transport", "fault"), CASES)
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_every_fault_on_every_transport_loses_nothing(
     start_server: StartServer, session: aiohttp.ClientSession, transport: str, fault: str
 ) -> None:

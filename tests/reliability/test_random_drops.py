@@ -1,4 +1,7 @@
-"""Random connection cuts across a whole chat, all four transports streaming it at once.
+"""Random connection cuts across a whole chat, every transport streaming it at once.
+
+The fetch client streams a chat of its own, started by its POST with the same request at the
+same moment, so the same drops cut it at about the same points of its answer.
 
 The schedule comes from a seeded ``random.Random``: 5 to 8 ``drop all`` faults, each once the
 generator has published a randomly chosen number of tokens. Replay a failure with
@@ -20,10 +23,12 @@ import pytest
 from realtime_lab.transports.keys import CHATS_KEY
 from tests.conftest import StartServer
 from tests.reliability.helpers import (
+    CHANNEL_TRANSPORTS,
     MAX_TOKENS,
-    TRANSPORTS,
+    STREAMING,
     assert_exact_answer,
     chaos,
+    fetch_reader,
     reader,
     start_chat,
 )
@@ -58,7 +63,8 @@ async def test_random_drops_on_all_transports_lose_nothing(
     server = await start_server(chaos=True, retry_ms=50)
     chat = await start_chat(session, server, token_ms=TOKEN_MS)
     generated = server.app[CHATS_KEY].get(chat["id"]).parts
-    readers = [reader(server, chat["channel"], t) for t in TRANSPORTS]
+    readers = [reader(server, chat["channel"], t) for t in CHANNEL_TRANSPORTS]
+    readers.append(fetch_reader(server, token_ms=TOKEN_MS))
     cuts: list[int] = []
     for r in readers:
         await r.__aenter__()
@@ -79,6 +85,8 @@ async def test_random_drops_on_all_transports_lose_nothing(
     by_transport = {r.client.transport: r.client.stats for r in readers}
     # Not a vacuous run: connections were cut, and the streaming clients came back from it.
     assert sum(cuts) >= len(points), f"cuts {cuts} {context}"
-    for name in ("sse", "ws"):
+    for name in STREAMING:
         assert by_transport[name].reconnects >= 1, f"{name} {context}"
         assert by_transport[name].connections == by_transport[name].reconnects + 1, context
+    # No retry of the fetch POST started a chat of its own.
+    assert server.app[CHATS_KEY].running == 0, context

@@ -1,6 +1,7 @@
 """A restarted server with the memory bus has lost every channel's history: clients must say so.
 
-Clients on all four transports follow one application channel. The server stops mid-stream and
+Clients on the four channel transports follow one application channel (a fetch stream reads
+only the chat it started: it takes part where a chat is lost). The server stops mid-stream and
 a new one starts on the same port with an empty memory bus (a new epoch). Each client must
 yield a ``reset`` (it cannot know what it missed) and then every event published on the new
 server, in order: none hangs, none silently carries on as if nothing happened.
@@ -18,8 +19,16 @@ import pytest
 from realtime_lab.errors import ServerRefused
 from realtime_lab.feed.llm import answer_tokens
 from realtime_lab.protocol.envelope import Event
+from realtime_lab.transports.keys import CHATS_KEY
 from tests.conftest import RunningServer, StartServer
-from tests.reliability.helpers import TRANSPORTS, Reader, post, reader, start_chat
+from tests.reliability.helpers import (
+    CHANNEL_TRANSPORTS,
+    Reader,
+    fetch_reader,
+    post,
+    reader,
+    start_chat,
+)
 
 CHANNEL = "news"
 
@@ -59,7 +68,7 @@ async def test_every_client_surfaces_the_reset_and_carries_on(
     (the reset names ``<epoch>-0``) and the new events arrive live."""
     server = await start_server()
     old = [await publish(session, server, n) for n in range(1, 4)]
-    readers = [reader(server, CHANNEL, t) for t in TRANSPORTS]
+    readers = [reader(server, CHANNEL, t) for t in CHANNEL_TRANSPORTS]
     for r in readers:
         await r.__aenter__()
     try:
@@ -108,19 +117,23 @@ async def test_a_chat_lost_with_its_server_ends_every_client_loudly(
     none takes the new server's silence for the rest of the answer."""
     server = await start_server()
     chat = await start_chat(session, server, token_ms=20)
-    readers = [reader(server, chat["channel"], t) for t in TRANSPORTS]
+    readers = [reader(server, chat["channel"], t) for t in CHANNEL_TRANSPORTS]
+    # The same request over fetch: its POST starts a chat of its own, lost the same way.
+    readers.append(fetch_reader(server, token_ms=20))
     for r in readers:
         await r.__aenter__()
     try:
         for r in readers:
             await r.wait_tokens(10)
         await server.stop()
-        await start_server(port=server.port)
+        restarted = await start_server(port=server.port)
         async with asyncio.timeout(20):
             for r in readers:
                 with pytest.raises(ServerRefused) as refused:
                     await r.finished()
                 assert refused.value.status == 404, r.client.transport
+        # Not one client took the new server's silence for a new start: no chat was created.
+        assert restarted.app[CHATS_KEY].running == 0
     finally:
         for r in readers:
             await r.__aexit__(None, None, None)

@@ -24,23 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
-import pytest
 
 from realtime_lab.protocol.sse import ServerSentEvent, SSEDecoder
 
 TRANSPORTS = ("poll", "longpoll", "sse", "ws", "fetch")
 #: The transports that read a channel by name (fetch streams the chat it creates).
 CHANNEL_TRANSPORTS = ("poll", "longpoll", "sse", "ws")
-
-#: Until the server resumes fetch streams, a ``Last-Event-ID`` on ``POST /api/chats/stream`` is
-#: answered 404 ``unknown-chat``: the chat channel's epoch is not yet the chat's id, so the id
-#: names no chat. Strict, so each test that passes once the server does says so: then delete
-#: this mark and its uses (tests/clients, tests/transports, tests/reliability).
-FETCH_RESUME_PENDING = pytest.mark.xfail(
-    strict=True,
-    reason="server: resuming a fetch stream (Last-Event-ID) answers 404 unknown-chat until a "
-    "chat channel's epoch is the chat id",
-)
 
 T = TypeVar("T")
 Envelope = dict[str, Any]

@@ -20,7 +20,6 @@ from realtime_lab.feed.llm import answer_text
 from realtime_lab.transports.keys import CHATS_KEY
 from tests.conftest import RunningServer, StartServer
 from tests.transports.collect import (
-    FETCH_RESUME_PENDING,
     Envelope,
     fetch,
     longpoll,
@@ -150,7 +149,6 @@ async def test_an_abort_cancels_the_chat_after_the_grace(
     assert len([e for e in result.events + rest if e["type"] == "token"]) < 500
 
 
-@FETCH_RESUME_PENDING
 async def test_a_cut_and_resume_within_the_grace_continues_the_same_chat(
     start_server: StartServer, session: aiohttp.ClientSession
 ) -> None:
@@ -177,7 +175,13 @@ async def test_a_cut_and_resume_within_the_grace_continues_the_same_chat(
     assert server.app[CHATS_KEY].running == 0
 
 
-@FETCH_RESUME_PENDING
+@pytest.mark.xfail(
+    strict=True,
+    reason="server: MemoryBroker.unsubscribe drops a channel without events when its last "
+    "subscriber leaves, even a chat's declared one: the chat's first event then recreates it "
+    "with the broker's epoch, so its ids no longer name the chat (<id>-0 gets a reset, a later "
+    "id 404)",
+)
 async def test_a_cut_before_the_first_event_resumes_from_the_chats_start(
     start_server: StartServer, session: aiohttp.ClientSession
 ) -> None:
@@ -195,7 +199,11 @@ async def test_a_cut_before_the_first_event_resumes_from_the_chats_start(
     assert second.events[0]["id"] == f"{first.chat['id']}-1"
 
 
-@FETCH_RESUME_PENDING
+@pytest.mark.xfail(
+    strict=True,
+    reason="server: a resume whose Last-Event-ID is the chat's end hangs: fetch_stream neither "
+    "answers 204 (as /sse does) nor closes the stream",
+)
 async def test_resuming_after_the_end_answers_at_once(
     server: RunningServer, session: aiohttp.ClientSession
 ) -> None:
@@ -316,7 +324,6 @@ async def test_with_auth_on_the_post_needs_a_user_and_the_chat_is_theirs(
     assert replay.status == 401  # the channel is alice's too: not readable anonymously
 
 
-@FETCH_RESUME_PENDING
 async def test_resuming_another_users_chat_is_403(
     start_server: StartServer, session: aiohttp.ClientSession
 ) -> None:

@@ -7,7 +7,6 @@ import pytest
 
 from tests.conftest import RunningServer, StartServer
 from tests.transports.collect import (
-    FETCH_RESUME_PENDING,
     Envelope,
     collect,
     fetch,
@@ -27,17 +26,15 @@ WAYS = (
     "sse-header",
     "ws-after",
     "ws-message",
-    pytest.param("fetch", marks=FETCH_RESUME_PENDING),
+    "fetch",
 )
 CASES = ("history-trimmed", "future-id", "unknown-epoch")
 #: The unservable ids, each way; not an unknown epoch for fetch: an id of no chat names
 #: nothing to resume (404, see test_fetch.py).
 UNSERVABLE = [
-    pytest.param(way, case, marks=FETCH_RESUME_PENDING, id=f"{case}-{way}")
-    if way == "fetch"
-    else pytest.param(way, case, id=f"{case}-{way}")
+    pytest.param(way, case, id=f"{case}-{way}")
     for case in CASES
-    for way in ("poll", "longpoll", "sse-after", "sse-header", "ws-after", "ws-message", "fetch")
+    for way in WAYS
     if (way, case) != ("fetch", "unknown-epoch")
 ]
 
