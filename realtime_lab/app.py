@@ -13,7 +13,7 @@ from aiohttp import web
 
 from realtime_lab import admin, api, dashboard, httpserver, metrics, openai_api
 from realtime_lab.auth import RedactingFilter
-from realtime_lab.bus import create_bus
+from realtime_lab.bus import Bus, create_bus
 from realtime_lab.config import Settings
 from realtime_lab.cors import setup_cors
 from realtime_lab.feed.chats import ChatRegistry
@@ -73,16 +73,46 @@ def make_app(settings: Settings | None = None) -> web.Application:
     redact_access_logs()
     app = web.Application(client_max_size=settings.max_body)
     app.on_response_prepare.append(json_errors)
+    mount_transports(app, settings)
+    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(templates_dir()), autoescape=True)
+    add_routes(app)
+    setup_cors(app, [o for o in settings.allowed_origins.split(",") if o.strip()])
+    return app
+
+
+def mount_transports(
+    app: web.Application,
+    settings: Settings,
+    *,
+    bus: Bus | None = None,
+    prefix: str = "",
+) -> None:
+    """Serve the five transports from ``app``, an aiohttp application of your own.
+
+    Adds ``{prefix}/poll/{channel}``, ``/longpoll/``, ``/sse/``, ``/ws/`` and
+    ``POST {prefix}/api/chats/stream``, with everything they need: the bus (``bus``, or the one
+    ``settings.bus`` names; publish to it with ``await app[BUS_KEY].publish(...)``), chats,
+    heartbeats, access checks (``settings.auth_secret``, ``allowed_origins``, ...), stream
+    bounds, and their start and stop with the application. Serve ``app`` with
+    ``handler_cancellation=True`` (aiohttp's ``web.run_app`` default), so a client hanging up
+    ends its stream at once.
+    """
+    if bus is None:
+        bus = create_bus(
+            settings.bus,
+            history=settings.history,
+            ttl=settings.channel_ttl,
+            history_bytes=settings.history_bytes,
+            max_channels=settings.max_channels,
+        )
     app[SETTINGS_KEY] = settings
-    bus = create_bus(
-        settings.bus,
-        history=settings.history,
-        ttl=settings.channel_ttl,
-        history_bytes=settings.history_bytes,
-        max_channels=settings.max_channels,
-    )
     app[BUS_KEY] = bus
-    app[CHATS_KEY] = ChatRegistry(bus, ttl=settings.channel_ttl)
+    app[CHATS_KEY] = ChatRegistry(
+        bus,
+        ttl=settings.channel_ttl,
+        max_running=settings.max_chats,
+        max_running_per_owner=settings.max_chats_per_user,
+    )
     app[TICKER_KEY] = Ticker(bus, settings.ticker_rate)
     app[HUB_KEY] = Hub(TRANSPORTS)
     app[CHAOS_KEY] = Chaos(enabled=settings.chaos)
@@ -92,21 +122,20 @@ def make_app(settings: Settings | None = None) -> web.Application:
     app[ACCESS_KEY] = Access(settings, bus)
     app[SLOTS_KEY] = StreamSlots(settings.max_streams, settings.max_streams_per_client)
     app[ABORT_GRACE_KEY] = AbortGrace(app[CHATS_KEY], settings.fetch_abort_grace)
-
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_end_streams)
-
-    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(templates_dir()), autoescape=True)
-    add_routes(app)
-    setup_cors(app, [o for o in settings.allowed_origins.split(",") if o.strip()])
-    return app
+    r = app.router
+    r.add_get(prefix + "/poll/{channel}", polling.poll)
+    r.add_get(prefix + "/longpoll/{channel}", polling.longpoll)
+    r.add_get(prefix + "/sse/{channel}", sse.sse)
+    r.add_get(prefix + "/ws/{channel}", ws.ws)
+    r.add_post(prefix + "/api/chats/stream", fetch.fetch_stream)  # checks access itself
 
 
 def add_routes(app: web.Application) -> None:
-    """Every route, each API one with what it needs of its caller (see ``access.Need``).
-
-    The transports check access in their own preamble (no wrapper stays on a stream's stack).
-    """
+    """The JSON API, the admin side, ``/v1``, the dashboard and ``/metrics``, each route with
+    what it needs of its caller (see ``access.Need``). The transports (:func:`mount_transports`)
+    check access in their own preamble: no wrapper stays on a stream's stack."""
 
     def guard(need: Need) -> Callable[[Handler], Handler]:
         return guarded(need, lambda request: request.app[ACCESS_KEY])
@@ -118,12 +147,7 @@ def add_routes(app: web.Application) -> None:
         guard(Need.ADMIN),
     )
     r = app.router
-    r.add_get("/poll/{channel}", polling.poll)
-    r.add_get("/longpoll/{channel}", polling.longpoll)
-    r.add_get("/sse/{channel}", sse.sse)
-    r.add_get("/ws/{channel}", ws.ws)
     r.add_post("/api/chats", user(api.create_chat))
-    r.add_post("/api/chats/stream", fetch.fetch_stream)  # checks access itself: it streams
     r.add_get("/api/chats/{chat_id}", user(api.get_chat))
     r.add_delete("/api/chats/{chat_id}", user(api.cancel_chat))
     r.add_post("/api/channels/{channel}/events", publisher(api.publish_event))

@@ -46,6 +46,8 @@ _HELP = {
     "allowed_hosts": "comma list of Host values answered (default: loopback names)",
     "trusted_proxies": "comma list of proxy addresses whose X-Forwarded-Proto is believed",
     "ticket_ttl": "seconds a stream ticket stays valid (it is single use)",
+    "max_chats": "chats generating at once, in total",
+    "max_chats_per_user": "chats one user generates at once (auth on)",
     "max_streams": "open streams (SSE, WebSocket, waiting long polls) in total",
     "max_streams_per_client": "open streams per user (auth on) or per client address",
     "fetch_abort_grace": "seconds a cut fetch stream's chat waits for a resume before cancel",

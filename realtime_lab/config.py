@@ -47,6 +47,8 @@ class Settings:
     trusted_proxies: str = ""  # comma list of proxy addresses whose X-Forwarded-Proto counts
     ticket_ttl: float = 30.0  # seconds a stream ticket stays valid (single use)
     # Bounds on what clients can make the server hold
+    max_chats: int = 2_000  # chats generating at once, in total
+    max_chats_per_user: int = 20  # chats one user generates at once (auth on)
     max_streams: int = 20_000  # open streams (SSE, WebSocket, waiting long polls) in total
     max_streams_per_client: int = 256  # per user (auth on) or per client address (auth off)
     fetch_abort_grace: float = 3.0  # seconds a cut fetch stream's chat waits for a resume

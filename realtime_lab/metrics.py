@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from realtime_lab.transports.access import Handler
 from realtime_lab.transports.accounting import Hub
 from realtime_lab.transports.keys import BUS_KEY, CHATS_KEY, HUB_KEY, REGISTRY_KEY, SLOTS_KEY
+from realtime_lab.transports.stream import OUTCOMES
 
 _COUNTERS: Final = {
     "requests": "HTTP requests (WebSocket handshakes included)",
@@ -54,6 +55,15 @@ class HubCollector(Collector):
         yield GaugeMetricFamily(
             "realtime_lab_chats_running", "chats generating now", value=self._app[CHATS_KEY].running
         )
+        outcomes = CounterMetricFamily(
+            "realtime_lab_stream_outcomes",
+            "streams (SSE, WebSocket, fetch, long-poll waits) ended, by transport and how",
+            labels=["transport", "outcome"],
+        )
+        for transport, counts in self._app[HUB_KEY].outcomes.items():
+            for outcome in OUTCOMES:
+                outcomes.add_metric([transport, outcome], counts[outcome])
+        yield outcomes
         refusals: Counter[str] = Counter()
         refusals.update(self._app[BUS_KEY].limits)
         refusals.update(self._app[CHATS_KEY].limits)

@@ -155,3 +155,20 @@ def test_serve_flags_win_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.heartbeat == 3.0
     assert settings.chaos is True
     assert settings.send_buffer == 1234
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.7", "::"])
+def test_serve_refuses_a_public_address_without_a_secret(
+    host: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen: list[Settings] = []
+    monkeypatch.setattr("realtime_lab.app.run", seen.append)
+    monkeypatch.delenv("REALTIME_LAB_AUTH_SECRET", raising=False)
+    assert cli.main(["serve", "--host", host]) == 2
+    assert "--auth-secret" in capsys.readouterr().err
+    assert seen == []
+    # Given a secret, or told --insecure, it serves.
+    assert cli.main(["serve", "--host", host, "--insecure"]) == 0
+    assert cli.main(["serve", "--host", host, "--auth-secret", "k" * 32]) == 0
+    assert len(seen) == 2
+    assert cli.main(["serve", "--host", "127.0.0.1"]) == 0  # loopback: the open lab

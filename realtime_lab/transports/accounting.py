@@ -8,12 +8,15 @@ dashboard client are summed when someone asks (``GET /api/stats``), not on the h
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import logging
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Final
 
 from aiohttp import web
+
+log = logging.getLogger("realtime_lab.server")
 
 MAX_CLIENTS: Final = 1024  # per-client counters kept (least recently used dropped first)
 
@@ -73,6 +76,10 @@ class LiveConnection:
         """What this connection has cost so far (a streaming one adds its broadcast share)."""
         return self.counters
 
+    def outcome(self) -> str:
+        """How it ended (``done``, ``client-gone``, ...); asked once, when it is unregistered."""
+        return "done"
+
     def heartbeat(self) -> None:
         """Send one heartbeat if this transport has them."""
 
@@ -88,6 +95,8 @@ class Hub:
 
     def __init__(self, transports: Iterable[str]) -> None:
         self.stats: dict[str, TransportStats] = {name: TransportStats() for name in transports}
+        # How streams ended, per transport: {"sse": Counter({"done": 3, "client-gone": 1})}.
+        self.outcomes: dict[str, Counter[str]] = {name: Counter() for name in transports}
         self.clients: OrderedDict[str, Counters] = OrderedDict()
         self.shutting_down = False
 
@@ -101,6 +110,12 @@ class Hub:
         stats = self.stats[conn.transport]
         if stats.live.pop(conn.id, None) is not None:
             self.record(conn.transport, conn.client, conn.totals())
+            self.ended(conn, conn.outcome())
+
+    def ended(self, conn: LiveConnection, outcome: str) -> None:
+        """Count how ``conn``'s stream ended, and say it in the log, once."""
+        self.outcomes[conn.transport][outcome] += 1
+        log.info("%s %d on %r ended: %s", conn.transport, conn.id, conn.channel, outcome)
 
     def record(self, transport: str, client: str | None, counters: Counters) -> None:
         """Fold finished work (a whole request, a closed connection) into the totals."""

@@ -84,8 +84,8 @@ class Member(Outlet, Protocol):
     def rebase(self) -> None:
         """It was sent the last flush event by event: none of its shared count is its share."""
 
-    def finish_stream(self) -> None:
-        """The channel's ``end`` was written to it."""
+    def finish_stream(self, reason: str = "done") -> None:
+        """The channel's ``end`` (``reason``: done, cancelled, error) was written to it."""
 
     def close(self, reason: str) -> None:
         """The channel ended under it."""
@@ -182,7 +182,7 @@ class Broadcast:
                         conn.overflow()
                     elif is_end:
                         conn.last_id = last.id
-                        conn.finish_stream()
+                        conn.finish_stream(str(last.data.get("reason", "done")))
                 else:
                     self._deliver_each(conn, events, ahead.get(conn.id))
                     # It counted these itself: none of this flush's shared count is its share.

@@ -62,6 +62,15 @@ def _held(after: After) -> Replay:
     return Replay([], str(after) if isinstance(after, Cursor) else None)
 
 
+#: How a long-poll wait ended, as the stream outcomes count it.
+_WAIT_OUTCOMES = {
+    "event": "done",
+    "timeout": "timeout",
+    "drop": "client-gone",
+    "closed": "shutdown",
+}
+
+
 class _Waiter(LiveConnection):
     """A waiting long-poll: the first event (or shutdown, or a chaos drop) wakes it."""
 
@@ -125,6 +134,7 @@ async def longpoll(request: web.Request) -> web.StreamResponse:
         if not replay.events and timeout > 0 and not hub.shutting_down:
             waiter = _Waiter(channel, client, counters)
             hub.register(waiter)
+            woke = "gone"  # until the wait says otherwise: cancelled when the client hung up
             try:
                 position: After = after
                 if replay.cursor is not None:
@@ -150,6 +160,7 @@ async def longpoll(request: web.Request) -> web.StreamResponse:
             finally:
                 # The answer's bytes are not known yet: the response records the counters once sent.
                 hub.stats["longpoll"].live.pop(waiter.id, None)
+                hub.ended(waiter, _WAIT_OUTCOMES.get(woke, "client-gone"))
             if woke == "drop" and request.transport is not None:
                 # A network cut: no answer at all. aiohttp's write then fails with the
                 # ConnectionError it expects, and the bytes it could not send count as zero.

@@ -42,6 +42,14 @@ OVERFLOW: Final = "overflow"
 DROPPED: Final = "drop"
 LOST: Final = "lost"
 ABORT_GRACE_S: Final = 2.0
+#: Every way a stream can end, as counted per transport in ``/metrics``.
+OUTCOMES: Final = ("done", "cancelled", "error", "timeout", "client-gone", "overflow", "shutdown")
+_OUTCOME_OF: Final = {
+    SHUTDOWN: "shutdown",
+    OVERFLOW: "overflow",
+    DROPPED: "client-gone",  # a chaos cut looks like a network failure: the client is gone
+    LOST: "client-gone",
+}
 
 
 class StreamConnection(LiveConnection):
@@ -55,6 +63,7 @@ class StreamConnection(LiveConnection):
         "_faults",
         "_replaying",
         "done",
+        "end_reason",
         "group",
         "last_id",
         "send_buffer",
@@ -91,6 +100,7 @@ class StreamConnection(LiveConnection):
         self._faults: FaultPath | None = None
         self._backlog: Backlog | None = None
         self._replaying = False
+        self.end_reason: str | None = None  # the channel's end (done, cancelled, error)
         self.last_id: str | None = None  # of the last event written: where to resume from
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         # Broadcast membership: while steady, the broadcast writes for us and counts once for
@@ -124,6 +134,8 @@ class StreamConnection(LiveConnection):
         self.counters.events += 1
         data = self.frame(event)
         is_end = event.type == END
+        if is_end:
+            self.end_reason = str(event.data.get("reason", "done"))
         if self._chaos.active or (self._faults is not None and self._faults.busy):
             if self._faults is None:
                 self._faults = FaultPath(self, self._chaos)
@@ -202,9 +214,17 @@ class StreamConnection(LiveConnection):
         """The socket is gone: end the connection."""
         self.finish(LOST)
 
-    def finish_stream(self) -> None:
-        """The channel's ``end`` was written: end the connection cleanly."""
+    def finish_stream(self, reason: str = "done") -> None:
+        """The channel's ``end`` (``reason``) was written: end the connection cleanly."""
+        self.end_reason = reason
         self.finish(END_OF_STREAM)
+
+    def outcome(self) -> str:
+        """How the stream ended, one word (see :data:`OUTCOMES`); call once it is over."""
+        reason = self.done.result() if self.done.done() else LOST
+        if reason == END_OF_STREAM:
+            return self.end_reason or "done"
+        return _OUTCOME_OF[reason]
 
     # Catching up -------------------------------------------------------------------------------
     def start_replay(self) -> None:

@@ -42,6 +42,7 @@ IDLE_S = 2.5  # an idle period well past nginx's read timeout
 GZIP = """
     proxy_http_version 1.1;
     proxy_set_header Connection "";
+    proxy_set_header Host $http_host;  # the app answers only the Host values it knows
     gzip on;
     gzip_types text/event-stream;
     gzip_min_length 0;

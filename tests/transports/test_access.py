@@ -363,3 +363,71 @@ async def test_a_changed_heartbeat_takes_effect_at_once(
             assert patch.status == 200
         async with asyncio.timeout(3):  # not 300 s
             assert await resp.content.readuntil(b"\n\n") == b": ping\n\n"
+
+
+async def test_a_push_to_a_user_reaches_every_open_stream_of_theirs(
+    secured: RunningServer, session: aiohttp.ClientSession
+) -> None:
+    sse_resp = await session.get(f"{secured.url}/sse/user.alice?after=now", headers=ALICE)
+    sock = await session.ws_connect(f"{secured.ws_url}/ws/user.alice?after=now", headers=ALICE)
+    info = f"{secured.url}/api/channels/user.alice"
+    async with asyncio.timeout(5):
+        while (await status_of(session, "GET", info, headers=ALICE))[1].get("subscribers") != 2:
+            await asyncio.sleep(0)  # polling the condition, with the deadline above
+    waiting = asyncio.ensure_future(
+        status_of(session, "GET", f"{secured.url}/longpoll/user.alice?after=now", headers=ALICE)
+    )
+    async with asyncio.timeout(5):
+        while (await status_of(session, "GET", info, headers=ALICE))[1].get("subscribers") != 3:
+            await asyncio.sleep(0)  # polling the condition, with the deadline above
+    push = {"type": "notice", "data": {"text": "hi alice"}}
+    status, pushed = await status_of(
+        session, "POST", f"{secured.url}/api/users/alice/events", json=push, headers=PUBLISHER
+    )
+    assert status == 201
+    async with asyncio.timeout(5):
+        block = (await sse_resp.content.readuntil(b"\n\n")).decode()
+        while pushed["id"] not in block:
+            block = (await sse_resp.content.readuntil(b"\n\n")).decode()
+        assert '"hi alice"' in block
+        assert (await sock.receive_json())["id"] == pushed["id"]
+        status, polled = await waiting
+    assert [e["id"] for e in polled["events"]] == [pushed["id"]]
+    sse_resp.close()
+    await sock.close()
+
+
+async def test_every_stream_ends_with_one_outcome_counted_per_transport(
+    start_server: StartServer, session: aiohttp.ClientSession
+) -> None:
+    server = await start_server(chaos=True)
+    async with session.post(f"{server.url}/api/chats", json={"prompt": "hi", "max_tokens": 3}) as r:
+        chat = (await r.json())["id"]
+    async with session.get(f"{server.url}/sse/chat.{chat}") as resp:
+        await resp.read()  # to the end of the chat: done
+    cut = await session.get(f"{server.url}/sse/ticker")
+    async with session.post(f"{server.url}/api/chaos/drop", json={"transport": "sse"}) as r:
+        assert (await r.json())["dropped"] == 1
+    cut.close()
+    async with session.get(f"{server.url}/longpoll/ticker?after=now&timeout=0.05") as resp:
+        assert resp.status == 200
+
+    async def outcomes() -> dict[tuple[str, str], float]:
+        async with session.get(f"{server.url}/metrics") as resp:
+            text = await resp.text()
+        found = {}
+        for line in text.splitlines():
+            if line.startswith("realtime_lab_stream_outcomes_total{"):
+                labels, value = line.split("} ")
+                transport = labels.split('transport="')[1].split('"')[0]
+                outcome = labels.split('outcome="')[1].split('"')[0]
+                found[(transport, outcome)] = float(value)
+        return found
+
+    async with asyncio.timeout(5):
+        while (await outcomes()).get(("sse", "client-gone")) != 1:
+            await asyncio.sleep(0)  # polling the condition, with the deadline above
+    counted = await outcomes()
+    assert counted[("sse", "done")] == 1
+    assert counted[("longpoll", "timeout")] == 1
+    assert sum(v for (t, _), v in counted.items() if t == "sse") == 2  # exactly one each
