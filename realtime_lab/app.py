@@ -18,6 +18,7 @@ from realtime_lab.config import Settings
 from realtime_lab.cors import setup_cors
 from realtime_lab.feed.chats import ChatRegistry
 from realtime_lab.feed.ticker import Ticker
+from realtime_lab.feed.upstream import upstream_source
 from realtime_lab.transports import TRANSPORTS, fetch, polling, sse, ws
 from realtime_lab.transports.abortgrace import AbortGrace
 from realtime_lab.transports.access import Access, Handler, Need, guarded
@@ -112,6 +113,12 @@ def mount_transports(
         ttl=settings.channel_ttl,
         max_running=settings.max_chats,
         max_running_per_owner=settings.max_chats_per_user,
+        source=upstream_source(
+            settings.upstream,
+            model=settings.upstream_model,
+            ttft_timeout=settings.upstream_ttft_timeout,
+            idle_timeout=settings.upstream_idle_timeout,
+        ),
     )
     app[TICKER_KEY] = Ticker(bus, settings.ticker_rate)
     app[HUB_KEY] = Hub(TRANSPORTS)

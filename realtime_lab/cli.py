@@ -50,8 +50,14 @@ _HELP = {
     "max_chats_per_user": "chats one user generates at once (auth on)",
     "max_streams": "open streams (SSE, WebSocket, waiting long polls) in total",
     "max_streams_per_client": "open streams per user (auth on) or per client address",
+    "stream_timeout": "seconds a stream stays open before it ends with reason timeout (0: never)",
     "fetch_abort_grace": "seconds a cut fetch stream's chat waits for a resume before cancel",
     "header_timeout": "seconds a client has to send complete request headers",
+    "upstream": "OpenAI-compatible base URL whose model generates the chats, e.g. "
+    "http://127.0.0.1:9000/v1 (API key: env REALTIME_LAB_UPSTREAM_API_KEY; empty: simulated)",
+    "upstream_model": "model name asked of the upstream",
+    "upstream_ttft_timeout": "seconds the upstream has to send a chat's first token",
+    "upstream_idle_timeout": "seconds of upstream silence mid-answer that end a chat in error",
 }
 
 

@@ -51,8 +51,14 @@ class Settings:
     max_chats_per_user: int = 20  # chats one user generates at once (auth on)
     max_streams: int = 20_000  # open streams (SSE, WebSocket, waiting long polls) in total
     max_streams_per_client: int = 256  # per user (auth on) or per client address (auth off)
+    stream_timeout: float = 0.0  # seconds a stream stays open before it is ended (0: no limit)
     fetch_abort_grace: float = 3.0  # seconds a cut fetch stream's chat waits for a resume
     header_timeout: float = 10.0  # seconds a client has to send complete request headers
+    # A real model behind the chats (API key: REALTIME_LAB_UPSTREAM_API_KEY, never a flag)
+    upstream: str = ""  # OpenAI-compatible base URL (e.g. http://127.0.0.1:9000/v1); "": simulate
+    upstream_model: str = "realtime-lab-sim"  # the ``model`` asked of the upstream
+    upstream_ttft_timeout: float = 30.0  # seconds the upstream has to send its first token
+    upstream_idle_timeout: float = 30.0  # seconds of upstream silence that end a chat mid-answer
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

@@ -15,7 +15,8 @@ RealtimeLabError
 │   ├── EventTooLarge
 │   └── TooManyChats
 ├── FeedError               the simulated LLM / chat registry
-│   └── UnknownChat
+│   ├── UnknownChat
+│   └── UpstreamError       the upstream model (``--upstream``) failed a chat's generation
 ├── ClientError             the Python clients (reconnect budget spent, server refused, ...)
 │   ├── StreamEnded         raised by helpers that expected more events after ``end``
 │   ├── ServerRefused       a 4xx answer (other than 408/429): retrying cannot help
@@ -177,3 +178,32 @@ class EventTooLarge(LimitReached):
 
 class TooManyChats(LimitReached):
     """The caller (or the server) already runs as many chats as it may."""
+
+
+class UpstreamError(FeedError):
+    """The upstream model (``--upstream``) failed a chat's generation; the chat ends in ``error``.
+
+    The chat registry publishes it on the chat's channel as an ``error`` event (``data``:
+    ``code``, ``message``, and ``status`` / ``retry_after`` when known), then ``end``. Start a
+    new chat to try again, after ``retry_after`` seconds when it is set.
+
+    Attributes:
+        code: ``upstream-unreachable``, ``upstream-status``, ``upstream-rate-limited``,
+            ``upstream-error``, ``upstream-cut``, ``upstream-invalid-chunk``,
+            ``upstream-ttft-timeout`` or ``upstream-idle-timeout``.
+        status: the upstream's HTTP status when it answered with an error one, else ``None``.
+        retry_after: seconds the upstream asked to wait (its ``Retry-After``), else ``None``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        code: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+        self.retry_after = retry_after

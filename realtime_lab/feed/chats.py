@@ -1,7 +1,13 @@
 """Chats: one simulated generation per chat, streamed onto the chat's own channel.
 
 A chat's channel is ``chat.<id>``. Its events are ``token`` (``data``: ``text``, ``index``) and,
-last, ``end`` (``data.reason``: ``done``, ``cancelled`` or ``error``).
+last, ``end`` (``data.reason``: ``done``, ``cancelled`` or ``error``). A chat whose
+:class:`TokenSource` failed with :class:`~realtime_lab.errors.UpstreamError` also gets an
+``error`` event (``data``: ``code``, ``message``, ``status``?, ``retry_after``?) before its ``end``.
+
+The answer's text comes from a :class:`TokenSource`: :class:`SimulatedSource` (the default, the
+deterministic stand-in of :mod:`realtime_lab.feed.llm`) or a real model
+(:class:`realtime_lab.feed.upstream.UpstreamSource`).
 
 Every operation of :class:`ChatRegistry` is O(1) in the number of chats: running chats are
 counted (in total and per owner) as they start and finish, and finished chats wait in a deque in
@@ -11,19 +17,20 @@ the order they finished, so forgetting them pops from its front.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 from realtime_lab.bus import Bus
-from realtime_lab.errors import LimitReached, TooManyChats, UnknownChat
+from realtime_lab.errors import LimitReached, TooManyChats, UnknownChat, UpstreamError
 from realtime_lab.feed.llm import paced_tokens
 from realtime_lab.protocol.channels import CHAT_PREFIX as CHAT_PREFIX  # re-exported
-from realtime_lab.protocol.envelope import END, TOKEN
+from realtime_lab.protocol.envelope import END, ERROR, TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +86,50 @@ class Chat:
         }
 
 
+class TokenSource(Protocol):
+    """Where chats' answers come from; :class:`ChatRegistry` iterates one per chat."""
+
+    def tokens(self, chat: Chat) -> AsyncGenerator[str, None]:
+        """The answer's pieces for ``chat``, each as soon as it exists.
+
+        The registry iterates it inside ``contextlib.aclosing`` and cancels the chat's task to
+        stop it, so release what the generation holds in ``finally``. Raise
+        :class:`~realtime_lab.errors.UpstreamError` to end the chat with an ``error`` event.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release what the source holds (connections); called by :meth:`ChatRegistry.close`."""
+        ...
+
+
+class SimulatedSource:
+    """The deterministic stand-in LLM, paced by the chat's ``ttft_ms`` and ``token_ms``."""
+
+    async def tokens(self, chat: Chat) -> AsyncGenerator[str, None]:
+        for token in paced_tokens(
+            chat.prompt,
+            chat.seed,
+            ttft_ms=chat.ttft_ms,
+            token_ms=chat.token_ms,
+            max_tokens=chat.max_tokens,
+        ):
+            if token.delay_s > 0:
+                await asyncio.sleep(token.delay_s)
+            yield token.text
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
 class ChatRegistry:
     """Starts, cancels and remembers chats; forgets finished ones after ``ttl`` seconds.
 
     At most ``max_running`` chats run at once, and at most ``max_running_per_owner`` of one
     owner (``None``: no per-owner bound); :meth:`start` refuses more with :class:`TooManyChats`.
     Refusals are counted in :attr:`limits` by code. ``clock`` (monotonic seconds) times the
-    forgetting; tests inject one.
+    forgetting; tests inject one. ``source`` generates the answers (default: a
+    :class:`SimulatedSource`); the registry closes it in :meth:`close`.
     """
 
     def __init__(
@@ -96,8 +140,10 @@ class ChatRegistry:
         max_running: int = 1000,
         max_running_per_owner: int | None = DEFAULT_MAX_RUNNING_PER_OWNER,
         clock: Callable[[], float] = time.monotonic,
+        source: TokenSource | None = None,
     ) -> None:
         self._bus = bus
+        self._source: TokenSource = SimulatedSource() if source is None else source
         self._ttl = ttl
         self._max_running = max_running
         self._max_per_owner = max_running_per_owner
@@ -197,19 +243,11 @@ class ChatRegistry:
             # from (a fetch stream resumes by Last-Event-ID alone). Idempotent: the API may
             # have declared it already.
             await self._bus.declare(chat.channel, epoch=chat.id)
-            for token in paced_tokens(
-                chat.prompt,
-                chat.seed,
-                ttft_ms=chat.ttft_ms,
-                token_ms=chat.token_ms,
-                max_tokens=chat.max_tokens,
-            ):
-                if token.delay_s > 0:
-                    await asyncio.sleep(token.delay_s)
-                chat.parts.append(token.text)
-                await self._bus.publish(
-                    chat.channel, TOKEN, {"text": token.text, "index": token.index}
-                )
+            async with contextlib.aclosing(self._source.tokens(chat)) as tokens:
+                async for text in tokens:
+                    index = len(chat.parts)
+                    chat.parts.append(text)
+                    await self._bus.publish(chat.channel, TOKEN, {"text": text, "index": index})
         except asyncio.CancelledError:
             reason = "cancelled"
             # The stream must still end, so the cancellation is re-raised only after `end`.
@@ -219,6 +257,11 @@ class ChatRegistry:
             # The bus is full (or the token too large): an expected refusal, not a bug.
             log.warning("chat %s stopped: %s", chat.id, exc)
             reason = "error"
+        except UpstreamError as exc:
+            # The model failed, not the lab: say why on the stream, where the reader looks.
+            log.warning("chat %s stopped: %s: %s", chat.id, exc.code, exc)
+            reason = "error"
+            await self._publish_error(chat, exc)
         except Exception:
             log.exception("chat %s failed", chat.id)
             reason = "error"
@@ -240,6 +283,19 @@ class ChatRegistry:
     async def _finish(self, chat: Chat, reason: Status) -> None:
         self._settle(chat, reason)
         await self._publish_end(chat)
+
+    async def _publish_error(self, chat: Chat, exc: UpstreamError) -> None:
+        data: dict[str, Any] = {"code": exc.code, "message": str(exc)}
+        if exc.status is not None:
+            data["status"] = exc.status
+        if exc.retry_after is not None:
+            data["retry_after"] = exc.retry_after
+        try:
+            await self._bus.publish(chat.channel, ERROR, data)
+        except LimitReached as limit:
+            log.warning("could not publish the error of chat %s: %s", chat.id, limit)
+        except Exception:
+            log.exception("could not publish the error of chat %s", chat.id)
 
     async def _publish_end(self, chat: Chat) -> None:
         try:
@@ -267,10 +323,12 @@ class ChatRegistry:
             self._chats.pop(finished.popleft()[1], None)
 
     async def close(self) -> None:
-        """Cancel every running generation and wait for them to publish their ``end``."""
+        """Cancel every running generation, wait for them to publish their ``end``, then close
+        the token source."""
         tasks = [c.task for c in self._chats.values() if c.task is not None and not c.task.done()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._enders:
             await asyncio.gather(*self._enders, return_exceptions=True)
+        await self._source.close()

@@ -33,9 +33,10 @@ from realtime_lab.transports.keys import (
 )
 from realtime_lab.transports.preamble import Opening, open_request
 from realtime_lab.transports.stream import (
-    END_OF_STREAM,
-    SHUTDOWN,
+    CLEAN_ENDS,
     StreamConnection,
+    schedule_timeout,
+    timeout_envelope,
 )
 
 SSE_HEADERS: Final = {
@@ -92,6 +93,9 @@ class SSEConnection(StreamConnection):
         if not self.done.done():
             self.counters.heartbeats += 1
             self.write(PING_CHUNK if self.is_chunked else PING)
+
+    def timeout_notice(self) -> bytes:
+        return self.raw(encode_event(dumps(timeout_envelope(self)).decode(), event="end"))
 
     def overflow_signal(self) -> bytes:
         body = dumps(
@@ -152,6 +156,7 @@ async def stream_events(
     writer = request._payload_writer  # headers as aiohttp wrote them
     counters.bytes += writer.output_size
     hub.register(conn)
+    timer = schedule_timeout(conn, settings.stream_timeout)
     group = None
     key, frame = ("sse.c", sse_chunk) if conn.is_chunked else ("sse", sse_frame)
     try:
@@ -162,12 +167,14 @@ async def stream_events(
         group = await app[BROADCASTS_KEY].attach(conn, channel, opening.after, key, frame)
         reason = await conn.done
     finally:
+        if timer is not None:
+            timer.cancel()
         conn.discard()
         if group is not None:
             group.remove(conn)
         hub.unregister(conn)
     transport = request.transport
-    if reason in (END_OF_STREAM, SHUTDOWN) and transport is not None and not transport.is_closing():
+    if reason in CLEAN_ENDS and transport is not None and not transport.is_closing():
         before = writer.output_size
         await response.write_eof()
         hub.record(kind.transport, client, Counters(bytes=writer.output_size - before))

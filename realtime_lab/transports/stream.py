@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from typing import Final
 
 from aiohttp import web
@@ -38,6 +39,7 @@ log = logging.getLogger("realtime_lab.server")
 #: Why a streaming connection ended.
 END_OF_STREAM: Final = "end"
 SHUTDOWN: Final = "shutdown"
+TIMEOUT: Final = "timeout"
 OVERFLOW: Final = "overflow"
 DROPPED: Final = "drop"
 LOST: Final = "lost"
@@ -46,6 +48,7 @@ ABORT_GRACE_S: Final = 2.0
 OUTCOMES: Final = ("done", "cancelled", "error", "timeout", "client-gone", "overflow", "shutdown")
 _OUTCOME_OF: Final = {
     SHUTDOWN: "shutdown",
+    TIMEOUT: "timeout",
     OVERFLOW: "overflow",
     DROPPED: "client-gone",  # a chaos cut looks like a network failure: the client is gone
     LOST: "client-gone",
@@ -296,6 +299,29 @@ class StreamConnection(LiveConnection):
             self.done.set_result(reason)
             self.update_steady()
 
+    def written_id(self) -> str | None:
+        """The id of the last event written to this client: where it resumes from."""
+        if self.steady and self.group is not None and self.group.last_id is not None:
+            return self.group.last_id  # the broadcast wrote for us since we counted last
+        return self.last_id
+
+    def timeout_notice(self) -> bytes:
+        """The bytes that tell the client its stream timed out (``--stream-timeout``)."""
+        return b""
+
+    def time_out(self) -> None:
+        """The stream has been open ``--stream-timeout`` seconds: end it; the client resumes.
+
+        The client is told with an ``end`` whose reason is ``timeout`` and whose id is null (it
+        is not an event of the channel: resuming from the last real id loses nothing).
+        """
+        if self.done.done():
+            return
+        notice = self.timeout_notice()
+        if notice and not self.socket.is_closing():
+            self.write(notice)
+        self.finish(TIMEOUT)
+
     def shutdown(self) -> None:
         self.finish(SHUTDOWN)
 
@@ -307,3 +333,26 @@ class StreamConnection(LiveConnection):
         """Send what a chaos pause held back (called when the pause ends)."""
         if self._faults is not None:
             self._faults.release_held()
+
+
+#: The ends after which the handler closes the response cleanly (final chunk, close 1000/1001).
+CLEAN_ENDS: Final = frozenset({END_OF_STREAM, SHUTDOWN, TIMEOUT})
+
+
+def timeout_envelope(conn: StreamConnection) -> dict[str, object]:
+    """The ``end`` a timed-out stream's client gets: not a channel event (no id)."""
+    return {
+        "channel": conn.channel,
+        "id": None,
+        "type": END,
+        "data": {"reason": TIMEOUT, "resume_after": conn.written_id()},
+        "ts": time.time() * 1000.0,
+    }
+
+
+def schedule_timeout(conn: StreamConnection, seconds: float) -> asyncio.TimerHandle | None:
+    """End ``conn`` after ``seconds`` (``--stream-timeout``; ``0``: never). Cancel the handle
+    when the stream ends first."""
+    if seconds <= 0:
+        return None
+    return asyncio.get_running_loop().call_later(seconds, conn.time_out)

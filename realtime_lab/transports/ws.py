@@ -53,7 +53,10 @@ from realtime_lab.transports.stream import (
     LOST,
     OVERFLOW,
     SHUTDOWN,
+    TIMEOUT,
     StreamConnection,
+    schedule_timeout,
+    timeout_envelope,
 )
 
 log = logging.getLogger("realtime_lab.server")
@@ -97,6 +100,9 @@ class WSConnection(StreamConnection):
         self.awaiting_pong = True
         self.counters.heartbeats += 1
         self.write(PING_FRAME)
+
+    def timeout_notice(self) -> bytes:
+        return text_frame(dumps(timeout_envelope(self)))
 
     def overflow_signal(self) -> bytes:
         # A close frame written raw: it queues behind the unsent data, like everything else.
@@ -162,6 +168,7 @@ async def _serve(
     conn = WSConnection(request, channel, client, chaos, settings.send_buffer)
     conn.counters = counters
     hub.register(conn)
+    timer = schedule_timeout(conn, settings.stream_timeout)
     session = _Session(request, sock, conn, bus, channel, opening.identity)
     reader = asyncio.create_task(session.read(), name=f"ws-reader-{conn.id}")
     try:
@@ -172,9 +179,13 @@ async def _serve(
             await _close(sock, WSCloseCode.OK, "end", conn)
         elif reason == SHUTDOWN:
             await _close(sock, WSCloseCode.GOING_AWAY, "server shutting down", conn)
+        elif reason == TIMEOUT:
+            await _close(sock, WSCloseCode.OK, "timeout: resume on a new connection", conn)
         elif reason not in (OVERFLOW, DROPPED):
             await _close(sock, WSCloseCode.OK, "", conn)
     finally:
+        if timer is not None:
+            timer.cancel()
         session.detach()
         conn.discard()
         reader.cancel()
