@@ -36,6 +36,7 @@ class PaneSpec:
     browser_api: str
     color: str  # CSS colour of its heading and chart series
     module: str  # the file in static/ whose default export is its Pane class
+    remark: str = ""  # what sets it apart, shown when the pointer is on its browser API
 
 
 PANES: Final = (
@@ -70,6 +71,17 @@ PANES: Final = (
         browser_api="WebSocket",
         color="#2f9e44",
         module="pane-ws.js",
+    ),
+    PaneSpec(
+        key="fetch",
+        label="Fetch streaming",
+        short="Fetch",
+        browser_api="fetch() POST, body.getReader()",
+        color="#c2255c",
+        module="pane-fetch.js",
+        remark="POSTs the prompt to /api/chats/stream and reads SSE from the same response, as "
+        "ChatGPT does: its own chat, with the same prompt and seed as the other panes' chat, so "
+        "the same text; resumes a cut stream with Last-Event-ID",
     ),
 )
 

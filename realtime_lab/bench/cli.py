@@ -9,7 +9,10 @@ from typing import Any
 
 from realtime_lab.bench.runner import BenchConfig
 
-TRANSPORT_NAMES = ("sse", "ws", "longpoll", "poll")
+TRANSPORT_NAMES = ("sse", "ws", "longpoll", "poll", "fetch")
+#: The transports that read a channel: the ticker workload's (fetch streams only the chats its
+#: requests start).
+TICKER_TRANSPORTS = ("sse", "ws", "longpoll", "poll")
 
 
 def _ints(text: str) -> list[int]:
@@ -65,7 +68,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     """Add ``bench`` to the ``realtime-lab`` subcommands."""
     p = sub.add_parser(
         "bench",
-        help="load-test the four transports and report what each costs",
+        help="load-test the five transports and report what each costs",
         description="Start a server process (or target --url), open N clients of each "
         "transport from load worker processes, drive the ticker (or many chats), and report "
         "per transport: delivered events/s, latency percentiles, time to first token, bytes and "
@@ -75,7 +78,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--workload", choices=("ticker", "chats"), default="ticker")
     p.add_argument(
-        "--transports", type=_transports, default=None, help="default sse,ws,longpoll,poll"
+        "--transports",
+        type=_transports,
+        default=None,
+        help="default sse,ws,longpoll,poll (--workload chats: and fetch, which streams only "
+        "the chats its requests start)",
     )
     p.add_argument("--clients", type=_ints, default=None, help="sweep, default 10,100,1000")
     p.add_argument(
@@ -113,7 +120,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="what to run: the sweep (default), the slow-subscriber scenario, or both "
         "(--quick: both)",
     )
-    p.add_argument("--chats", type=int, default=10, help="concurrent chats (--workload chats)")
+    p.add_argument(
+        "--chats",
+        type=int,
+        default=10,
+        help="concurrent chats (--workload chats; fetch: one chat per client, its own)",
+    )
     p.add_argument("--chat-tokens", type=int, default=60, help="tokens per chat answer")
     p.add_argument(
         "--ttft-ms", type=float, default=100.0, help="chats' simulated first-token delay"
@@ -146,9 +158,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.set_defaults(func=run)
 
 
-#: What an unset flag means, in a normal run and with --quick.
+#: What an unset flag means, in a normal run and with --quick (``--transports``: every
+#: transport the workload has, see :func:`config_from_args`).
 NORMAL = {
-    "transports": list(TRANSPORT_NAMES),
     "clients": [10, 100, 1000],
     "rate": [100.0],
     "poll_interval": [1.0],
@@ -185,10 +197,13 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
     scenario = args.scenario or ("all" if quick else "sweep")
     duration = float(get("duration"))
+    transports = args.transports
+    if transports is None:
+        transports = list(TRANSPORT_NAMES if args.workload == "chats" else TICKER_TRANSPORTS)
     return BenchConfig(
         out=args.out,
         workload=args.workload,
-        transports=list(get("transports")),
+        transports=list(transports),
         clients=list(get("clients")),
         rates=list(get("rate")),
         poll_intervals=list(get("poll_interval")),

@@ -1,5 +1,5 @@
 /*
- * The benchmark's light load client for the streaming transports (SSE and WebSocket).
+ * The benchmark's light load client for the streaming transports (SSE, WebSocket and fetch).
  *
  * Why C: at 1,000 subscribers and 100 tokens/s the load client reads 100,000 events per second,
  * and at 3,000 it reads 300,000. The asyncio clients of loadgen.py spend about 10-14 us of CPU
@@ -9,7 +9,8 @@
  * the benchmark measures the server. No existing load tool reads SSE or WebSocket streams and
  * times each event against a timestamp inside it (wrk, h2load and oha wait for whole responses).
  *
- * It speaks exactly what loadgen.py's SSEClient and WSClient speak and counts the same things
+ * It speaks exactly what loadgen.py's SSEClient, WSClient and FetchClient speak and counts the
+ * same things
  * the same way (see Client.items there): continuity of the envelope's id, latency = receive wall
  * clock - the envelope's "ts", control events end/reset/error, the overflow signal (SSE "error"
  * event mentioning overflow, WebSocket close 1013). Continuity is the rule of
@@ -18,13 +19,20 @@
  * test_bench_sequence.py): lost = gaps, dup = duplicates, reordered, resets. It is driven by one
  * Python load worker over stdin/stdout:
  *
- *   argv: HOST PORT TRANSPORT(sse|ws) COUNT HOST_HEADER PATH
+ *   argv: HOST PORT TRANSPORT(sse|ws|fetch) COUNT HOST_HEADER PATH [BODY]
  *         (an after=<event id> in PATH is every connection's start position, as the server
  *         reads it; after=now, after= or none: the first event opens the run)
+ *         fetch: each connection POSTs BODY (a chat request, JSON) to PATH and reads the chat
+ *         that starts, as SSE, from its first event (the opening "chat" event names the chat,
+ *         whose id is the epoch of its events: the run opens at <id>-0), to its end; then it
+ *         closes and starts the next chat on a new connection, until quit (the chat rounds of
+ *         the chats workload). A connection refused before its head is not started again.
  *   out:  {"op":"opened",...}\n            once every connection has its response head (or failed)
  *   in:   start\n                          begin a measurement window; out: {"op":"started"}\n
- *   in:   stop\n                           end it; out: {"op":"window",...,"latency_count":N}\n
- *                                          followed by N native doubles (the latencies in ms)
+ *   in:   stop\n                           end it; out: {"op":"window",...,"latency_count":N,
+ *                                          "ttft_count":M}\n followed by N native doubles (the
+ *                                          latencies in ms), then M (fetch: each chat's time from
+ *                                          its POST to its first token, since the start)
  *   in:   quit\n (or end of input)         close everything and exit 0
  *
  * Malformed server bytes fail that one connection (counted, with a message); nothing here
@@ -72,9 +80,9 @@
 #define WS_KEY "dGhlIHNhbXBsZSBub25jZQ=="
 #define WS_ACCEPT "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
 
-enum { T_SSE, T_WS };
+enum { T_SSE, T_WS, T_FETCH };
 enum { S_IDLE, S_CONNECTING, S_HEAD, S_BODY, S_CLOSED };
-enum { K_TOKEN, K_END, K_RESET, K_ERROR };
+enum { K_TOKEN, K_END, K_RESET, K_ERROR, K_CHAT };
 enum { V_NEW, V_RESET, V_DUPLICATE, V_REORDERED, V_FOREIGN }; /* sequence.Verdict */
 
 typedef struct {
@@ -99,6 +107,9 @@ typedef struct {
 typedef struct {
     int fd;
     int state;
+    int ever_opened; /* its first response head arrived (it counts in "opened" once) */
+    int first_token;
+    double started_ms; /* fetch: when this round's connection (and request) started */
     int chunked;
     long long chunk_left; /* -1: reading a size line; -2: expecting the CRLF after a chunk */
     run_t run;
@@ -117,14 +128,19 @@ static struct {
     int in_window;
     long long events, bytes, bytes_up;
     long long lost, dup, reordered, resets, overflows, disconnects, failures;
+    long long requests, chats, incomplete; /* fetch rounds: window counts, and life */
     double *lat;
     size_t lat_len, lat_cap;
+    double *ttft;
+    size_t ttft_len, ttft_cap;
     char errors[MAX_ERRORS][200];
     int n_errors;
 } T;
 
 static int transport;
 static const char *host_header, *path;
+static const char *body; /* fetch: the chat request every round POSTs */
+static size_t body_len;
 static run_t start_run; /* every connection's starting position (after= in PATH) */
 static conn_t *conns;
 static int count;
@@ -169,6 +185,15 @@ static int buf_append(buf_t *b, const char *p, size_t n) {
     memcpy(b->p + b->len, p, n);
     b->len += n;
     return 0;
+}
+
+static void push(double **values, size_t *len, size_t *cap, double v) {
+    if (*len == *cap) {
+        *cap = *cap ? *cap * 2 : 65536;
+        *values = realloc(*values, *cap * sizeof(double));
+        if (!*values) exit(4);
+    }
+    (*values)[(*len)++] = v;
 }
 
 static void buf_free(buf_t *b) {
@@ -217,17 +242,26 @@ static void close_conn(conn_t *c) {
     buf_free(&c->data);
 }
 
-/* An unexpected end: before its head it failed, after it a disconnect (as loadgen.py). */
+static const char *const CLIENT_NAMES[] = {"SSEClient", "WSClient", "FetchClient"};
+static void restart_round(conn_t *c);
+
+/* An unexpected end: before its head it failed, after it a disconnect (as loadgen.py). A fetch
+ * round cut after its head is an incomplete chat, and the next round starts. */
 static void fail_conn(conn_t *c, const char *why) {
     if (c->state == S_CLOSED) return;
-    error_msg("%s: %s", transport == T_SSE ? "SSEClient" : "WSClient", why);
-    if (c->state == S_BODY) {
+    error_msg("%s: %s", CLIENT_NAMES[transport], why);
+    int body = c->state == S_BODY;
+    if (body) {
         T.disconnects++;
     } else {
         T.failures++;
-        failed++;
+        if (!c->ever_opened) failed++;
     }
     close_conn(c);
+    if (transport == T_FETCH && body) {
+        T.incomplete++;
+        restart_round(c);
+    }
 }
 
 /* Events ------------------------------------------------------------------------------------- */
@@ -383,6 +417,17 @@ static double ts_of(const char *p, size_t n) {
     return strtod(tmp, NULL);
 }
 
+/* The fetch stream's opening event: its chat's id is the epoch of the chat's events, so the run
+ * opens at <id>-0 (a chat is read from its start: anything before its first event is lost). */
+static void on_chat(conn_t *c, const char *d, size_t dn) {
+    size_t idn = 0;
+    const char *id = json_str(d, dn, "\"id\":\"", &idn);
+    if (!id || idn == 0 || idn > MAX_EPOCH) return; /* no epoch: the first event opens the run */
+    for (size_t i = 0; i < idn; i++)
+        if (!((id[i] >= '0' && id[i] <= '9') || (id[i] >= 'a' && id[i] <= 'z'))) return;
+    run_open(&c->run, id, idn, 0);
+}
+
 /* One event whose id is id[0..idn) (id NULL: it has none). */
 static void on_event(conn_t *c, int kind, const char *id, size_t idn, double ts, double now,
                      int overflow) {
@@ -397,14 +442,13 @@ static void on_event(conn_t *c, int kind, const char *id, size_t idn, double ts,
     int verdict = observe(&c->run, id, idn, kind == K_RESET);
     if (verdict == V_DUPLICATE || verdict == V_REORDERED) return; /* its place has passed */
     if (kind == K_TOKEN) { /* new, or foreign (no id): delivered */
+        if (!c->first_token) {
+            c->first_token = 1;
+            if (transport == T_FETCH) push(&T.ttft, &T.ttft_len, &T.ttft_cap, now - c->started_ms);
+        }
         if (T.in_window) {
             T.events++;
-            if (T.lat_len == T.lat_cap) {
-                T.lat_cap = T.lat_cap ? T.lat_cap * 2 : 65536;
-                T.lat = realloc(T.lat, T.lat_cap * sizeof(double));
-                if (!T.lat) exit(4);
-            }
-            T.lat[T.lat_len++] = now - ts;
+            push(&T.lat, &T.lat_len, &T.lat_cap, now - ts);
         }
     } else if (kind == K_END) {
         c->saw_end = 1;
@@ -415,6 +459,7 @@ static int kind_of(const char *name, size_t n) {
     if (n == 3 && !memcmp(name, "end", 3)) return K_END;
     if (n == 5 && !memcmp(name, "reset", 5)) return K_RESET;
     if (n == 5 && !memcmp(name, "error", 5)) return K_ERROR;
+    if (n == 4 && !memcmp(name, "chat", 4) && transport == T_FETCH) return K_CHAT;
     return K_TOKEN; /* every other type is a delivery, as in loadgen.py */
 }
 
@@ -431,6 +476,13 @@ static void sse_dispatch(conn_t *c, double now) {
     size_t en = strlen(c->event);
     int kind = (en == 0 || (en == 7 && !memcmp(c->event, "message", 7))) ? K_TOKEN
                                                                           : kind_of(c->event, en);
+    if (kind == K_CHAT) {
+        on_chat(c, d, dn);
+        c->data.len = 0;
+        c->event[0] = 0;
+        c->has_id = 0;
+        return;
+    }
     /* The envelope's id; the block's id field for an envelope without one. */
     size_t idn = 0;
     const char *id = json_str(d, dn, "\"id\":\"", &idn);
@@ -497,7 +549,7 @@ static void sse_feed(conn_t *c, const char *p, size_t n, double now) {
 /* Chunked framing around the SSE text; returns how many bytes of p it consumed. */
 static size_t chunked_feed(conn_t *c, const char *p, size_t n, double now) {
     size_t pos = 0;
-    while (pos < n && c->state == S_BODY) {
+    while (pos < n && c->state == S_BODY && !c->saw_end) { /* after the end: the caller closes */
         if (c->chunk_left == -1) {
             const char *eol = memmem(p + pos, n - pos, "\r\n", 2);
             if (!eol) {
@@ -615,6 +667,23 @@ static size_t ws_feed(conn_t *c, const char *p, size_t n, double now) {
 static void send_request(conn_t *c) {
     char req[2048];
     int n;
+    if (transport == T_FETCH) {
+        size_t cap = strlen(path) + strlen(host_header) + body_len + 256;
+        char *post = malloc(cap);
+        if (!post) exit(4);
+        n = snprintf(post, cap,
+                     "POST %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n"
+                     "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n%s",
+                     path, host_header, body_len, body);
+        int sent = n > 0 && (size_t)n < cap && !send_all(c, post, (size_t)n);
+        free(post);
+        if (!sent) {
+            fail_conn(c, "could not send the request");
+        } else if (T.in_window) {
+            T.requests++;
+        }
+        return;
+    }
     if (transport == T_SSE) {
         n = snprintf(req, sizeof req,
                      "GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", path,
@@ -642,7 +711,7 @@ static size_t head_feed(conn_t *c, const char *p, size_t n) {
         fail_conn(c, "bad status line");
         return hn;
     }
-    int want = transport == T_SSE ? 200 : 101;
+    int want = transport == T_WS ? 101 : 200;
     if (status != want) {
         char why[64];
         snprintf(why, sizeof why, "HTTP %d", status);
@@ -653,7 +722,7 @@ static size_t head_feed(conn_t *c, const char *p, size_t n) {
     if (!head) exit(4);
     for (char *q = head; *q; q++)
         if (*q >= 'A' && *q <= 'Z') *q = (char)(*q - 'A' + 'a');
-    if (transport == T_SSE) {
+    if (transport != T_WS) {
         c->chunked = strstr(head, "\r\ntransfer-encoding: chunked") != NULL;
     } else {
         char *acc = strstr(head, "\r\nsec-websocket-accept:");
@@ -672,7 +741,10 @@ static size_t head_feed(conn_t *c, const char *p, size_t n) {
     free(head);
     c->state = S_BODY;
     c->chunk_left = -1;
-    opened++;
+    if (!c->ever_opened) {
+        c->ever_opened = 1;
+        opened++;
+    }
     return hn;
 }
 
@@ -703,7 +775,14 @@ static void on_bytes(conn_t *c, const char *p, size_t n, double now) {
         }
     }
     if (c->state == S_BODY && pos < n) pos += body_feed(c, p + pos, n - pos, now);
-    if (c->state == S_BODY && c->saw_end) close_conn(c);
+    if (c->state == S_BODY && c->saw_end) {
+        close_conn(c);
+        if (transport == T_FETCH) { /* a chat read to its end: the next round */
+            if (T.in_window) T.chats++;
+            restart_round(c);
+        }
+        return;
+    }
     if (c->state == S_CLOSED) return;
     size_t rest = n - pos;
     if (c->in.len) { /* p is c->in.p */
@@ -731,12 +810,32 @@ static void start_connect(conn_t *c) {
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     c->state = S_CONNECTING;
     c->run = start_run;
+    c->started_ms = now_ms(); /* a chat's first token is timed from here, as loadgen.py does */
     if (connect(c->fd, (struct sockaddr *)&addr, addr_len) < 0 && errno != EINPROGRESS) {
         fail_conn(c, strerror(errno));
         return;
     }
     struct epoll_event ev = {.events = EPOLLOUT | EPOLLIN, .data.u32 = (uint32_t)(c - conns)};
     if (epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev) < 0) fail_conn(c, strerror(errno));
+}
+
+/* Fetch: the next chat of this connection's rounds, on a new connection (a chat's stream ends
+ * with its chat). Queued, and started by the main loop once the current batch of events is
+ * handled: the closed connection's parser may still be on the stack. */
+static int *restarts, n_restarts;
+
+static void restart_round(conn_t *c) {
+    restarts[n_restarts++] = (int)(c - conns);
+}
+
+static void start_rounds(void) {
+    while (n_restarts) {
+        conn_t *c = &conns[restarts[--n_restarts]];
+        int was_opened = c->ever_opened;
+        memset(c, 0, sizeof *c); /* close_conn freed its buffers */
+        c->ever_opened = was_opened;
+        start_connect(c);
+    }
 }
 
 static void on_ready(conn_t *c, uint32_t events, char *scratch) {
@@ -801,20 +900,22 @@ static void report_window(void) {
                      "{\"op\":\"window\",\"events\":%lld,\"bytes\":%lld,\"bytes_up\":%lld,"
                      "\"lost\":%lld,\"dup\":%lld,\"reordered\":%lld,\"resets\":%lld,"
                      "\"overflows\":%lld,"
-                     "\"disconnects\":%lld,\"failures\":%lld,\"cpu\":%.6f,\"errors\":%s,"
-                     "\"latency_count\":%zu}\n",
+                     "\"disconnects\":%lld,\"failures\":%lld,\"requests\":%lld,"
+                     "\"chats\":%lld,\"incomplete\":%lld,\"cpu\":%.6f,\"errors\":%s,"
+                     "\"latency_count\":%zu,\"ttft_count\":%zu}\n",
                      T.events, T.bytes, T.bytes_up, T.lost, T.dup, T.reordered, T.resets,
-                     T.overflows,
-                     T.disconnects, T.failures, cpu_self() - window_cpu, errs, T.lat_len);
+                     T.overflows, T.disconnects, T.failures, T.requests, T.chats, T.incomplete,
+                     cpu_self() - window_cpu, errs, T.lat_len, T.ttft_len);
     write_all(1, out, (size_t)n);
     if (T.lat_len) write_all(1, T.lat, T.lat_len * sizeof(double));
+    if (T.ttft_len) write_all(1, T.ttft, T.ttft_len * sizeof(double));
     T.lat_len = 0;
 }
 
 /* One command line from the worker; returns 0 to quit. */
 static int command(const char *line) {
     if (!strcmp(line, "start")) {
-        T.events = T.bytes = T.bytes_up = 0;
+        T.events = T.bytes = T.bytes_up = T.requests = T.chats = 0;
         T.lat_len = 0;
         window_cpu = cpu_self();
         T.in_window = 1;
@@ -831,14 +932,28 @@ static int command(const char *line) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 7) {
-        fprintf(stderr, "usage: %s HOST PORT sse|ws COUNT HOST_HEADER PATH\n", argv[0]);
+    if (argc < 7 || argc > 8) {
+        fprintf(stderr, "usage: %s HOST PORT sse|ws|fetch COUNT HOST_HEADER PATH [BODY]\n",
+                argv[0]);
         return 2;
     }
-    transport = !strcmp(argv[3], "ws") ? T_WS : T_SSE;
-    if (strcmp(argv[3], "ws") && strcmp(argv[3], "sse")) {
-        fprintf(stderr, "loadclient: transport must be sse or ws\n");
+    if (!strcmp(argv[3], "sse")) {
+        transport = T_SSE;
+    } else if (!strcmp(argv[3], "ws")) {
+        transport = T_WS;
+    } else if (!strcmp(argv[3], "fetch")) {
+        transport = T_FETCH;
+    } else {
+        fprintf(stderr, "loadclient: transport must be sse, ws or fetch\n");
         return 2;
+    }
+    if ((transport == T_FETCH) != (argc == 8)) {
+        fprintf(stderr, "loadclient: BODY is for fetch, and fetch needs one\n");
+        return 2;
+    }
+    if (transport == T_FETCH) {
+        body = argv[7];
+        body_len = strlen(body);
     }
     count = atoi(argv[4]);
     host_header = argv[5];
@@ -855,10 +970,11 @@ int main(int argc, char **argv) {
     freeaddrinfo(ai);
 
     conns = calloc((size_t)(count > 0 ? count : 1), sizeof *conns);
+    restarts = calloc((size_t)(count > 0 ? count : 1), sizeof *restarts);
     char *scratch = malloc(READ_SIZE);
     struct epoll_event *evs = malloc(sizeof *evs * 1024);
     ep = epoll_create1(EPOLL_CLOEXEC);
-    if (!conns || !scratch || !evs || ep < 0) return 4;
+    if (!conns || !restarts || !scratch || !evs || ep < 0) return 4;
     fcntl(0, F_SETFL, fcntl(0, F_GETFL) | O_NONBLOCK);
     struct epoll_event sin = {.events = EPOLLIN, .data.u32 = UINT32_MAX};
     epoll_ctl(ep, EPOLL_CTL_ADD, 0, &sin);
@@ -868,6 +984,7 @@ int main(int argc, char **argv) {
     char cmd[256];
     size_t cmd_len = 0;
     for (;;) {
+        start_rounds();
         /* Keep at most CONNECT_CONCURRENCY connections between connect() and their head. */
         while (next < count && next - opened - failed < CONNECT_CONCURRENCY)
             start_connect(&conns[next++]);

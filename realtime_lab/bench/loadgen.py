@@ -733,9 +733,7 @@ class Worker:
                 # One request for every round: the answer's length and pace are the point,
                 # not its words.
                 request = json.dumps(self.chat_request(0, 1)).encode()
-                self.native, opened = await NativeClients.open(
-                    spec["native"], spec, count, request
-                )
+                self.native, opened = await NativeClients.open(spec["native"], spec, count, request)
                 self.tally.failures = int(opened["failures"])
                 self.tally.errors = list(opened["errors"])
                 return {**opened, "op": "opened"}
@@ -837,10 +835,10 @@ class Worker:
         One client per chat: its POST starts the chat, so its time to first token runs from
         that request.
         """
-        round_no = 0
+        # The same request every round and client, as the native client sends it: the same
+        # answer, so the two load clients' figures compare byte for byte.
+        request = json.dumps(self.chat_request(0, 1)).encode()
         while not self.stopping:
-            round_no += 1
-            request = json.dumps(self.chat_request(index, round_no)).encode()
             client = self.client(self.tally, "", "", from_start=True, request=request)
             self.clients.add(client)
             opened = await self.connect(client)

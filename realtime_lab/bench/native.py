@@ -22,9 +22,10 @@ from realtime_lab.errors import RealtimeLabError
 
 SOURCE: Final = Path(__file__).with_name("loadclient.c")
 CFLAGS: Final = ("-O2", "-std=gnu11", "-Wall", "-Wextra")
-#: What the native client reads: the streaming transports. Polls keep the asyncio clients
-#: (their cost is requests, not reads, and they are nowhere near a core at these loads).
-NATIVE_TRANSPORTS: Final = frozenset({"sse", "ws"})
+#: What the native client reads: the streaming transports (fetch: the chats workload's rounds,
+#: one POST and one stream per chat). Polls keep the asyncio clients (their cost is requests,
+#: not reads, and they are nowhere near a core at these loads).
+NATIVE_TRANSPORTS: Final = frozenset({"sse", "ws", "fetch"})
 
 
 class NativeBuildError(RealtimeLabError):

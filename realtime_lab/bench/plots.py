@@ -22,6 +22,7 @@ _STYLE = {
     "ws": ("tab:orange", "s"),
     "longpoll": ("tab:green", "^"),
     "poll": ("tab:red", "v"),
+    "fetch": ("tab:purple", "D"),
 }
 
 

@@ -70,13 +70,15 @@ def _row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def _load_client_line(load_client: dict[str, Any] | None) -> str:
+def _load_client_line(load_client: dict[str, Any] | None, workload: str = "ticker") -> str:
+    streams = "SSE and WebSocket" if workload == "ticker" else "Fetch streams"
     if not load_client or load_client.get("streams") != "native":
         note = f" ({load_client['note']})" if load_client and load_client.get("note") else ""
-        return f"SSE and WebSocket read by the asyncio load clients{note}."
+        return f"{streams} read by the asyncio load clients{note}."
+    others = "polls" if workload == "ticker" else "the other transports' chats"
     return (
-        "SSE and WebSocket read by the native load client (loadclient.c, one epoll loop per "
-        "worker), polls by the asyncio ones."
+        f"{streams} read by the native load client (loadclient.c, one epoll loop per "
+        f"worker), {others} by the asyncio ones."
     )
 
 
@@ -92,7 +94,7 @@ def markdown(results: dict[str, Any]) -> str:
         + (" (median [min-max])" if ranges else "")
         + f"; server: {config['url'] or 'own process per run'}; "
         f"{machine['load_workers']} load worker process(es); "
-        + _load_client_line(results.get("load_client")),
+        + _load_client_line(results.get("load_client"), config["workload"]),
         f"Machine: {machine['cpus']} CPUs, {machine['platform']}, Python {machine['python']}, "
         f"load average at start {machine['loadavg_at_start']}. "
         f"Wall time {results['wall_s']:.0f} s.",
@@ -120,10 +122,13 @@ def markdown(results: dict[str, Any]) -> str:
         lines += _slow_table(scenario)
     lines += [
         "Latency: receive time minus the envelope's `ts` (one clock). TTFT: ticker - a client "
-        "joining mid-window until its first token; chats - from `POST /api/chats`. Bytes: "
+        "joining mid-window until its first token; chats - from `POST /api/chats` (fetch: from "
+        "its `POST /api/chats/stream`, which starts the chat and streams it; one client per "
+        "chat, so its clients are its chats). Bytes: "
         "HTTP bytes received plus sent by the load clients in the window (headers, chunk and "
         "frame overhead included; TCP/IP headers not), per delivered token; requests: HTTP "
-        "requests sent in the window (a WebSocket or SSE connection is one), per token. "
+        "requests sent in the window (a WebSocket or SSE connection is one, and so is each "
+        "POST that starts a chat), per token. "
         "RSS/conn: (server RSS with the clients connected and idle - before) / clients. "
         "`% offered`: delivered / (rate x clients).",
         "",

@@ -1,6 +1,9 @@
 """The benchmark's coordinator: sweep points, measurement windows, repeats, scenarios.
 
-One *point* is (transport, clients, token rate, poll interval). Each run of a point:
+One *point* is (transport, clients, token rate, poll interval). Fetch streaming runs in the chats
+workload only: each of its clients starts its own chat with its request (the other transports'
+chats are started by ``POST /api/chats`` and shared by ``clients / chats`` readers each).
+Each run of a point:
 
 1. starts a fresh server process with the ticker paused (or uses ``--url``);
 2. opens the point's clients, spread over the load workers, waits until the server counts them,
@@ -33,7 +36,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from realtime_lab.bench import native
-from realtime_lab.bench.loadgen import TRANSPORTS, split, worker_main
+from realtime_lab.bench.loadgen import CHANNEL_TRANSPORTS, TRANSPORTS, split, worker_main
 from realtime_lab.bench.server import ServerProcess, http_json, machine_cpu, raise_fd_limit
 from realtime_lab.bench.stats import latency_summary, median, spread
 from realtime_lab.errors import RealtimeLabError
@@ -79,7 +82,9 @@ class BenchConfig:
 
     out: Path
     workload: str = "ticker"
-    transports: list[str] = field(default_factory=lambda: list(TRANSPORTS))
+    #: The ticker workload's default: the transports that read a channel (``fetch`` is for
+    #: the chats workload: it streams the chat its own request starts).
+    transports: list[str] = field(default_factory=lambda: list(CHANNEL_TRANSPORTS))
     clients: list[int] = field(default_factory=lambda: [10, 100, 1000])
     rates: list[float] = field(default_factory=lambda: [100.0])
     poll_intervals: list[float] = field(default_factory=lambda: [1.0])
@@ -254,6 +259,18 @@ class Target:
         return seen
 
 
+#: The server's settings under the bench. The load comes from one machine, a few addresses: the
+#: bounds per client and in total, which exist to stop one client holding everything, are lifted.
+BENCH_SERVER: Final[dict[str, Any]] = {
+    "log_level": "WARNING",
+    "shutdown_timeout": 2.0,
+    "max_streams_per_client": 0,
+    "max_streams": 0,
+    "max_channels": 1_000_000,
+    "max_chats": 100_000,
+}
+
+
 @contextmanager
 def target(config: BenchConfig, options: dict[str, Any]) -> Iterator[Target]:
     """A fresh server with ``options`` (or ``config.url``) for one run."""
@@ -262,8 +279,7 @@ def target(config: BenchConfig, options: dict[str, Any]) -> Iterator[Target]:
         return
     config.out.mkdir(parents=True, exist_ok=True)
     server = ServerProcess(
-        {"log_level": "WARNING", "shutdown_timeout": 2.0, **options, **config.server_options},
-        config.out / "server.log",
+        {**BENCH_SERVER, **options, **config.server_options}, config.out / "server.log"
     )
     server.start()
     try:
@@ -297,6 +313,17 @@ def _history(rate: float, interval: float) -> int:
     return max(1000, int(rate * max(interval, 1.0) * 4))
 
 
+def chat_readers(transport: str, clients: int, chats: int, workers: int) -> list[list[int]]:
+    """Per worker, the number of readers of each of its chats (the chats workload).
+
+    ``clients`` readers share ``chats`` chats, and whole chats go to the workers round-robin;
+    a fetch client is the one reader of the chat its own request starts, so it has ``clients``
+    chats of one reader each, spread over the workers as evenly.
+    """
+    per_chat = [1] * clients if transport == "fetch" else split(clients, chats)
+    return [per_chat[i::workers] for i in range(workers)]
+
+
 def run_point(
     config: BenchConfig, pool: WorkerPool, point: dict[str, Any], tag: str
 ) -> dict[str, Any]:
@@ -318,10 +345,8 @@ def run_point(
         before = tgt.stats()["transports"][transport]["open"]
         time.sleep(0.2)  # let the fresh interpreter settle before the baseline
         rss0 = tgt.rss()
-        # Chats: each chat gets its readers, and whole chats go to the workers round-robin.
-        per_chat = split(clients, config.chats) if chats else []
-        chat_readers = [per_chat[i :: len(pool)] for i in range(len(pool))]
-        shares = [sum(r) for r in chat_readers] if chats else split(clients, len(pool))
+        per_worker = chat_readers(transport, clients, config.chats, len(pool)) if chats else []
+        shares = [sum(r) for r in per_worker] if chats else split(clients, len(pool))
         commands: list[dict[str, Any] | None] = []
         for i, share in enumerate(shares):
             if share == 0:
@@ -333,7 +358,7 @@ def run_point(
                     "workload": config.workload,
                     "transport": transport,
                     "clients": share,
-                    "chat_readers": [r for r in chat_readers[i] if r] if chats else [],
+                    "chat_readers": [r for r in per_worker[i] if r] if chats else [],
                     "channel": "ticker",
                     "host": tgt.host,
                     "port": tgt.port,
@@ -600,11 +625,29 @@ def _load_client(choice: str) -> dict[str, Any]:
     return {"streams": "native", "binary": str(built.path), "note": f"built with {built.compiler}"}
 
 
+def check(config: BenchConfig) -> None:
+    """Refuse a configuration that cannot run.
+
+    Raises:
+        BenchError: an unknown transport, or ``fetch`` in the ticker workload (a fetch stream
+            reads no channel: it starts the chat it streams).
+    """
+    unknown = [t for t in config.transports if t not in TRANSPORTS]
+    if unknown:
+        raise BenchError(f"unknown transports {unknown}: choose from {', '.join(TRANSPORTS)}")
+    if config.workload == "ticker" and "fetch" in config.transports:
+        raise BenchError(
+            "fetch streams the chat its request starts, not the ticker: run it with "
+            "--workload chats"
+        )
+
+
 def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Run the sweep (and scenarios) of ``config``; return the results document.
 
     Write it with :func:`realtime_lab.bench.report.write_results`.
     """
+    check(config)
     raise_fd_limit()
     started = time.time()
     points = config.points() if config.sweep else []
@@ -678,6 +721,8 @@ __all__ = [
     "BenchConfig",
     "BenchError",
     "WorkerPool",
+    "chat_readers",
+    "check",
     "run_bench",
     "run_point",
     "run_slow_subscriber",

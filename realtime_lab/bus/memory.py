@@ -296,8 +296,10 @@ class MemoryBroker(Broker):
         chan = self._channels.get(channel)
         if chan is None or chan.finished:
             return
-        if chan.last_seq == 0:
-            # Nobody publishes to it and nobody follows it: it must not leave state behind.
+        if chan.last_seq == 0 and chan.epoch == self.epoch:
+            # Nobody publishes to it and nobody follows it: it must not leave state behind
+            # (it would come back as it is). One whose life was named (a declared chat, a life
+            # after an expiry) is kept like any idle channel, so the ids handed out stay valid.
             del self._channels[channel]
             self._idle.pop(channel, None)
         else:

@@ -560,7 +560,21 @@ def _error_fields(body: bytes) -> tuple[str | None, str | None, float | None]:
 
 
 def decode_envelope(value: Any, where: str) -> Event | None:
-    """An envelope from decoded JSON, or ``None`` (logged) when it is not one."""
+    """An envelope from decoded JSON, or ``None`` (logged) when it is not one.
+
+    A server's ``--stream-timeout`` notice (an ``end`` with no id, reason ``timeout``) is not
+    an event of the channel: the stream closes after it, and the client resumes from its last
+    id on a new connection, losing nothing.
+    """
+    if (
+        isinstance(value, dict)
+        and value.get("id") is None
+        and value.get("type") == END
+        and isinstance(value.get("data"), dict)
+        and value["data"].get("reason") == "timeout"
+    ):
+        log.info("%s: the server ended the stream (its stream timeout); resuming", where)
+        return None
     try:
         return Event.from_dict(value)
     except InvalidEnvelope as exc:

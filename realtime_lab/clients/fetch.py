@@ -18,7 +18,9 @@ the grace; :meth:`~realtime_lab.clients.base.StreamClient.cancel` does it at onc
 
 Everything else is the SSE client's (:mod:`realtime_lab.clients.sse`): the server's ``retry:``
 as the backoff base, the overflow notice, the byte count, the refusals (401/403 final, 429
-retried after its ``Retry-After``).
+retried after its ``Retry-After``). Why not ``httpx-sse``, which can POST: it parses, and leaves
+reconnecting, resuming and de-duplicating to its caller, which is what this module is; the SSE
+client already does all of it over the session every client here shares.
 
 Credentials: a ``fetch()`` can send headers, and this POST creates the chat, so there is no
 channel yet to take a ticket for: ``token`` goes as ``Authorization: Bearer`` on every POST,

@@ -16,6 +16,7 @@
  *   clock.js     clocks and the server clock offset   net.js       API calls, connection budget
  *   pane.js      what every transport pane shares     pane-*.js    one module per transport
  *   pane-errors.js  what a pane does on a failure     sequence.js  event-id checking
+ *   sse-reader.js   the SSE parser the fetch pane reads its response with
  *   session.js   who the page streams as (the session cookie)
  *   charts.js    canvas charts   summary.js  table, Markdown, JSON   findings.js  explanations
  *   format.js    number formats
@@ -32,7 +33,7 @@ import { Chart } from "./charts.js";
 import { Clock } from "./clock.js";
 import { renderFindings } from "./findings.js";
 import { fmtBytes, fmtMs } from "./format.js";
-import { ConnectionBudget, createApi, errorText } from "./net.js";
+import { ConnectionBudget, SideQueue, connectionPlan, createApi, errorText } from "./net.js";
 import { Session, describe as describeSession } from "./session.js";
 import { markdown, renderTable, runSummary } from "./summary.js";
 
@@ -65,8 +66,10 @@ const refresh = () => ui.dirty();
 
 const clock = new Clock({ onChange: refresh });
 const budget = new ConnectionBudget(refresh);
-// Every request that is not a pane's own goes through this one queue: one connection at most.
-const api = createApi({ budget, clock });
+// Every request that is not a pane's own stream or poll goes through this one queue (the API
+// calls, and the probes that ask why a stream was refused): one connection at most.
+const queue = new SideQueue();
+const api = createApi({ budget, clock, queue });
 const session = new Session(api);
 let config = null; // the server's /api/config answer
 let configShown = false; // the sliders show the server's settings
@@ -114,12 +117,20 @@ async function loadPanes(deps) {
 const panes = await loadPanes({
   clock,
   budget,
+  queue,
   refresh,
   onEnded: () => app.maybeFinished(),
   fetchStats,
   options,
   base: location.href,
 });
+// The most connections the page can hold at once: within the browser's six, or it says so.
+const plan = connectionPlan(panes);
+$("#conn-plan").textContent = String(plan.total);
+$("#conn-plan").title = Object.entries(plan.parts)
+  .map(([name, n]) => `${name} ${n}`)
+  .join(", ");
+if (!plan.fits) setStatus(`these panes need ${plan.total} connections: more than ${plan.limit}`);
 const charts = {
   latency: new Chart($("#chart-latency"), (v) => `${+v.toFixed(1)}`),
   bytes: new Chart($("#chart-bytes"), (v) => fmtBytes(v)),
@@ -181,9 +192,10 @@ const app = {
     const run = this.run;
     if (!run || run.endedAt !== null || panes.some((pane) => pane.active)) return;
     run.endedAt = clock.now();
-    const done = panes.every((pane) => pane.ended === "done");
-    const all = COUNTS[panes.length] ?? String(panes.length);
-    const refused = panes.filter((pane) => REFUSED[pane.ended]).map((pane) => pane.ended);
+    const taking = panes.filter((pane) => !pane.skipped); // the fetch pane sits the ticker out
+    const done = taking.length > 0 && taking.every((pane) => pane.ended === "done");
+    const all = COUNTS[taking.length] ?? String(taking.length);
+    const refused = taking.filter((pane) => REFUSED[pane.ended]).map((pane) => pane.ended);
     if (done) setStatus(`done: all ${all} panes finished`);
     else if (refused.length) setStatus(REFUSED[refused[0]]);
     else setStatus("stopped");
@@ -240,6 +252,7 @@ const app = {
       config,
       clock,
       budget,
+      plan,
     });
   },
 
@@ -289,13 +302,14 @@ function render() {
         : "running";
   document.body.dataset.runId = run ? run.id : "";
   $("#conn-now").textContent = budget.now;
+  $("#conn-now").title = `held now: ${budget.describe()}`;
   $("#conn-peak").textContent = budget.peak;
   $("#clock-offset").textContent =
     clock.rtt === null ? "?" : `${fmtMs(clock.offset)} ms (rtt ${fmtMs(clock.rtt)} ms)`;
   const summaries = panes.map((pane) => pane.summary());
   panes.forEach((pane, i) => pane.render(summaries[i]));
   renderTable($("#summary-table"), summaries);
-  renderFindings($("#findings"), summaries, run, budget);
+  renderFindings($("#findings"), summaries, run, { peak: budget.peak, limit: budget.limit, plan });
   const series = (points) =>
     panes.map((pane) => ({ label: pane.label, color: pane.color, points: points(pane) }));
   charts.latency.draw(
@@ -494,6 +508,7 @@ if (testHookWanted()) {
     app,
     panes,
     budget,
+    plan,
     clock,
     session,
     summary: () => app.summary(),

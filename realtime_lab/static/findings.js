@@ -39,6 +39,10 @@ export const SENTENCES = {
   ws: (s) =>
     `<b>WebSocket</b> used ${requests(s)} ${plural(requests(s), "handshake")}: ` +
     `${bpt(s)} per token, median ${p50(s)}.`,
+  fetch: (s) =>
+    `<b>Fetch streaming</b> POSTed the prompt and read the answer from the same response ` +
+    `(${requests(s)} ${plural(requests(s), "request")}): ${bpt(s)} per token, ` +
+    `median ${p50(s)}. It streamed a chat of its own, with the same prompt and seed.`,
 };
 
 /** The sentence for a transport that has none of its own. */
@@ -55,9 +59,11 @@ function generic(s) {
  *
  * @param {object[]} summaries the panes' summaries, in page order
  * @param {object|null} run the current run
- * @param {{peak: number, limit: number}} connections the page's connection budget
+ * @param {{peak: number, limit: number, plan?: {total: number}}} connections the page's
+ *   connection budget, and its plan (net.js connectionPlan)
  */
-export function findings(summaries, run, connections) {
+export function findings(all, run, connections) {
+  const summaries = all.filter((s) => !s.skipped); // a pane that sat the run out says nothing
   if (!run || !summaries.some((s) => s.tokens > 0)) return null;
   const items = summaries.map((s) => (SENTENCES[s.transport] ?? generic)(s, run));
   const priced = summaries.filter((s) => s.bytes_per_token !== null);
@@ -90,8 +96,9 @@ export function findings(summaries, run, connections) {
               `every transport resumed from its last event id.`
             : "."),
     `This page held at most ${connections.peak} of the ${connections.limit} HTTP/1.1 ` +
-      `connections a browser allows per origin (the WebSocket is not counted: Chromium pools ` +
-      `WebSockets separately).`,
+      `connections a browser allows per origin` +
+      (connections.plan ? ` (it never needs more than ${connections.plan.total})` : "") +
+      `; the WebSocket is not counted: Chromium pools WebSockets separately.`,
   );
   return items;
 }

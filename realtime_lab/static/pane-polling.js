@@ -26,7 +26,7 @@ export class PollingPane extends Pane {
       const controller = new AbortController();
       this.controller = controller;
       let body;
-      budget.take();
+      budget.take(this.key);
       this.m.requests += 1;
       const guard = setTimeout(() => controller.abort(), this.requestTimeoutMs());
       try {
@@ -43,7 +43,7 @@ export class PollingPane extends Pane {
         return;
       } finally {
         clearTimeout(guard);
-        budget.give();
+        budget.give(this.key);
         if (this.controller === controller) this.controller = null;
       }
       if (gen !== this.gen) return;

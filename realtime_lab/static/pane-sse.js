@@ -7,7 +7,7 @@ export default class SSEPane extends Pane {
     const { budget } = this.deps;
     const source = new EventSource(this.url(after));
     this.source = source;
-    budget.take();
+    budget.take(this.key);
     this.m.requests += 1;
     const mine = (handler) => (event) => {
       if (this.source === source) handler(event);
@@ -63,7 +63,7 @@ export default class SSEPane extends Pane {
     if (this.source) {
       this.source.close();
       this.source = null;
-      this.deps.budget.give();
+      this.deps.budget.give(this.key);
     }
   }
 }

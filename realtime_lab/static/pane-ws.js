@@ -4,6 +4,10 @@ import { Pane } from "./pane.js";
 import { wsCloseProblem } from "./pane-errors.js";
 
 export default class WSPane extends Pane {
+  // Chromium pools WebSockets apart from the six HTTP/1.1 connections per origin (other browsers
+  // may not), and its probe after a refused handshake waits in the page's queue.
+  static connections = 0;
+
   open(after) {
     const url = new URL(
       `/ws/${encodeURIComponent(this.run.channel)}?${this.query(after)}`,

@@ -8,6 +8,10 @@
  *                        `this.failed(problem)` (see pane-errors.js);
  *   shut(code, reason)   drop the connection now (code/reason: a WebSocket close frame).
  *
+ * and may say, as `static connections`, the most HTTP/1.1 connections it holds at once (1 unless
+ * it says otherwise; net.js `connectionPlan` adds them up against the browser's six), and, with
+ * `unsupported(run)`, that it cannot stream a run (the pane then sits it out, `skipped`).
+ *
  * `this.gen` changes whenever the pane cuts, stops or finishes: a callback that captured an
  * older value belongs to a connection the pane no longer wants, and must do nothing.
  *
@@ -25,18 +29,24 @@ export const MAX_POINTS = 2000; // chart points kept per series
 export const MAX_TEXT = 6000; // characters kept in a pane on the never-ending ticker
 
 export class Pane {
+  /** The most HTTP/1.1 connections a pane of this class holds at once (net.js connectionPlan). */
+  static connections = 1;
+
   /**
    * @param {HTMLElement} root the pane's <article> (data-transport, data-label, data-color)
    * @param {object} deps what the pane may use; it reaches for nothing else on the page:
    *   clock       Clock (clock.js): now(), wall(), server(wallMs)
-   *   budget      ConnectionBudget (net.js): take() per connection opened, give() per closed
+   *   budget      ConnectionBudget (net.js): take(key) per connection opened, give(key) per
+   *               closed (or hold(key), which returns the give)
    *   refresh()   the figures changed: redraw soon
    *   onEnded(pane)  the pane finished (its `ended` says why)
    *   fetchStats(client)  async: the server's figures for a client tag, or null; rejects
    *               when the server is unreachable
    *   options     the user's settings, read at each use: pollIntervalMs(), longpollTimeoutS()
    *   base        the page's URL, to build absolute (ws:) URLs from
-   *   fetch       optional: the fetch() that probes a failed stream (pane-errors.js diagnose)
+   *   fetch       optional: the fetch() the pane's own requests use (probes, and the
+   *               transports that run on fetch and take it from here); globalThis.fetch if absent
+   *   queue       optional: the page's SideQueue (net.js), which probes wait their turn in
    */
   constructor(root, deps) {
     this.root = root;
@@ -77,6 +87,8 @@ export class Pane {
     this.lastId = null;
     this.cursor = null;
     this.ended = null;
+    this.skipped = false;
+    this.t0 = null; // when this pane sent its prompt, if it sent one itself (else the run's t0)
     this.wasDown = false;
     this.backoffMs = 0;
     this.scrollPending = false;
@@ -92,6 +104,13 @@ export class Pane {
     this.clear(run.after);
     this.run = run;
     this.tag = `${run.id}-${this.key}`;
+    const why = this.unsupported(run);
+    if (why) {
+      this.skipped = true;
+      this.setState("closed");
+      this.note(why);
+      return;
+    }
     this.active = true;
     this.gen += 1;
     this.cutEl.disabled = false;
@@ -101,6 +120,11 @@ export class Pane {
 
   resumeFrom() {
     return this.lastId ?? this.cursor ?? this.run.after;
+  }
+
+  /** Why this pane cannot stream `run` (it then sits the run out), or null: it can. */
+  unsupported(run) {
+    return null;
   }
 
   /**
@@ -150,7 +174,8 @@ export class Pane {
     const gen = this.gen;
     this.setState("reconnecting");
     this.note(`${problem.why || "the connection failed"}; asking the server why…`);
-    diagnose(problem, { fetch: this.deps.fetch, budget: this.deps.budget }).then((known) => {
+    const { fetch, budget, queue } = this.deps;
+    diagnose(problem, { fetch, budget, queue }).then((known) => {
       if (gen === this.gen && this.active && !this.ended) this.settle(known);
     });
   }
@@ -175,7 +200,7 @@ export class Pane {
     this.setState("reconnecting");
     let wait = delayMs;
     if (wait === null) {
-      this.backoffMs = Math.min(this.backoffMs ? this.backoffMs * 2 : 200, 5000);
+      this.backoffMs = Math.min(this.backoffMs ? this.backoffMs * 2 : 200, this.maxBackoffMs());
       wait = this.backoffMs;
       if (why) this.note(`${why}; retrying in ${wait} ms`);
     } else if (why) {
@@ -185,6 +210,11 @@ export class Pane {
     setTimeout(() => {
       if (gen === this.gen && this.active && !this.ended) this.open(this.resumeFrom());
     }, wait);
+  }
+
+  /** The longest pause between two retries (the growing pause stops growing there). */
+  maxBackoffMs() {
+    return 5000;
   }
 
   /** The connection (or a poll) succeeded. */
@@ -274,7 +304,7 @@ export class Pane {
       this.textNode.deleteData(0, this.textNode.length - MAX_TEXT / 2);
     }
     this.m.tokens += 1;
-    if (this.m.ttft === null) this.m.ttft = clock.now() - this.run.t0;
+    if (this.m.ttft === null) this.m.ttft = clock.now() - (this.t0 ?? this.run.t0);
     if (typeof env.ts === "number") {
       const latency = clock.server(received) - env.ts;
       this.m.latencies.push(latency);
@@ -331,7 +361,8 @@ export class Pane {
     return {
       transport: this.key,
       label: this.label,
-      state: this.state,
+      state: this.skipped ? "skipped" : this.state,
+      skipped: this.skipped,
       end: this.ended,
       tokens: this.m.tokens,
       text_length: this.textNode.length,

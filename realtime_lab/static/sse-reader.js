@@ -115,7 +115,6 @@ export class SSEReader {
     this._afterCR = false;
     this._data = "";
     this._type = "";
-    this._id = this.lastEventId;
     return [];
   }
 

@@ -33,9 +33,10 @@ export const COLUMNS = [
  *   panes   the panes' summaries, in page order
  *   config  the server's /api/config answer, or null
  *   clock   {offset, rtt}
- *   budget  {now, peak, limit}
+ *   budget  {now, peak, limit, peaks}: connections held (net.js ConnectionBudget)
+ *   plan    optional: net.js connectionPlan of the panes ({total, parts})
  */
-export function runSummary({ run, panes, config, clock, budget, now = new Date() }) {
+export function runSummary({ run, panes, config, clock, budget, plan = null, now = new Date() }) {
   const out = {
     generated_at: now.toISOString(),
     run: run && {
@@ -51,7 +52,14 @@ export function runSummary({ run, panes, config, clock, budget, now = new Date()
     finished: Boolean(run && run.endedAt !== null),
     stats_final: Boolean(run && run.statsFinal),
     clock: { offset_ms: clock.offset, rtt_ms: clock.rtt },
-    connections: { now: budget.now, peak: budget.peak, limit: budget.limit },
+    connections: {
+      now: budget.now,
+      peak: budget.peak,
+      limit: budget.limit,
+      peak_by_holder: { ...(budget.peaks || {}) },
+      plan: plan ? plan.total : null,
+      plan_by_holder: plan ? { ...plan.parts } : null,
+    },
     panes: {},
   };
   for (const pane of panes) {

@@ -27,14 +27,22 @@ from realtime_lab.protocol.cursor import Cursor
 from realtime_lab.protocol.envelope import dumps
 from realtime_lab.protocol.sse import encode_event
 from realtime_lab.transports.access import IDENTITY_KEY, Need
-from realtime_lab.transports.accounting import Counters
+from realtime_lab.transports.accounting import Counters, MeteredResponse
 from realtime_lab.transports.chatstart import start_chat
-from realtime_lab.transports.keys import ABORT_GRACE_KEY, ACCESS_KEY, CHAOS_KEY, CHATS_KEY, HUB_KEY
+from realtime_lab.transports.keys import (
+    ABORT_GRACE_KEY,
+    ACCESS_KEY,
+    BUS_KEY,
+    CHAOS_KEY,
+    CHATS_KEY,
+    HUB_KEY,
+    SLOTS_KEY,
+)
 from realtime_lab.transports.params import json_body
-from realtime_lab.transports.preamble import after_param, client_tag, open_request
+from realtime_lab.transports.preamble import Opening, after_param, client_tag, open_request
 from realtime_lab.transports.problems import HTTPProblem
 from realtime_lab.transports.sse import SSEConnection, stream_events
-from realtime_lab.transports.stream import END_OF_STREAM, SHUTDOWN
+from realtime_lab.transports.stream import CLEAN_ENDS
 
 
 class FetchConnection(SSEConnection):
@@ -53,44 +61,77 @@ def chat_header(request: web.Request, chat: Chat) -> bytes:
 async def fetch_stream(request: web.Request) -> web.StreamResponse:
     """``POST /api/chats/stream``: start a chat (or resume one) and stream it back as SSE."""
     app = request.app
+    hub = app[HUB_KEY]
     try:
-        # Before anything is started: an injected failure must not leave a chat behind.
+        # Before anything is started: a refused request must not leave a chat behind.
         app[CHAOS_KEY].maybe_fail("fetch")
-    except HTTPProblem:
-        app[HUB_KEY].record("fetch", client_tag(request), Counters(requests=1, errors=1))
+        identity = app[ACCESS_KEY].require(request, Need.USER)
+        if identity is not None:
+            request[IDENTITY_KEY] = identity
+        key = identity.user if identity is not None else f"addr:{request.remote}"
+        slot = app[SLOTS_KEY].claim(key)
+    except web.HTTPException:
+        hub.record("fetch", _client_of(request), Counters(requests=1, errors=1))
         raise
-    access = app[ACCESS_KEY]
-    identity = access.require(request, Need.USER)
-    if identity is not None:
-        request[IDENTITY_KEY] = identity
-    header = request.headers.get("Last-Event-ID")
-    if header:
-        cursor = after_param(header, "Last-Event-ID")
-        if not isinstance(cursor, Cursor):
-            raise HTTPProblem(400, "invalid-cursor", "Last-Event-ID must be an event id")
-        chat = _resumed_chat(request, cursor)
-    else:
-        chat = await start_chat(request, await json_body(request))
     grace = app[ABORT_GRACE_KEY]
-    grace.resumed(chat.id)
-    opening = await open_request(
-        request,
-        "fetch",
-        channel=chat.channel,
-        resume_header=True,
-        stream=True,
-        inject_faults=False,
-    )
+    chat: Chat | None = None
     reason = "client-gone"
     try:
+        try:
+            chat = await _chat_for(request)
+        except web.HTTPException:
+            hub.record("fetch", _client_of(request), Counters(requests=1, errors=1))
+            raise
+        grace.opened(chat.id)
+        opening = await open_request(
+            request, "fetch", channel=chat.channel, resume_header=True, inject_faults=False
+        )
+        if await _is_over(request, opening):
+            # Resumed from the end's own id: nothing more will come (as /sse answers it).
+            reason = "done"
+            counters = opening.counters
+            return MeteredResponse(
+                b"", "fetch", opening.client, counters, hub, status=204, content_type=None
+            )
         response, reason = await stream_events(
             request, opening, FetchConnection, chat_header(request, chat)
         )
         return response
     finally:
-        opening.release()
-        if reason not in (END_OF_STREAM, SHUTDOWN):
-            grace.client_gone(chat)
+        slot.release()
+        if chat is not None:
+            grace.closed(chat, cleanly=reason in CLEAN_ENDS)
+
+
+def _client_of(request: web.Request) -> str | None:
+    try:
+        return client_tag(request)
+    except HTTPProblem:
+        return None  # counted without a tag: the tag is what was wrong
+
+
+async def _is_over(request: web.Request, opening: Opening) -> bool:
+    after = opening.after
+    if not isinstance(after, Cursor):
+        return False
+    info = await request.app[BUS_KEY].info(opening.channel)
+    return (
+        info is not None
+        and info.finished
+        and after.epoch == info.epoch
+        and after.seq == info.last_seq
+    )
+
+
+async def _chat_for(request: web.Request) -> Chat:
+    """The chat a fetch stream request names (``Last-Event-ID``) or starts (its body)."""
+    header = request.headers.get("Last-Event-ID")
+    if not header:
+        return await start_chat(request, await json_body(request))
+    cursor = after_param(header, "Last-Event-ID")
+    if not isinstance(cursor, Cursor):
+        raise HTTPProblem(400, "invalid-cursor", "Last-Event-ID must be an event id")
+    return _resumed_chat(request, cursor)
 
 
 def _resumed_chat(request: web.Request, cursor: Cursor) -> Chat:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from realtime_lab.bench import loadgen
+from realtime_lab.bench import loadgen, runner
 from realtime_lab.bench.cli import config_from_args
 from realtime_lab.bench.wire import Item
 from realtime_lab.cli import build_parser
@@ -112,3 +112,76 @@ def test_server_options_pass_through_and_are_checked() -> None:
     assert config.server_options == {"coalesce_ms": "5", "chaos": True}
     with pytest.raises(SystemExit):
         _args("--server-option", "port=1")
+
+
+class Sent:
+    """A stand-in transport that keeps what a load client writes."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_fetch_client_posts_its_chat_and_does_not_count_the_chat_event() -> None:
+    tally = loadgen.Tally()
+    tally.in_window = True
+    request = b'{"prompt":"p","max_tokens":2}'
+    client = loadgen.make_client(
+        "fetch", tally, "h:1", "", "", "tag", from_start=True, request=request
+    )
+    assert isinstance(client, loadgen.FetchClient)
+    sent = Sent()
+    client.transport = sent  # type: ignore[assignment]
+    client.start()
+    assert sent.data.startswith(b"POST /api/chats/stream?client=tag HTTP/1.1\r\nHost: h:1\r\n")
+    assert b"Content-Length: 29\r\n" in sent.data
+    assert b"Accept: text/event-stream\r\n" in sent.data
+    assert sent.data.endswith(b"\r\n\r\n" + request)
+    assert (tally.requests, tally.bytes_up) == (1, len(sent.data))
+
+    opening = b'{"chat":{"id":"ab12","channel":"chat.ab12"}}'
+    client.items(
+        [Item("chat", -1, float("nan"), opening), _tok(1), _tok(2), Item("end", 3, 1.0, b"")],
+        now=1004.0,
+    )
+    assert tally.events == 2  # the chat event names the chat: it is no delivery
+    assert (tally.lost, tally.dup) == (0, 0)
+    assert client.saw_end
+    assert client.done.done()
+
+
+def test_fetch_is_for_the_chats_workload(tmp_path: Path) -> None:
+    assert "fetch" not in config_from_args(_args()).transports  # the ticker: four transports
+    chats = config_from_args(_args("--workload", "chats"))
+    assert chats.transports == ["sse", "ws", "longpoll", "poll", "fetch"]
+    runner.check(chats)
+    ticker = config_from_args(_args("--transports", "sse,fetch"))
+    with pytest.raises(runner.BenchError, match="--workload chats"):
+        runner.check(ticker)
+    with pytest.raises(runner.BenchError, match="unknown"):
+        runner.check(runner.BenchConfig(out=tmp_path, transports=["pigeon"]))
+    assert runner.BenchConfig(out=tmp_path).transports == ["sse", "ws", "longpoll", "poll"]
+
+
+def test_bench_refuses_fetch_on_the_ticker(capsys: pytest.CaptureFixture[str]) -> None:
+    from realtime_lab.bench.cli import run
+
+    assert run(_args("--transports", "fetch", "--no-progress", "--no-plots")) == 2
+    assert "--workload chats" in capsys.readouterr().err
+
+
+def test_chat_readers_spread_whole_chats_and_fetch_clients_one_by_one() -> None:
+    # 5 readers of 2 chats (3 + 2), whole chats round-robin over 2 workers.
+    assert runner.chat_readers("sse", 5, 2, 2) == [[3], [2]]
+    assert runner.chat_readers("sse", 4, 1, 2) == [[4], []]
+    # A fetch client reads the chat its own request starts: 4 chats of one reader each.
+    assert runner.chat_readers("fetch", 4, 1, 2) == [[1, 1], [1, 1]]
+    assert runner.chat_readers("fetch", 3, 10, 2) == [[1, 1], [1]]

@@ -318,3 +318,127 @@ async def test_ws_overflow_close_and_a_bad_accept(binary: Path) -> None:
     opened, _, _, _ = await run_client(binary, "ws", wrong_accept)
     assert opened["failures"] == 1
     assert opened["errors"] == ["WSClient: ws: bad Sec-WebSocket-Accept"]
+
+
+# Fetch: one POST per chat, read to its end, then the next chat --------------------------------
+
+CHAT_REQUEST = '{"prompt":"bench","max_tokens":3}'
+
+
+def chat_event(chat_id: str) -> bytes:
+    chat = {"id": chat_id, "channel": f"chat.{chat_id}"}
+    return encode_event(json.dumps({"chat": chat}, separators=(",", ":")), event="chat")
+
+
+def chat_token(chat_id: str, seq: int, kind: str = "token") -> bytes:
+    body = json.loads(envelope(seq, kind))
+    body["id"] = f"{chat_id}-{seq}"
+    text = json.dumps(body, separators=(",", ":"))
+    return encode_event(text, event=None if kind == "token" else kind, id=body["id"])
+
+
+async def test_fetch_posts_a_chat_reads_it_to_its_end_and_starts_the_next(binary: Path) -> None:
+    """Round 1: a chat read to its end (its first event missing: one loss); round 2: cut after
+    one token (an incomplete chat); round 3: held open until the window closes."""
+    requests: list[bytes] = []
+    window_open = asyncio.Event()
+    third = asyncio.Event()
+    release = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        size = int(next(
+            line.split(b":", 1)[1] for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        ))  # fmt: skip
+        requests.append(head + await reader.readexactly(size))
+        n = len(requests)
+        try:
+            writer.write(SSE_HEAD)
+            await writer.drain()
+            await window_open.wait()
+            opening = chunked(encode_retry(1000) + chat_event(f"c{n}"))
+            if n == 1:
+                body = (
+                    chunked(chat_token("c1", 2))  # c1-1 never came
+                    + chunked(chat_token("c1", 3)[:9])
+                    + chunked(chat_token("c1", 3)[9:] + chat_token("c1", 4, "end"))
+                    + b"0\r\n\r\n"
+                )
+                await trickle(writer, opening + body, [5, len(opening) + 3])
+            elif n == 2:
+                writer.write(opening + chunked(chat_token("c2", 1)))
+                await writer.drain()  # and the server goes away mid-chat
+            else:
+                writer.write(opening)
+                await writer.drain()
+                third.set()
+                await release.wait()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        str(binary), "127.0.0.1", str(port), "fetch", "1", f"127.0.0.1:{port}",
+        "/api/chats/stream?client=x", CHAT_REQUEST,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(WAIT):
+            opened = json.loads(await proc.stdout.readline())
+            proc.stdin.write(b"start\n")
+            await proc.stdin.drain()
+            assert json.loads(await proc.stdout.readline()) == {"op": "started"}
+            window_open.set()
+            await third.wait()
+            proc.stdin.write(b"stop\n")
+            await proc.stdin.drain()
+            window = json.loads(await proc.stdout.readline())
+            latency = array("d")
+            latency.frombytes(await proc.stdout.readexactly(8 * window["latency_count"]))
+            ttft = array("d")
+            ttft.frombytes(await proc.stdout.readexactly(8 * window["ttft_count"]))
+            proc.stdin.write(b"quit\n")
+            await proc.stdin.drain()
+            assert await proc.wait() == 0
+    finally:
+        release.set()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        server.close()
+        await server.wait_closed()
+
+    assert opened == {"op": "opened", "clients": 1, "failures": 0, "errors": []}
+    assert len(requests) == 3
+    for request in requests:
+        assert request.startswith(b"POST /api/chats/stream?client=x HTTP/1.1\r\n")
+        assert b"Content-Type: application/json\r\n" in request
+        assert b"Accept: text/event-stream\r\n" in request
+        assert request.endswith(b"\r\n\r\n" + CHAT_REQUEST.encode())
+    # Round 1: 2 and 3 delivered, 1 lost (the run opened at c1-0); round 2: its one token.
+    assert window["events"] == 3
+    assert window["lost"] == 1
+    assert (window["dup"], window["resets"]) == (0, 0)
+    assert window["chats"] == 1  # read to its end in the window
+    assert window["incomplete"] == 1  # round 2
+    assert window["disconnects"] == 1
+    assert window["failures"] == 0
+    assert window["requests"] == 2  # rounds 2 and 3 were asked inside the window
+    assert window["errors"] == ["FetchClient: connection closed by the server"]
+    assert len(latency) == 3
+    assert len(ttft) == 2  # one per chat that had a first token
+    assert all(0 < v < WAIT * 1000 for v in ttft), list(ttft)
+
+
+async def test_fetch_needs_a_body_and_only_fetch_takes_one(binary: Path) -> None:
+    for argv in (["fetch", "1", "h", "/api/chats/stream"], ["sse", "1", "h", "/sse/t", "{}"]):
+        proc = await asyncio.create_subprocess_exec(
+            str(binary), "127.0.0.1", "1", *argv, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await asyncio.wait_for(proc.communicate(), WAIT)
+        assert proc.returncode == 2, argv
+        assert b"BODY" in err

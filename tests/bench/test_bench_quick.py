@@ -75,11 +75,11 @@ def test_tiny_sweep_and_slow_subscriber(tmp_path: Path) -> None:
         assert slow[phase]["overflows"] == 0  # the normal clients were never ended
 
 
-def test_tiny_chats_workload(tmp_path: Path) -> None:
-    config = BenchConfig(
-        out=tmp_path,
+def chats_config(out: Path, transports: list[str], load_client: str = "auto") -> BenchConfig:
+    return BenchConfig(
+        out=out,
         workload="chats",
-        transports=["ws", "longpoll"],
+        transports=transports,
         clients=[4],
         rates=[200.0],
         chats=2,
@@ -90,7 +90,12 @@ def test_tiny_chats_workload(tmp_path: Path) -> None:
         repeat=1,
         workers=1,
         progress=False,
+        load_client=load_client,
     )
+
+
+def test_tiny_chats_workload(tmp_path: Path) -> None:
+    config = chats_config(tmp_path, ["ws", "longpoll", "fetch"])
     results = run_bench(config)
     for point in results["points"]:
         run = point["runs"][0]
@@ -100,8 +105,40 @@ def test_tiny_chats_workload(tmp_path: Path) -> None:
         assert (run["lost"], run["dup"], run["failures"]) == (0, 0, 0), (name, run["errors"])
         # Every chat ends with `end`: the WebSocket's close 1000 after it is not a disconnect.
         assert run["disconnects"] == 0, (name, run["errors"])
+        assert run["incomplete"] == 0, (name, run["errors"])
         assert run["ttft_ms"] >= config.ttft_ms, name  # timed from the POST that made the chat
         assert run["rss_kb_per_conn"] is None, name  # not measured with connections churning
+    by_transport = {p["transport"]: p["runs"][0] for p in results["points"]}
+    fetch, ws = by_transport["fetch"], by_transport["ws"]
+    # Four clients, each the one reader of the chat its POST starts: four chats at a time.
+    assert fetch["chats_done"] > ws["chats_done"], (fetch["chats_done"], ws["chats_done"])
+    # The POST that starts a chat counts, whoever streams it: a fetch chat of 20 tokens costs
+    # that one request; a WebSocket chat the POST plus a handshake per reader (2), for 40.
+    assert fetch["requests_per_token"] == pytest.approx(1 / 20, rel=0.2)
+    assert ws["requests_per_token"] == pytest.approx(3 / 40, rel=0.2)
+    assert "| fetch | 4 |" in markdown(results)
+
+
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+)
+def test_native_and_python_fetch_clients_agree(tmp_path: Path) -> None:
+    runs = {}
+    for load_client in ("native", "python"):
+        results = run_bench(chats_config(tmp_path / load_client, ["fetch"], load_client))
+        assert results["load_client"]["streams"] == load_client
+        wording = {"native": "native load client", "python": "asyncio load clients"}
+        assert f"Fetch streams read by the {wording[load_client]}" in markdown(results)
+        runs[load_client] = run = results["points"][0]["runs"][0]
+        assert (run["lost"], run["dup"], run["failures"]) == (0, 0, 0), run["errors"]
+        assert (run["disconnects"], run["incomplete"]) == (0, 0), run["errors"]
+        assert run["ttft_ms"] >= 50.0
+        assert run["chats_done"] > 0
+    native, python = runs["native"], runs["python"]
+    # The same requests and streams, counted byte for byte alike (answers differ a little:
+    # the native client asks the same chat every round).
+    assert native["bytes_per_token"] == pytest.approx(python["bytes_per_token"], rel=0.03)
+    assert native["requests_per_token"] == pytest.approx(python["requests_per_token"], rel=0.2)
 
 
 @pytest.mark.skipif(

@@ -179,3 +179,27 @@ def test_seq_of() -> None:
     assert wire.seq_of(b"ab-0") == 0
     assert wire.seq_of("garbage") == -1
     assert wire.seq_of("a-b") == -1
+
+
+def test_post_request_carries_its_json_body() -> None:
+    body = '{"prompt":"héllo"}'.encode()
+    raw = wire.post_request("/api/chats/stream?client=t", "h:1", body, {"Accept": "x"})
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n") == [
+        b"POST /api/chats/stream?client=t HTTP/1.1",
+        b"Host: h:1",
+        b"Content-Type: application/json",
+        b"Content-Length: %d" % len(body),
+        b"Accept: x",
+    ]
+    assert rest == body
+
+
+def test_the_fetch_streams_opening_chat_event_is_an_item_of_its_own() -> None:
+    # As the server writes it: retry: joined to the chat event's block, then an event.
+    opening = b'retry: 1000\nevent: chat\ndata: {"chat":{"id":"ab12","channel":"chat.ab12"}}\n\n'
+    token = encode_event(
+        '{"channel":"chat.ab12","id":"ab12-1","type":"token","data":{},"ts":5.0}', id="ab12-1"
+    )
+    items = wire.SSEParser().feed(opening + token)
+    assert [(i.kind, i.seq) for i in items] == [("chat", -1), (None, 1)]

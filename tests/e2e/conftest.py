@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from realtime_lab.dashboard import PANES as DASHBOARD_PANES
 from tests.conftest import RunningServer
 
 playwright_api = pytest.importorskip(
@@ -34,7 +35,11 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-PANES = ("poll", "longpoll", "sse", "ws")
+# The panes' transports, in page order: one per realtime_lab.dashboard.PANES entry.
+PANES = tuple(spec.key for spec in DASHBOARD_PANES)
+#: The panes that read the one chat the page starts with POST /api/chats (the fetch pane POSTs
+#: its own), and that can follow the ticker.
+SHARED = tuple(key for key in PANES if key != "fetch")
 # The dashboard installs its test hook, `window.lab`, only when asked to.
 TEST_HOOK = "window.__RTL_TEST__ = true;"
 WAIT_MS = 30_000  # generous: two shared cores, other test suites running at the same time
@@ -91,7 +96,8 @@ class Dashboard:
         ttft_ms: int = 50,
         poll_ms: int = 50,
     ) -> None:
-        """Fill in the form and press the button that streams one chat on all four panes."""
+        """Fill in the form and press the button that streams one chat on all five panes (the
+        fetch pane POSTs the same prompt and seed itself: its own chat, the same text)."""
         await self.set_range("token-ms", token_ms)
         await self.set_range("ttft-ms", ttft_ms)
         await self.set_range("poll-ms", poll_ms)
@@ -160,6 +166,12 @@ class Dashboard:
             "([key, n]) => window.lab.panes.find(p => p.key === key).m.tokens >= n",
             arg=[transport, count],
             timeout=WAIT_MS,
+        )
+
+    async def pane_value(self, transport: str, path: str) -> Any:
+        """A property of a pane object, e.g. ``m.failures`` or ``chatId``."""
+        return await self.page.evaluate(
+            f"key => window.lab.panes.find(p => p.key === key).{path}", transport
         )
 
     async def wait_reconnected(self, transport: str, times: int = 1) -> None:

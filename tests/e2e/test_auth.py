@@ -35,6 +35,8 @@ AUTHORITY = TokenAuthority(SECRET)
 ALICE = AUTHORITY.mint("alice", ttl=3600)
 BOB = AUTHORITY.mint("bob", ttl=3600)
 CHAT = {"prompt": "Who may read this stream", "seed": 4, "max_tokens": 30}
+# The panes that hold a stream (the short poll holds none).
+STREAMS = ("longpoll", "sse", "ws", "fetch")
 BLANK = "<!doctype html><meta charset='utf-8'><title>another origin</title><p>another origin"
 
 
@@ -55,7 +57,8 @@ async def create_chat(server: RunningServer, token: str, **params: Any) -> dict[
 
 
 async def follow(dash: Dashboard, chat: dict[str, Any]) -> None:
-    """Have every pane of the page stream ``chat`` (a channel the page did not create)."""
+    """Have every pane of the page stream ``chat`` (a channel the page did not create; the fetch
+    pane, which has no parameters to POST, follows it with ``Last-Event-ID: <id>-0``)."""
     await dash.page.evaluate(
         "chat => window.lab.app.begin('chat', chat.channel, {chat})",
         {"id": chat["id"], "channel": chat["channel"]},
@@ -142,10 +145,14 @@ async def test_dashboard_shows_401_before_sign_in_then_streams_as_the_user(
     await assert_all_panes_intact(dash, summary, expected, tokens)
     chat_id = await dash.page.evaluate("() => window.lab.app.run.chat.id")
     assert server.app[CHATS_KEY].get(chat_id).owner == "alice"
+    # The fetch pane's POST carried the cookie too: its own chat is alice's.
+    fetch_chat = await dash.pane_value("fetch", "chatId")
+    assert fetch_chat != chat_id
+    assert server.app[CHATS_KEY].get(fetch_chat).owner == "alice"
     for key in PANES:
         # Signed in, the server's figures are the page's again.
         assert summary["panes"][key]["requests_server"] is not None, dump(summary)
-    assert await run_status(dash) == "done: all four panes finished"
+    assert await run_status(dash) == "done: all five panes finished"
     shot = await dash.screenshot("auth-signed-in")
     assert shot.stat().st_size > 10_000
     # Chromium reports the refused requests on the console itself; nothing else may.
@@ -181,20 +188,20 @@ async def test_another_users_chat_is_403_and_sign_out_clears_the_cookie(
 async def test_panes_wait_out_429_and_then_stream_every_token(
     start_server: StartServer, open_dashboard: OpenDashboard
 ) -> None:
-    server = await start_server(auth_secret=SECRET, max_streams_per_client=3)
+    server = await start_server(auth_secret=SECRET, max_streams_per_client=len(STREAMS))
     dash = await open_dashboard(server)
     await dash.sign_in(ALICE)
     prompt, seed, max_tokens = "Wait your turn", 2, 30
     expected, tokens = expect(prompt, seed, max_tokens)
     async with aiohttp.ClientSession(headers=bearer(ALICE)) as http, AsyncExitStack() as held:
-        # Alice holds all three of her streams elsewhere: the page's SSE, WebSocket and long
-        # poll are each refused (the short poll holds no stream).
-        for _ in range(3):
+        # Alice holds all four of her streams elsewhere: the page's SSE, WebSocket, long poll
+        # and fetch stream are each refused (the short poll holds no stream).
+        for _ in range(len(STREAMS)):
             resp = await held.enter_async_context(http.get(f"{server.url}/sse/ticker"))
             assert resp.status == 200
         await dash.start_chat(prompt, seed=seed, max_tokens=max_tokens, token_ms=5, ttft_ms=20)
         wanted = "429: too many streams, retrying in 5 s"
-        for key in ("longpoll", "sse", "ws"):
+        for key in STREAMS:
             await dash.page.wait_for_function(
                 "([key, text]) => document.querySelector(`#pane-${key} [data-role=note]`)"
                 ".textContent === text",
@@ -206,7 +213,7 @@ async def test_panes_wait_out_429_and_then_stream_every_token(
     # The streams elsewhere are closed: after Retry-After every pane gets its slot and resumes.
     summary = await dash.wait_finished()
     await assert_all_panes_intact(dash, summary, expected, tokens)
-    for key in ("longpoll", "sse", "ws"):
+    for key in STREAMS:
         assert summary["panes"][key]["failures"] >= 1, dump(summary)
     assert summary["panes"]["poll"]["failures"] == 0, dump(summary)
     assert dash.errors(allow_network=True) == []

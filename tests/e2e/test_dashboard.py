@@ -1,4 +1,5 @@
-"""The dashboard in a real Chromium: one chat streamed on four panes, the figures they show, the
+"""The dashboard in a real Chromium: one chat streamed on five panes (four read the chat the page
+starts, the fetch pane POSTs the same prompt and seed itself), the figures they show, the
 controls, and recovery from connections the page cuts itself."""
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from typing import Any
 import pytest
 
 from realtime_lab.feed.llm import answer_text, answer_tokens
-from realtime_lab.transports.keys import SETTINGS_KEY
-from tests.conftest import StartServer
-from tests.e2e.conftest import PANES, WAIT_MS, Dashboard, OpenDashboard
+from realtime_lab.transports.keys import CHATS_KEY, SETTINGS_KEY
+from tests.conftest import RunningServer, StartServer
+from tests.e2e.conftest import PANES, SHARED, WAIT_MS, Dashboard, OpenDashboard
 
 pytestmark = pytest.mark.e2e
 
@@ -42,7 +43,27 @@ def expect(prompt: str, seed: int, max_tokens: int) -> tuple[str, int]:
     return text, len(answer_tokens(prompt, seed, max_tokens=max_tokens))
 
 
-async def test_one_chat_reaches_all_four_panes_with_plausible_figures(
+async def assert_fetch_pane_had_its_own_chat(
+    dash: Dashboard, server: RunningServer, expected: str
+) -> str:
+    """The fetch pane streamed one chat of its own, to its end, with the shared chat's text;
+    its id."""
+    shared = await dash.page.evaluate("() => window.lab.app.run.chat.id")
+    own = await dash.pane_value("fetch", "chatId")
+    assert isinstance(own, str)
+    assert own != shared
+    # Every response named the same chat: a resume never started another one.
+    assert set(await dash.pane_value("fetch", "chatsNamed")) == {own}
+    chats = server.app[CHATS_KEY]
+    for chat_id in (own, shared):
+        assert (chats.get(chat_id).status, chats.get(chat_id).text) == ("done", expected)
+    note = await dash.page.get_attribute("#pane-fetch [data-role=note]", "title")
+    assert note is not None
+    assert "same prompt and seed" in note, note
+    return own
+
+
+async def test_one_chat_reaches_all_five_panes_with_plausible_figures(
     start_server: StartServer, open_dashboard: OpenDashboard
 ) -> None:
     server = await start_server()
@@ -59,6 +80,11 @@ async def test_one_chat_reaches_all_four_panes_with_plausible_figures(
     )
     summary = await dash.wait_finished()
     await assert_all_panes_intact(dash, summary, expected, tokens)
+    await assert_fetch_pane_had_its_own_chat(dash, server, expected)
+    assert await dash.note("fetch") == (
+        f"own chat {await dash.pane_value('fetch', 'chatId')}: same prompt, seed and text as "
+        f"{summary['run']['channel'].removeprefix('chat.')}"
+    )
 
     panes = summary["panes"]
     for key in PANES:
@@ -77,6 +103,7 @@ async def test_one_chat_reaches_all_four_panes_with_plausible_figures(
 
     assert panes["sse"]["requests_server"] == 1, dump(summary)
     assert panes["ws"]["requests_server"] == 1, dump(summary)
+    assert panes["fetch"]["requests_server"] == 1, dump(summary)
     assert panes["longpoll"]["requests_server"] > 1, dump(summary)
     most_requests = max(PANES, key=lambda key: panes[key]["requests_server"])
     assert most_requests == "poll", dump(summary)
@@ -84,14 +111,32 @@ async def test_one_chat_reaches_all_four_panes_with_plausible_figures(
     assert fewest_bytes == "ws", dump(summary)
     # A long-poll answer pays a status line and headers; an SSE event a few bytes of framing.
     assert panes["sse"]["bytes_per_token"] < panes["longpoll"]["bytes_per_token"], dump(summary)
+    # The fetch stream is SSE too: the same framing, plus its opening chat event.
+    assert panes["fetch"]["bytes_per_token"] < panes["longpoll"]["bytes_per_token"], dump(summary)
 
-    # SSE, long poll, at most one short poll and the one queue for everything else.
-    assert 2 <= summary["connections"]["peak"] <= 4, dump(summary)
+    # The SSE, long-poll and fetch streams, at most one short poll and the one queue for
+    # everything else: within the plan, which is within the browser's six.
+    connections = summary["connections"]
+    assert connections["plan"] == 5, dump(summary)
+    assert connections["plan_by_holder"] == {
+        "poll": 1,
+        "longpoll": 1,
+        "sse": 1,
+        "ws": 0,
+        "fetch": 1,
+        "api": 1,
+    }, dump(summary)
+    assert 3 <= connections["peak"] <= connections["plan"], dump(summary)
+    for holder, peak in connections["peak_by_holder"].items():
+        assert peak <= connections["plan_by_holder"][holder], dump(summary)
+    assert await dash.page.text_content("#conn-plan") == "5"
     findings = await dash.page.text_content("#findings")
     assert findings is not None
     assert "Short polling made" in findings
+    assert "Fetch streaming POSTed the prompt" in findings
     assert "No gaps, duplicates or reordering" in findings
-    assert await dash.page.text_content("#run-status") == "done: all four panes finished"
+    assert await dash.page.text_content("#run-status") == "done: all five panes finished"
+    assert await dash.page.text_content("#send") == "Stream on all five"
     assert dash.errors() == []
 
 
@@ -112,9 +157,9 @@ async def test_summary_copies_as_markdown_and_downloads_as_json(
     markdown = await dash.page.input_value("#summary-md")
     lines = markdown.splitlines()
     table = [line for line in lines if line.startswith("|")]
-    assert len(table) == 2 + 4, markdown  # header, alignment row, one row per transport
+    assert len(table) == 2 + 5, markdown  # header, alignment row, one row per transport
     assert table[1].startswith("| --- | ---: |"), markdown
-    for label in ("Short poll", "Long poll", "SSE", "WebSocket"):
+    for label in ("Short poll", "Long poll", "SSE", "WebSocket", "Fetch"):
         row = next(line for line in table if line.startswith(f"| {label} |"))
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert cells[6] == str(tokens), row  # tokens
@@ -144,11 +189,11 @@ async def test_cut_connection_on_each_pane_resumes_from_the_last_id(
     assert tokens == 80
     await dash.start_chat(prompt, seed=seed, max_tokens=max_tokens, token_ms=50, ttft_ms=50)
 
-    for key in PANES:
+    # The fetch pane's cut is tested on its own (tests/e2e/test_fetch_pane.py): the server
+    # cancels its chat after a resume that comes this fast.
+    for key in SHARED:
         await dash.wait_tokens(key, 5)
-        tokens_before = await dash.page.evaluate(
-            "key => window.lab.panes.find(p => p.key === key).m.tokens", key
-        )
+        tokens_before = await dash.pane_value(key, "m.tokens")
         assert tokens_before < tokens, f"the chat ended before {key} could be cut"
         await dash.page.click(f"#pane-{key} [data-role=cut]")
         await dash.wait_reconnected(key)
@@ -156,7 +201,7 @@ async def test_cut_connection_on_each_pane_resumes_from_the_last_id(
     summary = await dash.wait_finished()
     await assert_all_panes_intact(dash, summary, expected, tokens)
     panes = summary["panes"]
-    for key in PANES:
+    for key in SHARED:
         assert panes[key]["reconnects"] >= 1, dump(summary)
         assert await dash.metric(key, "reconnects") == str(panes[key]["reconnects"])
     # The streams really were opened twice: once at the start, once resuming after the cut.
@@ -180,13 +225,18 @@ async def test_ticker_switch_and_heartbeat_slider(
 
     await dash.page.check("#ticker")
     assert await dash.page.is_visible("#ticker-rate-label")
-    for key in PANES:
+    for key in SHARED:
         await dash.wait_tokens(key, 5)
     await dash.page.uncheck("#ticker")
     summary = await dash.wait_finished()
     assert summary["run"]["mode"] == "ticker", dump(summary)
     assert await dash.page.text_content("#run-status") == "stopped"
-    for key in PANES:
+    # No POST starts the ticker: the fetch pane sits it out, and says why.
+    fetch = summary["panes"]["fetch"]
+    assert (fetch["skipped"], fetch["state"], fetch["requests_browser"]) == (True, "skipped", 0)
+    assert (await dash.note("fetch")).startswith("not on the ticker"), await dash.note("fetch")
+    assert await dash.pane_value("fetch", "active") is False
+    for key in SHARED:
         pane = summary["panes"][key]
         assert pane["tokens"] >= 5, dump(summary)
         assert (pane["gaps"], pane["duplicates"], pane["out_of_order"]) == (0, 0, 0), dump(summary)

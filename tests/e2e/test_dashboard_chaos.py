@@ -1,18 +1,22 @@
 """The dashboard's chaos controls against a server started with ``--chaos``: every pane must
-come back from dropped connections, a delivery pause and injected 503s with the full answer."""
+come back from dropped connections, a delivery pause and injected 503s with the full answer (the
+fetch pane by resuming its own chat with ``Last-Event-ID``, within the server's abort grace)."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 
 from realtime_lab.feed.llm import answer_text, answer_tokens
+from realtime_lab.transports.keys import CHATS_KEY
 from tests.conftest import StartServer
 from tests.e2e.conftest import PANES, WAIT_MS, Dashboard, OpenDashboard
 
 pytestmark = pytest.mark.e2e
+
+# The panes whose stream a drop cuts (the polls hold no connection between requests).
+STREAMS = ("sse", "ws", "fetch")
 
 
 async def press(dash: Dashboard, button: str, label: str) -> None:
@@ -23,10 +27,6 @@ async def press(dash: Dashboard, button: str, label: str) -> None:
         arg=label,
         timeout=WAIT_MS,
     )
-
-
-async def pane_value(dash: Dashboard, key: str, path: str) -> Any:
-    return await dash.page.evaluate(f"key => window.lab.panes.find(p => p.key === key).{path}", key)
 
 
 async def assert_still_streaming(dash: Dashboard) -> None:
@@ -64,12 +64,12 @@ async def test_chaos_drop_pause_and_503s_every_pane_recovers_without_loss(
 
     # Dropped again with no 503s waiting: the EventSource now reconnects by itself, sending
     # Last-Event-ID, without the page's own retry path (which counts a failure).
-    failures_before = await pane_value(dash, "sse", "m.failures")
+    failures_before = await dash.pane_value("sse", "m.failures")
     await assert_still_streaming(dash)
     await press(dash, "#chaos-drop", "drop all connections")
-    await dash.wait_reconnected("sse", 2)
-    await dash.wait_reconnected("ws", 2)
-    assert await pane_value(dash, "sse", "m.failures") == failures_before
+    for key in STREAMS:
+        await dash.wait_reconnected(key, 2)
+    assert await dash.pane_value("sse", "m.failures") == failures_before
 
     summary = await dash.wait_finished()
     dump = json.dumps(summary, indent=1, ensure_ascii=False)
@@ -78,8 +78,15 @@ async def test_chaos_drop_pause_and_503s_every_pane_recovers_without_loss(
         assert await dash.pane_text(key) == expected, f"{key} pane text differs"
         assert pane["end"] == "done", dump
         assert pane["tokens"] == tokens, dump
-        assert pane["reconnects"] >= (2 if key in ("sse", "ws") else 1), dump
+        assert pane["reconnects"] >= (2 if key in STREAMS else 1), dump
         assert (pane["gaps"], pane["duplicates"], pane["out_of_order"]) == (0, 0, 0), dump
         assert pane["resets"] == 0, dump
+    # Two drops, 503s on the way back: the fetch pane resumed the chat it started every time.
+    fetch_chat = await dash.pane_value("fetch", "chatId")
+    assert fetch_chat != summary["run"]["channel"].removeprefix("chat."), dump
+    named = await dash.pane_value("fetch", "chatsNamed")
+    assert len(named) >= 3, named  # the first POST, and a resume after each drop
+    assert set(named) == {fetch_chat}, named
+    assert server.app[CHATS_KEY].get(fetch_chat).status == "done"
     # Chromium reports each refused or cut request on the console itself; nothing else may.
     assert dash.errors(allow_network=True) == []

@@ -55,7 +55,8 @@ async def test_every_module_is_versioned_and_the_hook_is_not_installed_unasked(
     assert await bare_page.page.evaluate("() => typeof window.lab") == "undefined"
     paths = {url.path for url in bare_page.scripts}
     # The entry point, a pane's modules and what they import: relative imports, each versioned.
-    for module in ["dashboard.js", "pane.js", "sequence.js", *(p.module for p in PANES)]:
+    modules = ["dashboard.js", "pane.js", "sequence.js", "sse-reader.js"]
+    for module in [*modules, *(p.module for p in PANES)]:
         assert f"/static/{module}" in paths, sorted(paths)
     unversioned = [str(url) for url in bare_page.scripts if url.query.get("v") != __version__]
     assert unversioned == [], unversioned

@@ -2,11 +2,11 @@
 import assert from "node:assert/strict";
 import test from "node:test";
 
-import { RUN, fourPanes, paneSummary } from "./fixtures.mjs";
+import { RUN, fivePanes, fourPanes, paneSummary } from "./fixtures.mjs";
 import { load } from "./static.mjs";
 
 const { findings } = await load("findings.js");
-const CONNECTIONS = { peak: 3, limit: 6 };
+const CONNECTIONS = { peak: 3, limit: 6, plan: { total: 5 } };
 
 test("nothing to say before a run or before any token", () => {
   assert.equal(findings(fourPanes(), null, CONNECTIONS), null);
@@ -40,8 +40,38 @@ test("one sentence per transport, then the rankings, integrity and connections",
   assert.equal(
     items[7],
     "This page held at most 3 of the 6 HTTP/1.1 connections a browser allows per origin " +
-      "(the WebSocket is not counted: Chromium pools WebSockets separately).",
+      "(it never needs more than 5); the WebSocket is not counted: Chromium pools WebSockets " +
+      "separately.",
   );
+  const unplanned = findings(fourPanes(), RUN, { peak: 2, limit: 6 });
+  assert.ok(unplanned.at(-1).startsWith("This page held at most 2 of the 6 HTTP/1.1 "));
+  assert.ok(unplanned.at(-1).includes("per origin; the WebSocket"), unplanned.at(-1));
+});
+
+test("the fetch pane's sentence says it streamed a chat of its own", () => {
+  const items = findings(fivePanes(), RUN, CONNECTIONS);
+  assert.equal(items.length, 5 + 4);
+  assert.equal(
+    items[4],
+    "<b>Fetch streaming</b> POSTed the prompt and read the answer from the same response " +
+      "(1 request): 70 B per token, median 3.2 ms. It streamed a chat of its own, with the " +
+      "same prompt and seed.",
+  );
+  assert.ok(items[5].includes("WebSocket 30 B < SSE 60 B < Fetch 70 B"), items[5]);
+});
+
+test("a pane that sat the run out (the fetch pane on the ticker) is left out", () => {
+  const panes = fivePanes();
+  panes[4] = { ...panes[4], skipped: true, tokens: 0, bytes: null, bytes_per_token: null };
+  const items = findings(panes, RUN, CONNECTIONS);
+  assert.equal(items.length, 4 + 4);
+  assert.equal(
+    items.some((item) => item.includes("Fetch")),
+    false,
+  );
+  assert.ok(items[4].startsWith("Cheapest per token"), items[4]); // the others are all priced
+  const alone = findings([panes[4]], RUN, CONNECTIONS);
+  assert.equal(alone, null);
 });
 
 test("polls that collect several tokens, long polls that batch", () => {
@@ -78,11 +108,11 @@ test("integrity problems and reconnects are named", () => {
 });
 
 test("a transport with no sentence of its own gets the generic one, its label escaped", () => {
-  const panes = [...fourPanes(), paneSummary("fetch", "Fetch <stream>", { requests_server: 2 })];
+  const panes = [...fourPanes(), paneSummary("wt", "WebTransport <x>", { requests_server: 2 })];
   const items = findings(panes, RUN, CONNECTIONS);
   assert.equal(
     items[4],
-    "<b>Fetch &lt;stream&gt;</b> made 2 requests for 40 tokens: 100 B per token, median 3.2 ms.",
+    "<b>WebTransport &lt;x&gt;</b> made 2 requests for 40 tokens: 100 B per token, median 3.2 ms.",
   );
   assert.ok(
     items[5].startsWith("Cheapest per token on the wire this run: WebSocket 30 B"),

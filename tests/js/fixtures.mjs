@@ -58,3 +58,8 @@ export function fourPanes() {
     paneSummary("ws", "WebSocket", { bytes_per_token: 30 }),
   ];
 }
+
+/** The four panes and the fetch pane (its own chat: one request, SSE framing). */
+export function fivePanes() {
+  return [...fourPanes(), paneSummary("fetch", "Fetch", { bytes_per_token: 70 })];
+}

@@ -4,7 +4,8 @@ import test from "node:test";
 
 import { load } from "./static.mjs";
 
-const { ConnectionBudget, SideQueue, createApi, errorText } = await load("net.js");
+const net = await load("net.js");
+const { ConnectionBudget, SideQueue, connectionPlan, createApi, errorText } = net;
 const { Clock } = await load("clock.js");
 
 test("the side queue runs one task at a time, in order, past failures", async () => {
@@ -41,6 +42,7 @@ test("the budget counts connections and keeps the peak", () => {
   budget.give();
   budget.give(); // never below zero
   assert.deepEqual([budget.now, budget.peak, budget.limit, changes], [0, 2, 6, 5]);
+  assert.deepEqual(budget.peaks, { page: 2 }); // no holder named: the page's
 });
 
 test("api: JSON in and out, one connection held while it runs", async () => {
@@ -108,4 +110,49 @@ test("api: the page's cookie on every call, and headers of the caller's own", as
   assert.equal(seen[0].body, undefined);
   assert.deepEqual(seen[1].headers, {}); // the token went once, and is not kept
   assert.deepEqual(headers, { Authorization: "Bearer t" }); // the caller's object is untouched
+});
+
+test("the budget counts by holder; hold() gives back once however often it is called", () => {
+  const { QUEUE } = net;
+  const budget = new ConnectionBudget();
+  budget.take("sse");
+  const release = budget.hold("fetch");
+  budget.take(QUEUE);
+  assert.deepEqual(budget.held, { sse: 1, fetch: 1, [QUEUE]: 1 });
+  assert.equal(budget.describe(), "sse 1, fetch 1, api 1");
+  release();
+  release(); // the abort, then the request settling: one connection, given back once
+  assert.deepEqual([budget.now, budget.held.fetch], [2, 0]);
+  budget.give("sse");
+  budget.give(QUEUE);
+  budget.give("fetch"); // nothing held: stays at zero
+  assert.deepEqual([budget.now, budget.peak, budget.describe()], [0, 3, "none"]);
+  assert.deepEqual(budget.peaks, { sse: 1, fetch: 1, [QUEUE]: 1 });
+});
+
+test("the connection plan: each pane's connections and the queue's one, against the six", () => {
+  const pane = (key, connections) => ({ key, constructor: { connections } });
+  const five = [pane("poll", 1), pane("longpoll", 1), pane("sse", 1), pane("ws", 0), pane("fetch")];
+  assert.deepEqual(connectionPlan(five), {
+    parts: { poll: 1, longpoll: 1, sse: 1, ws: 0, fetch: 1, api: 1 },
+    total: 5,
+    limit: 6,
+    fits: true,
+  });
+  const greedy = [...five, pane("sse2", 1), pane("sse3", 1)];
+  assert.deepEqual([connectionPlan(greedy).total, connectionPlan(greedy).fits], [7, false]);
+});
+
+test("the panes' classes declare what the plan adds up: five for the five panes", async () => {
+  globalThis.document ??= { createTextNode: () => ({}) };
+  const classes = await Promise.all(
+    ["pane-poll.js", "pane-longpoll.js", "pane-sse.js", "pane-ws.js", "pane-fetch.js"].map(
+      async (name) => (await load(name)).default,
+    ),
+  );
+  const keys = ["poll", "longpoll", "sse", "ws", "fetch"];
+  const plan = connectionPlan(classes.map((cls, i) => ({ key: keys[i], constructor: cls })));
+  assert.deepEqual(plan.parts, { poll: 1, longpoll: 1, sse: 1, ws: 0, fetch: 1, api: 1 });
+  assert.equal(plan.total, 5);
+  assert.equal(plan.fits, true);
 });

@@ -170,3 +170,28 @@ test("diagnose: a probe that would open, fails or hangs leaves a problem to retr
   assert.deepEqual(await diagnose({ why: "x" }, { fetch: never }), { why: "x" });
   assert.equal(needsProbe({ status: 404, probe: "/x" }), false);
 });
+
+test("diagnose with the page's queue: the probe waits its turn and counts as the queue's", async () => {
+  const { ConnectionBudget, QUEUE, SideQueue } = await load("net.js");
+  const budget = new ConnectionBudget();
+  const queue = new SideQueue();
+  let release;
+  const busy = queue.run(() => new Promise((resolve) => (release = resolve)));
+  const seen = [];
+  const fetch = async (url) => {
+    seen.push({ url, held: { ...budget.held } });
+    return response(403, { error: { code: "forbidden" } });
+  };
+  const asked = diagnose({ why: "closed (1006)", probe: "/poll/c" }, { fetch, budget, queue });
+  await new Promise((resolve) => setImmediate(resolve));
+  assert.deepEqual(seen, []); // behind the queue's running task
+  release();
+  await busy;
+  assert.equal((await asked).status, 403);
+  assert.deepEqual(seen, [{ url: "/poll/c", held: { [QUEUE]: 1 } }]);
+  assert.equal(budget.now, 0);
+  assert.equal(budget.peaks[QUEUE], 1);
+  // Without a queue it is a connection of its own, a "probe".
+  await diagnose({ why: "x", probe: "/poll/c" }, { fetch, budget });
+  assert.equal(budget.peaks.probe, 1);
+});

@@ -3,65 +3,8 @@
 import assert from "node:assert/strict";
 import test from "node:test";
 
+import { fakeRoot } from "./dom.mjs";
 import { load } from "./static.mjs";
-
-class FakeText {
-  constructor(data) {
-    this.data = data;
-  }
-  get length() {
-    return this.data.length;
-  }
-  appendData(text) {
-    this.data += text;
-  }
-  deleteData(offset, count) {
-    this.data = this.data.slice(0, offset) + this.data.slice(offset + count);
-  }
-}
-
-globalThis.document = { createTextNode: (text) => new FakeText(text) };
-
-function element(dataset = {}) {
-  return {
-    dataset,
-    textContent: "",
-    title: "",
-    disabled: true,
-    scrollTop: 0,
-    scrollHeight: 99,
-    listeners: {},
-    bad: false,
-    classList: {},
-    replaceChildren(...children) {
-      this.children = children;
-    },
-    addEventListener(type, handler) {
-      this.listeners[type] = handler;
-    },
-  };
-}
-
-function fakeRoot() {
-  const parts = {
-    state: element(),
-    answer: element(),
-    note: element(),
-    cut: element(),
-  };
-  const metrics = ["tokens", "integrity", "reconnects"].map((name) => {
-    const dd = element({ metric: name });
-    dd.classList.toggle = (_, on) => (dd.bad = on);
-    return dd;
-  });
-  return {
-    dataset: { transport: "test", label: "Test", color: "#123456" },
-    parts,
-    metrics,
-    querySelector: (selector) => parts[/data-role=(\w+)/.exec(selector)[1]],
-    querySelectorAll: () => metrics,
-  };
-}
 
 const { Pane } = await load("pane.js");
 const { Clock } = await load("clock.js");
@@ -367,4 +310,53 @@ test("the ticker keeps only the end of its text", () => {
   assert.equal(pane.textNode.length, 3000);
   assert.ok(pane.textNode.data.endsWith("y".repeat(2000)));
   assert.equal(pane.summary().gaps, 0); // a live start: the first id opens the run
+});
+
+test("a pane that cannot stream a run sits it out: skipped, closed, saying why", () => {
+  class ChatOnly extends RecordingPane {
+    unsupported(run) {
+      return run.mode === "chat" ? null : "chats only";
+    }
+  }
+  const page = { ended: [] };
+  const root = fakeRoot();
+  const pane = new ChatOnly(root, {
+    clock: new Clock({ now: () => 0, origin: 0 }),
+    budget: new ConnectionBudget(),
+    refresh: () => {},
+    onEnded: (p) => page.ended.push(p.ended),
+  });
+  pane.begin({ id: "page-2", mode: "ticker", channel: "ticker", after: "now", t0: 0 });
+  assert.deepEqual(pane.opens, []);
+  assert.deepEqual([pane.skipped, pane.active, pane.state], [true, false, "closed"]);
+  assert.equal(root.parts.note.textContent, "chats only");
+  assert.equal(root.parts.cut.disabled, true);
+  assert.deepEqual([pane.summary().state, pane.summary().skipped], ["skipped", true]);
+  pane.stop(); // nothing to stop, nothing said
+  assert.equal(root.parts.note.textContent, "chats only");
+  assert.deepEqual(page.ended, []);
+  pane.begin({ id: "page-3", mode: "chat", channel: "chat-1", after: "", t0: 0 });
+  assert.deepEqual([pane.skipped, pane.active, pane.opens], [false, true, [""]]);
+  assert.equal(pane.summary().state, "connecting");
+});
+
+test("the growing pause stops at maxBackoffMs()", (t) => {
+  const timers = [];
+  const realSetTimeout = globalThis.setTimeout;
+  globalThis.setTimeout = (callback, ms) => timers.push(ms);
+  t.after(() => (globalThis.setTimeout = realSetTimeout));
+  const { pane } = setup();
+  pane.maxBackoffMs = () => 700;
+  for (let i = 0; i < 4; i += 1) pane.failed({ why: "request failed" });
+  assert.deepEqual(timers, [200, 400, 700, 700]);
+});
+
+test("time to first token counts from the pane's own t0 when it sent the prompt itself", () => {
+  const { pane, page } = setup();
+  pane.t0 = 70; // its own POST left at 70; the run's t0 is 40
+  page.now = 190;
+  pane.handle(token(1, "a"), 0);
+  assert.equal(pane.m.ttft, 120);
+  pane.begin({ id: "page-2", mode: "chat", channel: "chat-1", after: "", t0: 40 });
+  assert.equal(pane.t0, null); // a new run forgets it
 });

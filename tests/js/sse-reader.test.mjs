@@ -16,7 +16,8 @@ const bytes = (text, raw = false) =>
 const CHUNKERS = {
   whole: (b) => [b],
   bytewise: (b) => Array.from(b, (_, i) => b.subarray(i, i + 1)),
-  threes: (b) => Array.from({ length: Math.ceil(b.length / 3) }, (_, i) => b.subarray(3 * i, 3 * i + 3)),
+  threes: (b) =>
+    Array.from({ length: Math.ceil(b.length / 3) }, (_, i) => b.subarray(3 * i, 3 * i + 3)),
 };
 
 /** The events of `chunks`, and the reader after its end. */

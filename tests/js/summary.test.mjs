@@ -12,7 +12,8 @@ const page = (run, panes) => ({
   panes,
   config: { heartbeat: 15 },
   clock: { offset: -1.5, rtt: 0.8 },
-  budget: { now: 0, peak: 3, limit: 6 },
+  budget: { now: 0, peak: 3, limit: 6, peaks: { sse: 1, api: 1, fetch: 1 } },
+  plan: { total: 5, parts: { poll: 1, longpoll: 1, sse: 1, ws: 0, fetch: 1, api: 1 } },
   now: new Date("2024-01-01T00:00:05.000Z"),
 });
 
@@ -32,10 +33,32 @@ test("runSummary: the run, its state, and each pane without the server's raw fig
   assert.equal(summary.finished, true);
   assert.equal(summary.stats_final, true);
   assert.deepEqual(summary.clock, { offset_ms: -1.5, rtt_ms: 0.8 });
-  assert.deepEqual(summary.connections, { now: 0, peak: 3, limit: 6 });
+  assert.deepEqual(summary.connections, {
+    now: 0,
+    peak: 3,
+    limit: 6,
+    peak_by_holder: { sse: 1, api: 1, fetch: 1 },
+    plan: 5,
+    plan_by_holder: { poll: 1, longpoll: 1, sse: 1, ws: 0, fetch: 1, api: 1 },
+  });
   assert.deepEqual(Object.keys(summary.panes), ["poll", "longpoll", "sse", "ws"]);
   assert.equal(summary.panes.sse.tokens, 40);
   assert.equal("server" in summary.panes.sse, false);
+});
+
+test("runSummary without a plan, and with a skipped pane", () => {
+  const skipped = paneSummary("fetch", "Fetch", {
+    skipped: true,
+    state: "skipped",
+    end: null,
+    tokens: 0,
+  });
+  const summary = runSummary({ ...page(RUN, [skipped]), plan: undefined });
+  assert.equal(summary.connections.plan, null);
+  assert.equal(summary.connections.plan_by_holder, null);
+  assert.equal(summary.panes.fetch.skipped, true);
+  const lines = markdown(summary, [skipped]).split("\n");
+  assert.ok(lines[4].startsWith("| Fetch | skipped |"), lines[4]);
 });
 
 test("runSummary before any run", () => {

@@ -1,4 +1,5 @@
-"""The SSE endpoint read by spec-following client libraries, not by our own client.
+"""The SSE endpoint (and the fetch stream) read by spec-following client libraries, not by our
+own client.
 
 ``httpx-sse`` parses ``text/event-stream`` as the WHATWG spec says and leaves reconnecting to
 its caller, which lets the test play the ``EventSource`` reconnection algorithm step by step:
@@ -92,6 +93,53 @@ async def test_httpx_sse_resumes_exactly_with_last_event_id(start_server: StartS
     ids = [t["id"] for t in tokens + resumed]
     seqs = [int(i.rsplit("-", 1)[1]) for i in ids]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "ids must be consecutive"
+
+
+async def test_httpx_sse_posts_a_fetch_stream_and_resumes_it_with_last_event_id(
+    start_server: StartServer,
+) -> None:
+    """The fetch way, as ``@microsoft/fetch-event-source`` does it: POST the chat request, read
+    the answer as SSE, and retry the same POST with ``Last-Event-ID`` after a cut."""
+    server = await start_server(retry_ms=RETRY_MS)
+    expected = answer_tokens(PROMPT, SEED, max_tokens=MAX_TOKENS)
+    request = {"prompt": PROMPT, "seed": SEED, "max_tokens": MAX_TOKENS, "token_ms": 5}
+    async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT) as http:
+        first: list[Any] = []
+        async with httpx_sse.aconnect_sse(
+            http, "POST", "/api/chats/stream", json=request
+        ) as source:
+            assert source.response.status_code == 200
+            async for sse in source.aiter_sse():
+                first.append(sse)
+                if sse.event != "chat" and sse.json()["data"]["index"] == 19:
+                    break  # hang up mid-chat: within the abort grace, it waits for us
+        opening, tokens = first[0], [sse.json() for sse in first[1:]]
+        assert (opening.event, opening.id, opening.retry) == ("chat", "", RETRY_MS)
+        chat = opening.json()["chat"]
+        assert [t["data"]["index"] for t in tokens] == list(range(20))
+        assert all(t["channel"] == chat["channel"] for t in tokens)
+
+        rest: list[Any] = []
+        async with httpx_sse.aconnect_sse(
+            http,
+            "POST",
+            "/api/chats/stream",
+            json=request,
+            headers={"Last-Event-ID": first[-1].id},
+        ) as source:
+            assert source.response.status_code == 200
+            async for sse in source.aiter_sse():
+                rest.append(sse)
+                if sse.event == "end":
+                    break
+        assert rest[0].event == "chat"
+        assert rest[0].json()["chat"]["id"] == chat["id"]  # the same chat, not a new one
+        resumed = [sse.json() for sse in rest[1:]]
+        text = "".join(t["data"]["text"] for t in tokens + resumed[:-1])
+        assert text == "".join(expected)
+        assert resumed[-1]["data"]["reason"] == "done"
+    ids = [t["id"] for t in tokens + resumed]
+    assert ids == [f"{chat['id']}-{n}" for n in range(1, len(ids) + 1)]
 
 
 async def _chat_url(http: aiohttp.ClientSession, base: str) -> str:

@@ -219,6 +219,9 @@ async def fetch(
         session.post(f"{base}/api/chats/stream", json=body, headers=sent) as resp,
     ):
         result = FetchResult(resp.status, dict(resp.headers))
+        if resp.status == 204:
+            result.closed_by_server = True  # the stream is over: nothing more will come
+            return result
         if resp.status != 200:
             result.error = (await resp.json())["error"]
             return result

@@ -168,11 +168,6 @@ async def test_errors_are_counted(server: RunningServer, session: aiohttp.Client
     assert body["client"]["errors"] == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server: fetch_stream counts no error for a refusal before its preamble (a bad "
-    "Last-Event-ID, a bad body, a missing user): /api/stats shows fetch errors 0, requests 0",
-)
 async def test_fetch_errors_are_counted(
     server: RunningServer, session: aiohttp.ClientSession
 ) -> None:

@@ -175,13 +175,6 @@ async def test_a_cut_and_resume_within_the_grace_continues_the_same_chat(
     assert server.app[CHATS_KEY].running == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server: MemoryBroker.unsubscribe drops a channel without events when its last "
-    "subscriber leaves, even a chat's declared one: the chat's first event then recreates it "
-    "with the broker's epoch, so its ids no longer name the chat (<id>-0 gets a reset, a later "
-    "id 404)",
-)
 async def test_a_cut_before_the_first_event_resumes_from_the_chats_start(
     start_server: StartServer, session: aiohttp.ClientSession
 ) -> None:
@@ -199,11 +192,6 @@ async def test_a_cut_before_the_first_event_resumes_from_the_chats_start(
     assert second.events[0]["id"] == f"{first.chat['id']}-1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server: a resume whose Last-Event-ID is the chat's end hangs: fetch_stream neither "
-    "answers 204 (as /sse does) nor closes the stream",
-)
 async def test_resuming_after_the_end_answers_at_once(
     server: RunningServer, session: aiohttp.ClientSession
 ) -> None:
@@ -271,12 +259,6 @@ async def test_a_body_that_is_not_json_is_400(
     assert server.app[CHATS_KEY].running == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server: fetch_stream starts the chat before open_request claims the stream slot, so "
-    "a 429 too-many-streams leaves a running chat that no stream reads and no abort grace "
-    "cancels (a client retrying the POST starts one more per refusal)",
-)
 async def test_a_stream_refused_for_load_leaves_no_chat_behind(
     start_server: StartServer, session: aiohttp.ClientSession
 ) -> None:

@@ -6,7 +6,10 @@ import asyncio
 import json
 
 import aiohttp
+import pytest
 
+from realtime_lab.clients import open_stream
+from realtime_lab.feed.llm import answer_text
 from realtime_lab.protocol.sse import SSEDecoder
 from tests.conftest import StartServer
 
@@ -49,3 +52,28 @@ async def test_a_timed_out_stream_says_so_and_resumes_without_loss(
             text = await r.text()
     assert 'realtime_lab_stream_outcomes_total{outcome="timeout",transport="sse"} 1.0' in text
     assert 'realtime_lab_stream_outcomes_total{outcome="timeout",transport="ws"} 1.0' in text
+
+
+@pytest.mark.parametrize("transport", ["sse", "ws", "longpoll", "fetch"])
+async def test_python_clients_resume_across_stream_timeouts_without_loss(
+    transport: str, start_server: StartServer
+) -> None:
+    server = await start_server(stream_timeout=0.3)
+    prompt, seed, tokens = "a longer answer", 3, 60
+    chat = {"prompt": prompt, "seed": seed, "max_tokens": tokens, "token_ms": 15, "ttft_ms": 0}
+    if transport == "fetch":
+        client = open_stream(server.url, None, "fetch", chat=chat, backoff_initial=0.01)
+    else:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{server.url}/api/chats", json=chat) as resp:
+                channel = (await resp.json())["channel"]
+        client = open_stream(server.url, channel, transport, backoff_initial=0.01)
+    text = []
+    async with asyncio.timeout(30), client:
+        async for event in client:
+            if event.type == "token":
+                text.append(event.data["text"])
+    assert "".join(text) == answer_text(prompt, seed, max_tokens=tokens)
+    assert client.stats.gaps == client.stats.duplicates == client.stats.resets == 0
+    if transport != "longpoll":  # a long poll answers long before its stream could time out
+        assert client.stats.reconnects >= 1
