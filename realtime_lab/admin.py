@@ -42,7 +42,7 @@ def _config(request: web.Request) -> dict[str, Any]:
         "history": settings.history,
         "bus": settings.bus.split("?")[0].split("@")[-1],  # no credentials
         "chaos": settings.chaos,
-        "generator": f"upstream:{settings.upstream_model}" if settings.upstream else "simulated",
+        "generator": settings.generator,
         "server_time_ms": time.time() * 1000.0,
     }
 

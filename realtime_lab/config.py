@@ -60,6 +60,11 @@ class Settings:
     upstream_ttft_timeout: float = 30.0  # seconds the upstream has to send its first token
     upstream_idle_timeout: float = 30.0  # seconds of upstream silence that end a chat mid-answer
 
+    @property
+    def generator(self) -> str:
+        """Who writes the chats' answers: ``simulated``, or ``upstream:<model>``."""
+        return f"upstream:{self.upstream_model}" if self.upstream else "simulated"
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
         """Defaults, then ``REALTIME_LAB_*`` variables, then non-``None`` ``overrides``."""

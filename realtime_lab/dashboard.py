@@ -125,6 +125,7 @@ async def index(request: web.Request) -> dict[str, object]:
     static = request.app.router["static"]
     return {
         "settings": request.app[SETTINGS_KEY],
+        "generator": request.app[SETTINGS_KEY].generator,
         # Whether to show the "sign in as" box at once (the page then asks GET /api/session).
         "auth": request.app[ACCESS_KEY].on,
         "panes": PANES,

@@ -315,3 +315,14 @@ async def test_openai_non_streaming(server: RunningServer, session: aiohttp.Clie
     }
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["usage"]["completion_tokens"] == len(answer_tokens(prompt, 1, max_tokens=30))
+
+
+async def test_the_page_and_config_say_which_generator_writes_the_answers(
+    start_server: StartServer, session: aiohttp.ClientSession
+) -> None:
+    plain = await start_server()
+    relay = await start_server(upstream="http://127.0.0.1:9/v1", upstream_model="m1")
+    for server, name in ((plain, "simulated"), (relay, "upstream:m1")):
+        async with session.get(server.url + "/") as resp:
+            assert f"answers from: <b>{name}</b>" in await resp.text()
+        assert (await get_json(session, server.url + "/api/config"))["generator"] == name

@@ -32,16 +32,15 @@ from realtime_lab.transports.chatstart import start_chat
 from realtime_lab.transports.keys import (
     ABORT_GRACE_KEY,
     ACCESS_KEY,
-    BUS_KEY,
     CHAOS_KEY,
     CHATS_KEY,
     HUB_KEY,
     SLOTS_KEY,
 )
 from realtime_lab.transports.params import json_body
-from realtime_lab.transports.preamble import Opening, after_param, client_tag, open_request
+from realtime_lab.transports.preamble import after_param, client_tag, open_request
 from realtime_lab.transports.problems import HTTPProblem
-from realtime_lab.transports.sse import SSEConnection, stream_events
+from realtime_lab.transports.sse import SSEConnection, stream_events, stream_is_over
 from realtime_lab.transports.stream import CLEAN_ENDS
 
 
@@ -86,7 +85,7 @@ async def fetch_stream(request: web.Request) -> web.StreamResponse:
         opening = await open_request(
             request, "fetch", channel=chat.channel, resume_header=True, inject_faults=False
         )
-        if await _is_over(request, opening):
+        if await stream_is_over(request, opening):
             # Resumed from the end's own id: nothing more will come (as /sse answers it).
             reason = "done"
             counters = opening.counters
@@ -108,19 +107,6 @@ def _client_of(request: web.Request) -> str | None:
         return client_tag(request)
     except HTTPProblem:
         return None  # counted without a tag: the tag is what was wrong
-
-
-async def _is_over(request: web.Request, opening: Opening) -> bool:
-    after = opening.after
-    if not isinstance(after, Cursor):
-        return False
-    info = await request.app[BUS_KEY].info(opening.channel)
-    return (
-        info is not None
-        and info.finished
-        and after.epoch == info.epoch
-        and after.seq == info.last_seq
-    )
 
 
 async def _chat_for(request: web.Request) -> Chat:

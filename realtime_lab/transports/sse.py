@@ -70,6 +70,10 @@ def sse_chunk(event: Event) -> bytes:
 
 PING: Final = encode_comment("ping")
 PING_CHUNK: Final = chunked(PING)
+# Before the first event: a comment line that does not end the block the opening ``retry:``
+# began (a block of its own would be an empty event to httpx-sse and openai's decoder).
+PING_LINE: Final = b": ping\n"
+PING_LINE_CHUNK: Final = chunked(PING_LINE)
 
 
 class SSEConnection(StreamConnection):
@@ -92,7 +96,10 @@ class SSEConnection(StreamConnection):
     def heartbeat(self) -> None:
         if not self.done.done():
             self.counters.heartbeats += 1
-            self.write(PING_CHUNK if self.is_chunked else PING)
+            if self.totals().events:
+                self.write(PING_CHUNK if self.is_chunked else PING)
+            else:
+                self.write(PING_LINE_CHUNK if self.is_chunked else PING_LINE)
 
     def timeout_notice(self) -> bytes:
         return self.raw(encode_event(dumps(timeout_envelope(self)).decode(), event="end"))
@@ -113,26 +120,33 @@ async def sse(request: web.Request) -> web.StreamResponse:
     """``GET /sse/{channel}``: the event stream (see the module docstring)."""
     opening = await open_request(request, "sse", resume_header=True, stream=True)
     try:
-        after = opening.after
-        if isinstance(after, Cursor):
-            info = await request.app[BUS_KEY].info(opening.channel)
-            if (
-                info is not None
-                and info.finished
-                and after.epoch == info.epoch
-                and after.seq == info.last_seq
-            ):
-                # 204 tells an EventSource to stop reconnecting: the stream is over. Only for
-                # the end's own id: a later seq was never issued and is answered with a reset.
-                hub = request.app[HUB_KEY]
-                counters = opening.counters
-                return MeteredResponse(
-                    b"", "sse", opening.client, counters, hub, status=204, content_type=None
-                )
+        if await stream_is_over(request, opening):
+            # 204 tells an EventSource to stop reconnecting: the stream is over.
+            hub, counters = request.app[HUB_KEY], opening.counters
+            return MeteredResponse(
+                b"", "sse", opening.client, counters, hub, status=204, content_type=None
+            )
         response, _ = await stream_events(request, opening, SSEConnection)
         return response
     finally:
         opening.release()
+
+
+async def stream_is_over(request: web.Request, opening: Opening) -> bool:
+    """Whether ``opening`` resumes from its channel's ``end`` itself: nothing more will come.
+
+    Only the end's own id: a later seq was never issued and is answered with a reset.
+    """
+    after = opening.after
+    if not isinstance(after, Cursor):
+        return False
+    info = await request.app[BUS_KEY].info(opening.channel)
+    return (
+        info is not None
+        and info.finished
+        and after.epoch == info.epoch
+        and after.seq == info.last_seq
+    )
 
 
 async def stream_events(

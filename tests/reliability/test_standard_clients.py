@@ -18,6 +18,7 @@ server could give instead that it would take as "the stream is over".
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import timedelta
 from typing import Any
@@ -191,3 +192,30 @@ async def test_aiohttp_sse_client_reading_past_end_raises_on_the_204(
 async def _read_types(source: Any, types: list[str | None]) -> None:
     async for message in source:
         types.append(message.type)
+
+
+async def test_httpx_sse_sees_no_empty_event_on_a_quiet_channel(start_server: StartServer) -> None:
+    server = await start_server(retry_ms=RETRY_MS, heartbeat=0.2)
+    async with httpx.AsyncClient(base_url=server.url, timeout=TIMEOUT) as http:
+
+        async def publish_after_two_heartbeats() -> dict[str, Any]:
+            while (await http.get("/api/stats")).json()["transports"]["sse"]["heartbeats"] < 2:
+                await asyncio.sleep(0.05)  # polling the condition; the test's timeout bounds it
+            answer = await http.post(
+                "/api/channels/room.quiet/events", json={"type": "note", "data": {"n": 1}}
+            )
+            assert answer.status_code == 201
+            return dict(answer.json())
+
+        async with (
+            asyncio.timeout(10),
+            httpx_sse.aconnect_sse(http, "GET", "/sse/room.quiet?after=now") as source,
+        ):
+            publisher = asyncio.ensure_future(publish_after_two_heartbeats())
+            async for sse in source.aiter_sse():
+                first = sse  # the first thing httpx-sse yields
+                break
+            published = await publisher
+    # Two heartbeats came before it, and yet it is the event itself, JSON and all.
+    assert first.json()["id"] == published["id"]
+    assert first.retry == RETRY_MS

@@ -64,9 +64,11 @@ async def test_python_clients_resume_across_stream_timeouts_without_loss(
     if transport == "fetch":
         client = open_stream(server.url, None, "fetch", chat=chat, backoff_initial=0.01)
     else:
-        async with aiohttp.ClientSession() as session:
-            async with session.post(f"{server.url}/api/chats", json=chat) as resp:
-                channel = (await resp.json())["channel"]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{server.url}/api/chats", json=chat) as resp,
+        ):
+            channel = (await resp.json())["channel"]
         client = open_stream(server.url, channel, transport, backoff_initial=0.01)
     text = []
     async with asyncio.timeout(30), client:
