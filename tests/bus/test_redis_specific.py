@@ -15,7 +15,8 @@ from realtime_lab.bus.redis import RedisBroker, split_url
 from realtime_lab.errors import BusClosed, BusError, EventTooLarge, TooManyChannels
 from realtime_lab.protocol.cursor import parse_id
 from realtime_lab.protocol.envelope import END, RESET, Event
-from tests.redis_server import RedisServer, free_port, redis_server_binary
+from tests.conftest import refusing_port
+from tests.redis_server import RedisServer, redis_server_binary
 
 from .conftest import Recorder, wait_until
 
@@ -76,10 +77,11 @@ def test_split_url_keeps_redis_options_and_takes_ours() -> None:
 async def test_start_fails_clearly_and_use_before_start_is_refused(
     redis_server: RedisServer,
 ) -> None:
-    nowhere = Bus(RedisBroker(f"redis://127.0.0.1:{free_port()}/0", history=10, ttl=1))
-    with pytest.raises(BusError, match="cannot reach redis"):
-        await nowhere.start()
-    await nowhere.close()
+    with refusing_port() as port:
+        nowhere = Bus(RedisBroker(f"redis://127.0.0.1:{port}/0", history=10, ttl=1))
+        with pytest.raises(BusError, match="cannot reach redis"):
+            await nowhere.start()
+        await nowhere.close()
 
     unstarted = Bus(RedisBroker(redis_server.url(), history=10, ttl=1))
     with pytest.raises(BusError, match="start"):

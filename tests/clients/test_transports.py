@@ -33,7 +33,7 @@ from tests.clients.helpers import (
     start_chat,
     text_of,
 )
-from tests.conftest import StartServer, free_port
+from tests.conftest import StartServer, refusing_port
 
 PROMPT = "Explain resumable streams 可恢复的流"
 
@@ -186,12 +186,15 @@ async def test_a_malformed_cursor_is_refused(transport: str, start_server: Start
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_gives_up_after_max_reconnects(transport: str) -> None:
-    url = f"http://127.0.0.1:{free_port()}"  # nobody listens there
     channel = None if transport == "fetch" else "news"
     chat = {"prompt": "x"} if transport == "fetch" else None
-    async with open_stream(url, channel, transport, chat=chat, max_reconnects=2, **FAST) as client:
-        with pytest.raises(ReconnectsExhausted):
-            await collect(client)
+    with refusing_port() as port:
+        url = f"http://127.0.0.1:{port}"  # nobody listens there
+        async with open_stream(
+            url, channel, transport, chat=chat, max_reconnects=2, **FAST
+        ) as client:
+            with pytest.raises(ReconnectsExhausted):
+                await collect(client)
     assert client.stats.reconnects == 2
     assert client.stats.connections == 0
     assert len(client.stats.reconnect_delays_s) == 2

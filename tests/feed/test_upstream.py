@@ -26,7 +26,7 @@ from realtime_lab.feed.upstream import (
     delta_text,
     parse_retry_after,
 )
-from tests.conftest import StartServer, free_port
+from tests.conftest import StartServer, refusing_port
 from tests.transports.collect import Envelope, sse, start_chat, text_of, until_count
 
 Script = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -181,8 +181,9 @@ async def test_upstream_text_cannot_break_the_labs_framing(
 async def test_a_refused_connection_is_an_error_event(
     start_server: StartServer, session: aiohttp.ClientSession
 ) -> None:
-    lab = await start_server(upstream=f"http://127.0.0.1:{free_port()}/v1")
-    _, events = await chat_events(session, lab.url)
+    with refusing_port() as port:
+        lab = await start_server(upstream=f"http://127.0.0.1:{port}/v1")
+        _, events = await chat_events(session, lab.url)
     assert failure(events)["code"] == "upstream-unreachable"
     assert [e["type"] for e in events] == ["error", "end"]
 
