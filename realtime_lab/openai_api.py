@@ -295,8 +295,13 @@ class Outcome:
     completion_tokens: int = 0
 
 
-def was_cut(chat: Chat) -> bool:
+def was_cut(chat: Chat, simulated: bool = True) -> bool:
     """Whether the answer would have gone on past ``chat.max_tokens`` (OpenAI's ``length``)."""
+    if len(chat.parts) < chat.max_tokens:
+        return False
+    if not simulated:
+        # A real model's answer cannot be asked again: it stopped at the limit, so it was cut.
+        return True
     # The simulated answer is deterministic and a shorter limit gives a prefix of it: one token
     # more than the limit shows whether there was more to say.
     more = answer_tokens(chat.prompt, chat.seed, max_tokens=chat.max_tokens + 1)
@@ -304,7 +309,7 @@ def was_cut(chat: Chat) -> bool:
 
 
 async def answer_deltas(
-    bus: Bus, chat: Chat, stops: Sequence[str], outcome: Outcome
+    bus: Bus, chat: Chat, stops: Sequence[str], outcome: Outcome, *, simulated: bool = True
 ) -> AsyncGenerator[str, None]:
     """The answer's text as it is generated, cut at a stop sequence; then read ``outcome``.
 
@@ -332,7 +337,7 @@ async def answer_deltas(
                 rest = scanner.flush()
                 if rest:
                     yield rest
-                outcome.finish_reason = "length" if was_cut(chat) else "stop"
+                outcome.finish_reason = "length" if was_cut(chat, simulated) else "stop"
                 return
     outcome.failure = "error"  # the subscription ended without the chat's end
 
@@ -391,7 +396,13 @@ async def _complete(
     request: web.Request, chat: Chat, params: CompletionRequest
 ) -> web.StreamResponse:
     outcome = Outcome()
-    deltas = answer_deltas(request.app[BUS_KEY], chat, params.stop, outcome)
+    deltas = answer_deltas(
+        request.app[BUS_KEY],
+        chat,
+        params.stop,
+        outcome,
+        simulated=not request.app[SETTINGS_KEY].upstream,
+    )
     async with contextlib.aclosing(deltas):
         text = "".join([delta async for delta in deltas])
     if outcome.finish_reason is None:
@@ -437,7 +448,13 @@ async def _stream(
     # API is a POST. sep: LF, as the rest of the server frames SSE.
     async with sse_response(request, sep="\n", allow_all_methods=True) as stream:
         await stream.send(chunk({"role": "assistant", "content": ""}))
-        deltas = answer_deltas(request.app[BUS_KEY], chat, params.stop, outcome)
+        deltas = answer_deltas(
+            request.app[BUS_KEY],
+            chat,
+            params.stop,
+            outcome,
+            simulated=not request.app[SETTINGS_KEY].upstream,
+        )
         async with contextlib.aclosing(deltas):
             async for text in deltas:
                 await stream.send(chunk({"content": text}))

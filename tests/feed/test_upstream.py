@@ -362,3 +362,21 @@ def test_retry_after_takes_seconds_or_an_http_date() -> None:
     assert parse_retry_after("soon") is None
     assert parse_retry_after("-3") is None
     assert parse_retry_after(None) is None
+
+
+async def test_v1_through_the_relay_reports_length_only_at_the_limit(
+    start_server: StartServer, session: aiohttp.ClientSession
+) -> None:
+    upstream = await start_server(token_ms=0, ttft_ms=0)
+    relay = await start_server(upstream=upstream.url + "/v1")
+    for max_tokens, reason in ((5, "length"), (5000, "stop")):
+        body = {
+            "model": "m",
+            "seed": 2,
+            "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": "how long is it"}],
+        }
+        async with session.post(relay.url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            answer = await resp.json()
+        assert answer["choices"][0]["finish_reason"] == reason, max_tokens

@@ -432,3 +432,28 @@ async def test_every_stream_ends_with_one_outcome_counted_per_transport(
     assert counted[("sse", "done")] == 1
     assert counted[("longpoll", "timeout")] == 1
     assert sum(v for (t, _), v in counted.items() if t == "sse") == 2  # exactly one each
+
+
+def test_with_auth_off_the_admin_side_answers_loopback_only() -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from realtime_lab.auth import MemoryTicketStore
+    from realtime_lab.config import Settings
+    from realtime_lab.transports.access import Access, Need
+    from realtime_lab.transports.problems import HTTPProblem
+
+    access = Access(Settings(), MemoryTicketStore())
+
+    def request(peer: str) -> Any:
+        transport = type("T", (), {"get_extra_info": lambda self, name, default=None: (peer, 1)})
+        return make_mocked_request(
+            "PATCH", "/api/config", headers={"Host": "127.0.0.1:8080"}, transport=transport()
+        )
+
+    assert access.require(request("127.0.0.1"), Need.ADMIN) is None
+    assert access.require(request("::1"), Need.ADMIN) is None
+    with pytest.raises(HTTPProblem) as refused:
+        access.require(request("192.0.2.7"), Need.ADMIN)
+    assert refused.value.status == 403
+    # The rest of the open lab stays open from anywhere it can be reached.
+    assert access.require(request("192.0.2.7"), Need.PUBLISH) is None
