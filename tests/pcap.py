@@ -245,7 +245,7 @@ class Capture:
                     self.proc = None
                     why = self.log.read_bytes().decode(errors="replace").strip()
                     pytest.skip(f"tcpdump cannot capture here: {why}")
-                await asyncio.sleep(0.02)  # polling the condition, inside the deadline above
+                await asyncio.sleep(0.02)  # polling the condition, deadline above
         # "listening on" says the socket is open, not that packets reach the file yet: they do
         # once a probe's SYN is there. A probe missed meanwhile is ignored (its port is not
         # given to another connection of the test, so nothing counted can be mistaken for it).
@@ -260,7 +260,7 @@ class Capture:
                         if any(conn.syn is not None for conn in history):
                             ports.add(port, "probe")
                             return
-                        await asyncio.sleep(0.05)  # polling the condition, inside the deadline above
+                        await asyncio.sleep(0.05)  # polling the condition, deadline above
                     ports.ignored.add(port)
                 finally:
                     probe.close()
@@ -279,7 +279,7 @@ class Capture:
                     seen = await self.read(partial=True)
                     open_ = [p for p in ports.labels if not any(c.ended for c in seen.get(p, []))]
                     if open_:
-                        await asyncio.sleep(0.05)  # polling the condition, inside the deadline above
+                        await asyncio.sleep(0.05)  # polling the condition, deadline above
         code = self.kill()
         self.stderr = self.log.read_bytes()
         problems = []
