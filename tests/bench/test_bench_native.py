@@ -98,9 +98,12 @@ class Scripted:
 
 
 async def run_client(
-    binary: Path, transport: str, serve: Serve
+    binary: Path, transport: str, serve: Serve, path: str | None = None
 ) -> tuple[dict[str, Any], dict[str, Any], array[float], Scripted]:
-    """Run the client for one connection; return its opened reply, window tally and latencies."""
+    """Run the client for one connection; return its opened reply, window tally and latencies.
+
+    ``path``: what it asks for (default ``/<transport>/t?after=now&client=x``).
+    """
     script = Scripted(serve)
     server = await asyncio.start_server(script.handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -111,7 +114,7 @@ async def run_client(
         transport,
         "1",
         f"127.0.0.1:{port}",
-        f"/{transport}/t?after=now&client=x",
+        path or f"/{transport}/t?after=now&client=x",
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
     )

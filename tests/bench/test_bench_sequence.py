@@ -25,7 +25,7 @@ from realtime_lab.protocol.cursor import parse_id
 from realtime_lab.protocol.sse import encode_event
 from realtime_lab.transports.sse import chunked
 
-from .test_bench_native import SSE_HEAD, WAIT, Scripted, trickle, ws_frame, ws_head
+from .test_bench_native import SSE_HEAD, Scripted, run_client, trickle, ws_frame, ws_head
 from .test_bench_native import pytestmark as needs_a_compiler
 
 CASES: list[dict[str, Any]] = json.loads(
@@ -93,44 +93,8 @@ async def run_case(binary: Path, transport: str, case: dict[str, Any]) -> dict[s
             body = sse_body(case, id_in_envelope=transport == "sse")
         await trickle(writer, body, list(range(1, len(body), 97)))
 
-    script = Scripted(serve)
-    server = await asyncio.start_server(script.handle, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    proc = await asyncio.create_subprocess_exec(
-        str(binary),
-        "127.0.0.1",
-        str(port),
-        client,
-        "1",
-        f"127.0.0.1:{port}",
-        path,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert proc.stdin is not None
-    assert proc.stdout is not None
-    try:
-        async with asyncio.timeout(WAIT):
-            opened = json.loads(await proc.stdout.readline())
-            assert opened["clients"] == 1, opened
-            proc.stdin.write(b"start\n")
-            await proc.stdin.drain()
-            assert json.loads(await proc.stdout.readline()) == {"op": "started"}
-            script.window_open.set()
-            await script.hung_up.wait()
-            proc.stdin.write(b"stop\n")
-            await proc.stdin.drain()
-            window: dict[str, Any] = json.loads(await proc.stdout.readline())
-            await proc.stdout.readexactly(8 * window["latency_count"])
-            proc.stdin.write(b"quit\n")
-            await proc.stdin.drain()
-            assert await proc.wait() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        server.close()
-        await server.wait_closed()
+    opened, window, _, script = await run_client(binary, client, serve, path)
+    assert opened["clients"] == 1, opened
     assert script.request.startswith(f"GET {path} HTTP/1.1\r\n".encode())
     return window
 

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import aiohttp
 
 from realtime_lab.clients import StreamClient, open_stream
 from realtime_lab.protocol.envelope import Event
+from tests.conftest import free_port
 
 TRANSPORTS = ("poll", "longpoll", "sse", "ws", "fetch")
 #: The transports that read a channel by name (fetch streams the chat it creates).
@@ -90,3 +97,37 @@ async def chat_stream(
         return open_stream(base, None, "fetch", chat=body, **options)
     answer = await start_chat(base, prompt, bearer=owner, **chat)
     return open_stream(base, answer["channel"], transport, **options)
+
+
+@contextmanager
+def served(env: Mapping[str, str]) -> Iterator[str]:
+    """``realtime-lab serve`` in a subprocess with ``env``; its URL, once it answers."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "realtime_lab", "serve", "--port", str(port), "--ticker-rate", "0"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(env),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/api/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            assert process.poll() is None, "the server exited"
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.05)  # polling the condition, within the deadline above
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)

@@ -16,8 +16,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -44,8 +42,16 @@ from realtime_lab.clients.base import redact, retry_after_seconds
 from realtime_lab.feed.llm import answer_text
 from realtime_lab.protocol.envelope import Event
 from realtime_lab.transports.keys import CHATS_KEY
-from tests.clients.helpers import FAST, TIMEOUT, chat_stream, collect, start_chat, text_of
-from tests.conftest import RunningServer, StartServer, free_port
+from tests.clients.helpers import (
+    FAST,
+    TIMEOUT,
+    chat_stream,
+    collect,
+    served,
+    start_chat,
+    text_of,
+)
+from tests.conftest import RunningServer, StartServer
 
 SECRET = "a test secret that is at least 32 bytes long"
 AUTHORITY = TokenAuthority(SECRET)
@@ -524,35 +530,8 @@ ENV.pop("REALTIME_LAB_TOKEN", None)
 @pytest.fixture(scope="module")
 def auth_server_url() -> Iterator[str]:
     """``realtime-lab serve`` with auth on, in a subprocess, stopped afterwards."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "realtime_lab", "serve", "--port", str(port), "--ticker-rate", "0"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**ENV, "REALTIME_LAB_AUTH_SECRET": SECRET},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/api/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            assert process.poll() is None, "the server exited"
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.05)  # polling the condition, within the deadline above
+    with served({**ENV, "REALTIME_LAB_AUTH_SECRET": SECRET}) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def run_cli(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:

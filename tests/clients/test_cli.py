@@ -9,7 +9,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from realtime_lab.clients.cli import Printer, split_target
 from realtime_lab.errors import ClientError
 from realtime_lab.feed.llm import answer_text
 from realtime_lab.protocol.envelope import Event
-from tests.conftest import free_port
+from tests.clients.helpers import served
 
 PROMPT = "Why stream tokens 为什么"
 ENV = {**os.environ, "PYTHONIOENCODING": "utf-8"}
@@ -29,35 +28,8 @@ ENV = {**os.environ, "PYTHONIOENCODING": "utf-8"}
 @pytest.fixture(scope="module")
 def server_url() -> Iterator[str]:
     """``realtime-lab serve`` in a subprocess, stopped afterwards."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "realtime_lab", "serve", "--port", str(port), "--ticker-rate", "0"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=ENV,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/api/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            assert process.poll() is None, "the server exited"
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.05)
+    with served(ENV) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
