@@ -13,9 +13,15 @@ aiohttp's ``RequestHandler`` (one per TCP connection) and ``web.Server`` (its fa
   completes too, but silently and, under ``web.run_app``, only after 75 s.)
 * **Malformed requests answered in the project's shape**: ``{"error": {"code", "message"}}``
   with ``400 bad-request``, or ``505 http-version-not-supported`` for an HTTP version other than
-  1.0 and 1.1 and for the HTTP/2 connection preface (``curl --http2-prior-knowledge``: this server
-  speaks HTTP/1.1 only, and says so instead of answering a request it cannot parse). Each is
-  logged as one WARNING line without a traceback (aiohttp logs an ERROR with a traceback).
+  1.0 and 1.1 (a request line ``PRI * HTTP/2.0`` too). Each is logged as one WARNING line
+  without a traceback (aiohttp logs an ERROR with a traceback).
+* **The HTTP/2 connection preface answered in HTTP/2** (``curl --http2-prior-knowledge``, an
+  h2c client): a client that opened with the preface cannot read an HTTP/1.1 answer ("Empty
+  reply from server"), so it gets the two frames it can read, an empty ``SETTINGS`` (the
+  server's preface) and a ``GOAWAY`` with ``HTTP_1_1_REQUIRED`` (RFC 9113 section 7) whose
+  debug data is the same JSON error, and the connection closes: curl says ``received GOAWAY,
+  error=13``. One WARNING line, no access-log line (aiohttp never sees a request). For HTTP/2
+  put a proxy in front (``docs/http2.md``: nginx with TLS and HTTP/2).
 
 Serve an app with :func:`run_app` (what ``realtime-lab serve`` runs) or, in tests and embedders,
 with :class:`HardenedAppRunner` and a ``web.TCPSite``, as with ``web.AppRunner``.
@@ -48,6 +54,8 @@ DEFAULT_HEADER_TIMEOUT: Final = 10.0  # seconds, like nginx's client_header_time
 DEFAULT_KEEPALIVE_TIMEOUT: Final = 75.0  # web.run_app's
 SUPPORTED_VERSIONS: Final = frozenset({HttpVersion10, HttpVersion11})
 H2_PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_HTTP_1_1_REQUIRED: Final = 0xD  # RFC 9113 section 7: "use HTTP/1.1 instead"
+H2_REFUSAL: Final = "HTTP/2 is not supported: speak HTTP/1.1 (no --http2-prior-knowledge)"
 _MAX_REASON: Final = 200  # characters of a parser's complaint kept in the answer and the log
 
 RequestFactory = Callable[
@@ -55,6 +63,24 @@ RequestFactory = Callable[
     web.BaseRequest,
 ]
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def h2_frame(kind: int, payload: bytes, *, flags: int = 0, stream: int = 0) -> bytes:
+    """One HTTP/2 frame (RFC 9113 section 4.1): 24-bit length, type, flags, stream id."""
+    return (
+        len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big") + payload
+    )
+
+
+def h2_refusal(code: str, message: str) -> bytes:
+    """What an HTTP/2 client that sent the preface is answered: SETTINGS, then GOAWAY.
+
+    The empty SETTINGS is the server's connection preface, which must come first; the GOAWAY
+    says no stream was processed (last stream id 0), why (``HTTP_1_1_REQUIRED``), and carries
+    the project's JSON error as its debug data.
+    """
+    goaway = (0).to_bytes(4, "big") + H2_HTTP_1_1_REQUIRED.to_bytes(4, "big")
+    return h2_frame(0x4, b"") + h2_frame(0x7, goaway + dumps(error_body(code, message)))
 
 
 def _raw_response(status: int, reason: str, code: str, message: str) -> bytes:
@@ -78,6 +104,7 @@ class HardenedRequestHandler(RequestHandler):
         "_header_bytes",
         "_header_timer",
         "_lingering",
+        "_opening",
         "_refused_version",
         "header_timeout",
     )
@@ -91,6 +118,9 @@ class HardenedRequestHandler(RequestHandler):
         self._header_bytes = 0  # received since the timer was armed
         self._head = b""  # the first bytes of the connection, to recognise the HTTP/2 preface
         self._lingering: StreamReader | None = None  # an unread body aiohttp is draining
+        # The connection's first bytes while they may still be the HTTP/2 preface (held back
+        # from the parser); None once they cannot be.
+        self._opening: bytes | None = b""
         self._refused_version: tuple[int, int] | None = None
 
     # Called by asyncio -------------------------------------------------------------------------
@@ -108,7 +138,33 @@ class HardenedRequestHandler(RequestHandler):
             self._header_bytes += len(data)
         if len(self._head) < len(H2_PREFACE):
             self._head += data[: len(H2_PREFACE) - len(self._head)]
+        if self._opening is not None:
+            # At most the preface's 24 bytes are held, and only while they match it: an
+            # HTTP/1.1 request (whose method is never "PRI") passes at its first byte.
+            data = self._opening + data
+            if len(data) < len(H2_PREFACE) and H2_PREFACE.startswith(data):
+                self._opening = data
+                return
+            self._opening = None
+            if data.startswith(H2_PREFACE):
+                self._refuse_h2()
+                return
         super().data_received(data)
+
+    def _refuse_h2(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        peer = self.peername
+        host = peer[0] if isinstance(peer, tuple) else peer
+        log.warning(
+            "refused a connection from %s: HTTP/2 connection preface, answered GOAWAY "
+            "HTTP_1_1_REQUIRED: %s",
+            host,
+            H2_REFUSAL,
+        )
+        transport.write(h2_refusal("http-version-not-supported", H2_REFUSAL))
+        self.force_close()  # closes once the frames are written
 
     # Called by aiohttp ---------------------------------------------------------------------------
 
@@ -134,7 +190,7 @@ class HardenedRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        """A request the parser refused: a JSON 400 (505 for HTTP/2), one WARNING line.
+        """A request the parser refused: a JSON 400 (505 for ``PRI * HTTP/2.0``), one WARNING line.
 
         A body that breaks its framing or encoding, found while a handler reads it, is a 400 too;
         that request reached the app, whose ``json_errors`` logs it. Other errors (a handler's
@@ -155,12 +211,7 @@ class HardenedRequestHandler(RequestHandler):
             raise ConnectionError("a response was sent already; cannot send the error") from exc
         reason = one_line(exc.message or str(exc))
         if self._head.startswith(H2_PREFACE[:14]):  # "PRI * HTTP/2.0"
-            return self.refuse(
-                request,
-                505,
-                "http-version-not-supported",
-                "HTTP/2 is not supported: speak HTTP/1.1 (no --http2-prior-knowledge)",
-            )
+            return self.refuse(request, 505, "http-version-not-supported", H2_REFUSAL)
         if isinstance(exc, BadStatusLine) and "Invalid HTTP version" in reason:  # llhttp: 1.2, 3.0
             return self.refuse(request, 505, "http-version-not-supported", reason)
         return self.refuse(request, 400, "bad-request", f"malformed HTTP request: {reason}")

@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import logging
+import shutil
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -458,7 +459,8 @@ MALFORMED = [
         400,
         id="bad-chunk",
     ),
-    pytest.param(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SETTINGS_FRAME, 505, id="h2-preface"),
+    # The request line of the HTTP/2 preface without the rest of it: not an HTTP/2 client.
+    pytest.param(b"PRI * HTTP/2.0\r\n\r\nXY\r\n\r\n", 505, id="pri-request-line"),
     pytest.param(b"GET /hello HTTP/3.0\r\nHost: x\r\n\r\n", 505, id="http-3.0"),
     pytest.param(b"GET /hello HTTP/2.0\r\nHost: x\r\n\r\n", 505, id="http-2.0"),
     pytest.param(b"GET /hello HTTP/0.9\r\nHost: x\r\n\r\n", 505, id="http-0.9"),
@@ -485,10 +487,103 @@ async def test_a_malformed_request_gets_a_json_error_and_one_warning_line(
     assert f"{status} {CODES[status]}" in warning.getMessage()
 
 
-async def test_the_h2_preface_is_told_to_speak_http_1_1(hardened: StartHardened) -> None:
+def h2_frames(raw: bytes) -> list[tuple[int, int, int, bytes]]:
+    """HTTP/2 frames as (type, flags, stream id, payload); fails on a truncated one."""
+    frames = []
+    while raw:
+        assert len(raw) >= 9, raw
+        length = int.from_bytes(raw[:3], "big")
+        kind, flags = raw[3], raw[4]
+        stream = int.from_bytes(raw[5:9], "big") & 0x7FFF_FFFF
+        assert len(raw) >= 9 + length, raw
+        frames.append((kind, flags, stream, raw[9 : 9 + length]))
+        raw = raw[9 + length :]
+    return frames
+
+
+def assert_goaway_http_1_1_required(raw: bytes) -> None:
+    """SETTINGS (empty: the server's preface), then GOAWAY HTTP_1_1_REQUIRED with our JSON."""
+    [settings, goaway] = h2_frames(raw)
+    assert settings == (0x4, 0, 0, b"")
+    kind, _, stream, payload = goaway
+    assert (kind, stream) == (0x7, 0)
+    assert int.from_bytes(payload[:4], "big") == 0  # no stream was processed
+    assert int.from_bytes(payload[4:8], "big") == 0xD  # HTTP_1_1_REQUIRED
+    error = json.loads(payload[8:])["error"]
+    assert error["code"] == "http-version-not-supported"
+    assert "speak HTTP/1.1" in error["message"]
+
+
+async def test_the_h2_preface_is_answered_in_http_2_with_one_warning_line(
+    hardened: StartHardened, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An HTTP/2 client cannot read an HTTP/1.1 answer: it gets GOAWAY HTTP_1_1_REQUIRED."""
+    caplog.set_level(logging.INFO)
     server = await hardened(plain_app())
     raw = await exchange(server.port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SETTINGS_FRAME)
-    assert "HTTP/2 is not supported" in parse(raw).json()["error"]["message"]
+    assert_goaway_http_1_1_required(raw)
+    [record] = [r for r in caplog.records if r.name.startswith(("realtime_lab", "aiohttp"))]
+    assert (record.name, record.levelno, record.exc_info) == (
+        "realtime_lab.http",
+        logging.WARNING,
+        None,
+    )
+    assert "HTTP_1_1_REQUIRED" in record.getMessage()
+    assert "\n" not in record.getMessage()
+
+
+async def test_the_h2_preface_in_pieces_is_recognised(hardened: StartHardened) -> None:
+    server = await hardened(plain_app())
+    async with connection(server.port) as (reader, writer):
+        for i in range(0, 24, 5):  # 5 bytes at a time, each written on its own
+            writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[i : i + 5])
+            await writer.drain()
+            await asyncio.sleep(
+                0.01
+            )  # let each piece arrive on its own (not a wait on a condition)
+        assert_goaway_http_1_1_required(await until_closed(reader))
+
+
+@pytest.mark.parametrize("cut", [1, 2, 30])
+async def test_a_request_that_starts_like_the_preface_is_served(
+    hardened: StartHardened, cut: int
+) -> None:
+    """The bytes held back while they might be the preface reach the parser after all."""
+    server = await hardened(plain_app())
+    request = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi"
+    async with connection(server.port) as (reader, writer):
+        writer.write(request[:cut])  # "P" is held back: it may be the preface's first byte
+        await writer.drain()
+        await asyncio.sleep(0.01)  # the first piece arrives alone (not a wait on a condition)
+        writer.write(request[cut:])
+        answer = await read_answer(reader)
+    assert (answer.status, answer.body) == (200, b"hi")
+
+
+async def test_curl_http2_prior_knowledge_is_told_http_1_1_is_required(
+    hardened: StartHardened,
+) -> None:
+    """What a user sees: curl reads the GOAWAY and names its error code (13)."""
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    server = await hardened(plain_app())
+    proc = await asyncio.create_subprocess_exec(
+        curl,
+        "-sv",
+        "--http2-prior-knowledge",
+        "--max-time",
+        "10",
+        f"{server.url}/hello",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), BOUND + 5)
+    if b"--http2-prior-knowledge" in err and b"unknown" in err.lower():
+        pytest.skip("this curl has no HTTP/2")
+    assert proc.returncode == 16, err.decode()  # "Error in the HTTP2 framing layer"
+    assert b"GOAWAY, error=13" in err, err.decode()
+    assert out == b""
 
 
 async def test_an_unsupported_version_is_answered_in_http_1_1(hardened: StartHardened) -> None:
