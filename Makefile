@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint style bench e2e clean
+.PHONY: help run h2 test lint style bench e2e clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-7s %s\n", $$1, $$2}'
@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP) ## serve the dashboard on http://127.0.0.1:8080
 	$(BIN)/realtime-lab serve --host $(HOST) --port $(PORT)
+
+h2: $(STAMP) ## the dashboard behind nginx: TLS + HTTP/2 on https://127.0.0.1:8443, HTTP/1.1 on :8444
+	PORT=$(PORT) BIN=$(BIN) deploy/h2.sh
 
 test: $(STAMP) ## run the whole suite (browser and nginx tests skip with a reason when absent)
 	$(BIN)/python -m pytest
@@ -41,5 +44,5 @@ bench: $(STAMP) ## run the benchmark (quick sweep); results in bench-results/
 	$(BIN)/realtime-lab bench --quick --out bench-results
 
 clean: ## remove the venv, caches and results
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench-results test-artifacts build dist *.egg-info
+	rm -rf $(VENV) .h2 .pytest_cache .mypy_cache .ruff_cache bench-results test-artifacts build dist *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
