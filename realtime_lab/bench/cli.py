@@ -37,6 +37,21 @@ def _floats(text: str) -> list[float]:
     return values
 
 
+def _rates(text: str) -> list[float]:
+    """``--rate``: positive numbers, or ``max`` (flat out: ``--publisher http`` only)."""
+    from realtime_lab.bench.publisher import parse_rate
+
+    try:
+        values = [parse_rate(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive numbers or max, got {text!r}"
+        ) from exc
+    if not values:
+        raise argparse.ArgumentTypeError("expected positive numbers or max")
+    return values
+
+
 def _transports(text: str) -> list[str]:
     values = [v.strip() for v in text.split(",") if v.strip()]
     unknown = [v for v in values if v not in TRANSPORT_NAMES]
@@ -87,9 +102,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--clients", type=_ints, default=None, help="sweep, default 10,100,1000")
     p.add_argument(
         "--rate",
-        type=_floats,
+        type=_rates,
         default=None,
-        help="tokens/s of the ticker (per chat with --workload chats); a list sweeps; default 100",
+        help="tokens/s of the ticker (per chat with --workload chats; of the publisher with "
+        "--publisher http, where max is flat out); a list sweeps; default 100",
     )
     p.add_argument(
         "--poll-interval",
@@ -115,10 +131,33 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument(
         "--scenario",
-        choices=("sweep", "slow-subscriber", "all"),
+        choices=("sweep", "slow-subscriber", "all", "scale"),
         default=None,
         help="what to run: the sweep (default), the slow-subscriber scenario, or both "
-        "(--quick: both)",
+        "(--quick: both); scale: --scale-subscribers SSE clients of one channel at "
+        "--scale-rate, then --scale-idle idle SSE connections with heartbeats",
+    )
+    p.add_argument(
+        "--publisher",
+        choices=("ticker", "http"),
+        default="ticker",
+        help="who feeds the broadcast: the server's ticker (default), or http: an external "
+        "process POSTing each event to /api/channels/{channel}/events, one request in flight "
+        "(sse and ws subscribers; reports the publish rate reached)",
+    )
+    p.add_argument(
+        "--scale-subscribers", type=int, default=10_000, help="scale: subscribers (10000; 0 skips)"
+    )
+    p.add_argument("--scale-rate", type=float, default=10.0, help="scale: events/s there (10)")
+    p.add_argument(
+        "--scale-idle", type=int, default=50_000, help="scale: idle connections (50000; 0 skips)"
+    )
+    p.add_argument(
+        "--sources",
+        type=int,
+        default=0,
+        help="127.0.0.x source addresses for the publisher and scale clients (0: as many as "
+        "the count needs, one per ~25k connections)",
     )
     p.add_argument(
         "--chats",
@@ -200,6 +239,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     transports = args.transports
     if transports is None:
         transports = list(TRANSPORT_NAMES if args.workload == "chats" else TICKER_TRANSPORTS)
+        if args.publisher == "http":
+            transports = ["sse", "ws"]
     return BenchConfig(
         out=args.out,
         workload=args.workload,
@@ -227,6 +268,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         progress=not args.no_progress,
         quick=quick,
         server_options=dict(args.server_option),
+        publisher=args.publisher,
+        scale=scenario == "scale",
+        scale_subscribers=args.scale_subscribers,
+        scale_rate=args.scale_rate,
+        scale_idle=args.scale_idle,
+        sources=args.sources,
     )
 
 
@@ -247,6 +294,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     written = write_results(results, config.out, plots=not args.no_plots)
     print(markdown(results))
+    extra_md = _sections(results, config.out)
+    if extra_md:
+        print(extra_md)
     print(f"wrote {len(written)} files to {config.out}/ in {results['wall_s']:.1f} s")
     bad = [
         f"{p['label']} x{p['clients']}: lost {run['lost']}, dup {run['dup']}"
@@ -254,6 +304,10 @@ def run(args: argparse.Namespace) -> int:
         for run in p["runs"]
         if run["lost"] or run["dup"] or run.get("reordered")
     ]
+    from realtime_lab.bench import publisher, scale
+
+    bad += publisher.bad_runs(results.get("publisher") or [])
+    bad += scale.bad_runs(results.get("scale") or {})
     slow = results.get("slow_subscriber")
     if slow:
         for phase in ("without_stalled", "with_stalled"):
@@ -263,3 +317,18 @@ def run(args: argparse.Namespace) -> int:
         print("realtime-lab bench: events lost or duplicated: " + "; ".join(bad), file=sys.stderr)
         return 1
     return 0
+
+
+def _sections(results: dict[str, Any], out: Path) -> str:
+    """The publisher and scale sections (also written to ``sections.md`` beside results.md)."""
+    from realtime_lab.bench import publisher, scale
+
+    parts = []
+    if results.get("publisher"):
+        parts.append(publisher.markdown(results["publisher"]))
+    if results.get("scale"):
+        parts.append(scale.markdown(results["scale"]))
+    text = "\n".join(parts)
+    if text:
+        (out / "sections.md").write_text(text)
+    return text

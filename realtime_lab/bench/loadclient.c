@@ -57,7 +57,13 @@
 #include <unistd.h>
 
 #define CONNECT_CONCURRENCY 32 /* as loadgen.py: well under the server's listen backlog */
-#define CONNECT_TIMEOUT_S 30.0
+#define CONNECT_TIMEOUT_S 30.0 /* without one connection opening (or failing) */
+/* RTL_LOADCLIENT_SOURCES=127.0.0.2,127.0.0.3,...: bind connection i to source address
+ * i % n before connecting. One (source, server address, server port) has only the ephemeral
+ * range's ports (/proc/sys/net/ipv4/ip_local_port_range, about 28k): more connections to one
+ * server port need more source addresses, and Linux routes all of 127/8 to lo. */
+#define SOURCES_ENV "RTL_LOADCLIENT_SOURCES"
+#define MAX_SOURCES 64
 #define MAX_PENDING (1 << 20) /* largest unparsed remainder one connection may hold */
 #define READ_SIZE (1 << 16)
 #define MAX_ERRORS 5
@@ -798,6 +804,59 @@ static void on_bytes(conn_t *c, const char *p, size_t n, double now) {
 static int ep;
 static struct sockaddr_storage addr;
 static socklen_t addr_len;
+static struct sockaddr_in sources[MAX_SOURCES];
+static int n_sources;
+
+/* SOURCES_ENV's addresses; returns -1 (with a message) on a bad list. */
+static int parse_sources(void) {
+    const char *env = getenv(SOURCES_ENV);
+    if (!env || !*env) return 0;
+    char list[MAX_SOURCES * 16 + 1];
+    if (strlen(env) >= sizeof list) {
+        fprintf(stderr, "loadclient: %s: too long\n", SOURCES_ENV);
+        return -1;
+    }
+    strcpy(list, env);
+    for (char *save = NULL, *tok = strtok_r(list, ",", &save); tok;
+         tok = strtok_r(NULL, ",", &save)) {
+        if (n_sources == MAX_SOURCES) {
+            fprintf(stderr, "loadclient: %s: at most %d addresses\n", SOURCES_ENV, MAX_SOURCES);
+            return -1;
+        }
+        struct sockaddr_in *s = &sources[n_sources++];
+        s->sin_family = AF_INET;
+        s->sin_port = 0;
+        if (inet_pton(AF_INET, tok, &s->sin_addr) != 1) {
+            fprintf(stderr, "loadclient: %s: %s is no IPv4 address\n", SOURCES_ENV, tok);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Many thousands of connections need as many descriptors: soft limit up to the hard one. */
+static void raise_nofile(void) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
+/* Bind c's socket to its source address (connection i: sources[i % n]); the port is chosen at
+ * connect() (IP_BIND_ADDRESS_NO_PORT), so it is unique per 4-tuple, not per address. */
+static int bind_source(conn_t *c) {
+    if (!n_sources || addr.ss_family != AF_INET) return 0;
+    int one = 1;
+    setsockopt(c->fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+    const struct sockaddr_in *s = &sources[(c - conns) % n_sources];
+    if (bind(c->fd, (const struct sockaddr *)s, sizeof *s) == 0) return 0;
+    char ip[INET_ADDRSTRLEN], why[160];
+    inet_ntop(AF_INET, &s->sin_addr, ip, sizeof ip);
+    snprintf(why, sizeof why, "bind %s: %s", ip, strerror(errno));
+    fail_conn(c, why);
+    return -1;
+}
 
 static void start_connect(conn_t *c) {
     c->fd = socket(addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -811,8 +870,12 @@ static void start_connect(conn_t *c) {
     c->state = S_CONNECTING;
     c->run = start_run;
     c->started_ms = now_ms(); /* a chat's first token is timed from here, as loadgen.py does */
+    if (bind_source(c)) return;
     if (connect(c->fd, (struct sockaddr *)&addr, addr_len) < 0 && errno != EINPROGRESS) {
-        fail_conn(c, strerror(errno));
+        /* EADDRNOTAVAIL: every port of the ephemeral range is taken for this source address */
+        fail_conn(c, errno == EADDRNOTAVAIL
+                         ? "connect: no free local port (ip_local_port_range; more sources)"
+                         : strerror(errno));
         return;
     }
     struct epoll_event ev = {.events = EPOLLOUT | EPOLLIN, .data.u32 = (uint32_t)(c - conns)};
@@ -968,6 +1031,8 @@ int main(int argc, char **argv) {
     memcpy(&addr, ai->ai_addr, ai->ai_addrlen);
     addr_len = ai->ai_addrlen;
     freeaddrinfo(ai);
+    if (parse_sources()) return 2;
+    raise_nofile();
 
     conns = calloc((size_t)(count > 0 ? count : 1), sizeof *conns);
     restarts = calloc((size_t)(count > 0 ? count : 1), sizeof *restarts);
@@ -981,6 +1046,7 @@ int main(int argc, char **argv) {
 
     int next = 0, reported = 0, napping = 0, idle_naps = 0;
     double deadline = mono_s() + CONNECT_TIMEOUT_S;
+    int progress = 0; /* opened + failed when the deadline was last pushed back */
     char cmd[256];
     size_t cmd_len = 0;
     for (;;) {
@@ -991,6 +1057,10 @@ int main(int argc, char **argv) {
         if (!reported && next == count && opened + failed >= count) {
             report_opened();
             reported = 1;
+        }
+        if (opened + failed != progress) { /* 50,000 connections may take longer than 30 s */
+            progress = opened + failed;
+            deadline = mono_s() + CONNECT_TIMEOUT_S;
         }
         if (!reported && mono_s() > deadline) {
             for (int i = 0; i < next; i++)

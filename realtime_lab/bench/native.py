@@ -26,6 +26,10 @@ CFLAGS: Final = ("-O2", "-std=gnu11", "-Wall", "-Wextra")
 #: one POST and one stream per chat). Polls keep the asyncio clients (their cost is requests,
 #: not reads, and they are nowhere near a core at these loads).
 NATIVE_TRANSPORTS: Final = frozenset({"sse", "ws", "fetch"})
+#: The environment variable that gives the binary its source addresses (comma-separated IPv4):
+#: connection i binds to the (i mod n)-th before connecting, so that more connections than one
+#: address has ephemeral ports reach one server port (see :func:`source_env`).
+SOURCES_ENV: Final = "RTL_LOADCLIENT_SOURCES"
 
 
 class NativeBuildError(RealtimeLabError):
@@ -93,4 +97,26 @@ def build(cc: str | None = None, directory: Path | None = None) -> NativeClient:
     return NativeClient(target, found)
 
 
-__all__ = ["NATIVE_TRANSPORTS", "NativeBuildError", "NativeClient", "build", "cache_dir"]
+def source_env(sources: list[str], base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment to start the binary with so its connections spread over ``sources``.
+
+    ``base``: the environment to extend (default: this process's). An empty ``sources`` leaves
+    the choice of source address to the kernel (one address: about 28k connections per server
+    port, the size of ``/proc/sys/net/ipv4/ip_local_port_range``).
+    """
+    env = dict(os.environ if base is None else base)
+    env.pop(SOURCES_ENV, None)
+    if sources:
+        env[SOURCES_ENV] = ",".join(sources)
+    return env
+
+
+__all__ = [
+    "NATIVE_TRANSPORTS",
+    "SOURCES_ENV",
+    "NativeBuildError",
+    "NativeClient",
+    "build",
+    "cache_dir",
+    "source_env",
+]

@@ -109,6 +109,14 @@ class BenchConfig:
     progress: bool = True
     quick: bool = False
     server_options: dict[str, Any] = field(default_factory=dict)  # extra `serve` settings
+    #: Who feeds the broadcast: the server's own ``ticker``, or ``http``: an external process
+    #: POSTing each event (:mod:`.publisher`; ``rates`` may then hold ``inf``, flat out).
+    publisher: str = "ticker"
+    scale: bool = False  # the scale scenario (:mod:`.scale`)
+    scale_subscribers: int = 10_000
+    scale_rate: float = 10.0
+    scale_idle: int = 50_000
+    sources: int = 0  # 127.0.0.x source addresses of the publisher and scale clients (0: enough)
 
     def points(self) -> list[dict[str, Any]]:
         """The sweep's points, in run order (transport, then rate, interval, clients)."""
@@ -635,6 +643,15 @@ def check(config: BenchConfig) -> None:
     unknown = [t for t in config.transports if t not in TRANSPORTS]
     if unknown:
         raise BenchError(f"unknown transports {unknown}: choose from {', '.join(TRANSPORTS)}")
+    if config.publisher not in ("ticker", "http"):
+        raise BenchError(f"unknown publisher {config.publisher!r} (ticker or http)")
+    if config.publisher == "http" and config.sweep:
+        from realtime_lab.bench.publisher import PUBLISHER_TRANSPORTS
+
+        if config.workload != "ticker" or set(config.transports) - set(PUBLISHER_TRANSPORTS):
+            raise BenchError("--publisher http feeds the broadcast to sse and ws subscribers")
+    elif any(math.isinf(rate) for rate in config.rates) and config.sweep:
+        raise BenchError("a rate of max (flat out) is for --publisher http")
     if config.workload == "ticker" and "fetch" in config.transports:
         raise BenchError(
             "fetch streams the chat its request starts, not the ticker: run it with "
@@ -650,8 +667,14 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     check(config)
     raise_fd_limit()
     started = time.time()
-    points = config.points() if config.sweep else []
+    publishing = config.sweep and config.publisher == "http"
+    points = config.points() if config.sweep and not publishing else []
     steps = len(points) * config.repeat + (1 if config.slow_subscriber else 0)
+    if publishing:
+        steps += len(config.transports) * len(config.rates) * len(config.clients) * config.repeat
+    if config.scale:
+        steps += (config.scale_subscribers > 0) + (config.scale_idle > 0)
+    sections: dict[str, Any] = {}  # the publisher and scale results
     workers = config.workers or max(os.cpu_count() or 1, 1)
     load_client = _load_client(config.load_client)
     progress = _progress(steps, config.progress)
@@ -681,6 +704,14 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             progress.set_description("slow-subscriber")
             scenario = run_slow_subscriber(config, pool)
             progress.update(1)
+        if publishing:
+            from realtime_lab.bench.publisher import run_publisher
+
+            sections["publisher"] = run_publisher(config, load_client["binary"], progress)
+        if config.scale:
+            from realtime_lab.bench.scale import run_scale
+
+            sections["scale"] = run_scale(config, load_client["binary"], progress)
     finally:
         progress.close()
         pool.close()
@@ -694,6 +725,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         "wall_s": time.time() - started,
         "points": results,
         "slow_subscriber": scenario,
+        **sections,
     }
 
 

@@ -1,0 +1,352 @@
+"""The scale scenario (``--scenario scale``): many SSE connections on one server port.
+
+Two parts, each on a fresh server:
+
+1. **Subscribers**: ``scale_subscribers`` SSE clients of one channel fed at ``scale_rate``
+   events/s (the ticker, or the external publisher with ``--publisher http``): delivered/s
+   against offered (the events the channel actually got in the window x subscribers),
+   latency p50/p99/max, lost/dup, server CPU, RSS per connection, and the accept rate while
+   they connected.
+2. **Idle**: ``scale_idle`` SSE connections to a channel nobody publishes to. The server's RSS
+   per connection; the accept rate (connections/s, from the first connect to the last response
+   head); and the heartbeat's cost: the server's CPU over a window with heartbeats out of the
+   way (interval 300 s), then over one with a beat every :data:`PROBE_HEARTBEAT_S` s. The
+   difference per beat and connection gives what the default 15 s interval costs at this count.
+
+The connections come from native load client processes spread over source addresses
+``127.0.0.2``... (:mod:`.fleet`): one address has about 28k ports to one server port. The
+descriptor limits are raised first; a count they (or the port range) cannot hold is cut, and
+the report says which limit cut it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Final
+
+from realtime_lab.bench.fleet import Capacity, Fleet, FleetError, env_cpus, plan
+from realtime_lab.bench.server import http_json, machine_cpu
+from realtime_lab.bench.stats import latency_summary
+
+if TYPE_CHECKING:
+    from realtime_lab.bench.runner import BenchConfig, Target
+
+#: Heartbeats "off" for the idle baseline: the longest interval ``PATCH /api/config`` takes.
+QUIET_HEARTBEAT_S: Final = 300.0
+#: The interval of the measured heartbeats (short, so a short window holds several beats).
+PROBE_HEARTBEAT_S: Final = 1.0
+DEFAULT_HEARTBEAT_S: Final = 15.0
+IDLE_CHANNEL: Final = "bench.idle"
+SETTLE_S: Final = 1.0  # after the last connection opened, before RSS is read
+
+
+def _wait_open(tgt: Target, count: int, timeout: float = 60.0) -> int:
+    return tgt.wait_open("sse", count, timeout)
+
+
+def _last_seq(tgt: Target, channel: str) -> int | None:
+    try:
+        info = http_json(f"{tgt.url}/api/channels/{channel}")
+    except OSError:  # 404 before the first event (urllib's HTTPError is an OSError)
+        return None
+    last = info.get("last_id") if isinstance(info, dict) else None
+    if not isinstance(last, str) or "-" not in last:
+        return None
+    return int(last.rsplit("-", 1)[1])
+
+
+def _capacity(config: BenchConfig, count: int) -> Capacity:
+    # Before the server starts: it inherits the raised descriptor limit.
+    return plan(count, config.workers or env_cpus(), sources=config.sources)
+
+
+def _fleet(config: BenchConfig, binary: str, tgt: Target, path: str, capacity: Capacity) -> Fleet:
+    return Fleet(
+        binary,
+        tgt.host,
+        tgt.port,
+        "sse",
+        path,
+        tgt.host_header,
+        capacity.allowed,
+        config.workers or env_cpus(),
+        capacity.sources,
+    )
+
+
+def run_subscribers(config: BenchConfig, binary: str) -> dict[str, Any]:
+    """Part 1: many subscribers of one channel at a low rate (see the module docstring).
+
+    Raises:
+        BenchError: the server or the load clients failed.
+    """
+    from realtime_lab.bench.publisher import CHANNEL, PublisherProcess, PublishError, stream_path
+    from realtime_lab.bench.runner import BenchError, target
+
+    external = config.publisher == "http"
+    channel = CHANNEL if external else "ticker"
+    rate = config.scale_rate
+    options = {"ticker_rate": 0.0, "history": 1000}
+    capacity = _capacity(config, config.scale_subscribers)
+    with target(config, options) as tgt:
+        if tgt.server is None and not external:
+            tgt.set_ticker(0.0)
+        before = int(tgt.stats()["transports"]["sse"]["open"])
+        time.sleep(0.2)
+        rss0 = tgt.rss()
+        fleet = _fleet(config, binary, tgt, stream_path("sse", channel, "bench-scale"), capacity)
+        publisher = None
+        try:
+            with fleet:
+                opened = fleet.open()
+                _wait_open(tgt, before + int(opened["clients"]))
+                time.sleep(SETTLE_S)
+                rss1 = tgt.rss()
+                start = time.time() + config.warmup
+                end = start + config.duration
+                if external:
+                    publisher = PublisherProcess(
+                        tgt.host, tgt.port, rate, (start, end), host_header=tgt.host_header
+                    )
+                else:
+                    tgt.set_ticker(rate)
+                time.sleep(max(start - time.time(), 0.0))
+                fleet.start()
+                seq0 = _last_seq(tgt, channel)
+                cpu0, machine0 = tgt.cpu(), machine_cpu()
+                time.sleep(max(end - time.time(), 0.0))
+                cpu1, machine1 = tgt.cpu(), machine_cpu()
+                seq1 = _last_seq(tgt, channel)
+                got = fleet.stop()
+                published = publisher.wait() if publisher is not None else None
+        except (FleetError, PublishError) as exc:
+            if publisher is not None:
+                publisher.kill()
+            raise BenchError(str(exc)) from exc
+    duration = config.duration
+    clients = int(opened["clients"])
+    if published is not None:
+        channel_rate = float(published["rate"])
+    elif seq0 is not None and seq1 is not None:
+        channel_rate = (seq1 - seq0) / duration
+    else:
+        channel_rate = rate
+    events = int(got["events"])
+    lat = latency_summary(got["latency"])
+    server_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+    spent = machine1[2] - machine0[2]
+    offered = channel_rate * clients
+    return {
+        "subscribers": config.scale_subscribers,
+        "clients_open": clients,
+        "feed": "publisher http" if external else "ticker",
+        "rate": rate,
+        "channel_rate": channel_rate,
+        "events_per_s": events / duration,
+        "offered_per_s": offered,
+        "delivered_pct": 100.0 * events / duration / offered if offered else None,
+        "p50_ms": lat["p50"],
+        "p99_ms": lat["p99"],
+        "max_ms": lat["max"],
+        "lost": int(got["lost"]),
+        "dup": int(got["dup"]),
+        "reordered": int(got["reordered"]),
+        "server_cpu_pct": None if server_cpu is None else 100.0 * server_cpu / duration,
+        "client_cpu_pct": 100.0 * float(got["cpu"]) / duration,
+        "machine_busy_pct": 100.0 * (machine1[0] - machine0[0]) / spent if spent > 0 else None,
+        "rss_kb_per_conn": (rss1 - rss0) / clients
+        if rss0 is not None and rss1 is not None and clients
+        else None,
+        "accept_per_s": clients / opened["seconds"] if opened["seconds"] > 0 else None,
+        "open_s": opened["seconds"],
+        "sources": capacity.sources,
+        "fd_limit": capacity.fd_limit,
+        "limits": capacity.limits,
+        "failures": int(opened["failures"]) + int(got["failures"]),
+        "disconnects": int(got["disconnects"]),
+        "errors": (list(opened["errors"]) + list(got["errors"]))[:10],
+    }
+
+
+def _cpu_window(tgt: Target, seconds: float) -> tuple[float | None, float | None]:
+    """The server's CPU % and the machine's softirq % over the next ``seconds``."""
+    cpu0, m0 = tgt.cpu(), machine_cpu()
+    time.sleep(seconds)
+    cpu1, m1 = tgt.cpu(), machine_cpu()
+    server = None if cpu0 is None or cpu1 is None else 100.0 * (cpu1 - cpu0) / seconds
+    spent = m1[2] - m0[2]
+    softirq = 100.0 * (m1[1] - m0[1]) / spent if spent > 0 else None
+    return server, softirq
+
+
+def run_idle(config: BenchConfig, binary: str) -> dict[str, Any]:
+    """Part 2: many idle SSE connections with heartbeats (see the module docstring).
+
+    Raises:
+        BenchError: the server or the load clients failed.
+    """
+    from realtime_lab.bench.publisher import stream_path
+    from realtime_lab.bench.runner import BenchError, target
+
+    count = config.scale_idle
+    options = {"ticker_rate": 0.0, "heartbeat": QUIET_HEARTBEAT_S}
+    capacity = _capacity(config, count)
+    with target(config, options) as tgt:
+        if tgt.server is None:
+            http_json(tgt.url + "/api/config", "PATCH", {"heartbeat": QUIET_HEARTBEAT_S})
+        before = int(tgt.stats()["transports"]["sse"]["open"])
+        time.sleep(0.2)
+        rss0 = tgt.rss()
+        quiet0, _ = _cpu_window(tgt, 1.0)  # the server with no connections at all
+        path = stream_path("sse", IDLE_CHANNEL, "bench-idle")
+        fleet = _fleet(config, binary, tgt, path, capacity)
+        try:
+            with fleet:
+                opened = fleet.open()
+                held = _wait_open(tgt, before + int(opened["clients"])) - before
+                time.sleep(SETTLE_S)
+                rss1 = tgt.rss()
+                window = config.duration
+                quiet, quiet_softirq = _cpu_window(tgt, window)
+                http_json(tgt.url + "/api/config", "PATCH", {"heartbeat": PROBE_HEARTBEAT_S})
+                beating, beating_softirq = _cpu_window(tgt, window)
+                http_json(tgt.url + "/api/config", "PATCH", {"heartbeat": QUIET_HEARTBEAT_S})
+                still = int(tgt.stats()["transports"]["sse"]["open"]) - before
+                fleet.start()
+                got = fleet.stop()
+        except FleetError as exc:
+            raise BenchError(str(exc)) from exc
+    clients = int(opened["clients"])
+    per_beat_us = None
+    at_default_pct = None
+    if quiet is not None and beating is not None and clients:
+        beats = window / PROBE_HEARTBEAT_S
+        # CPU % x window = CPU seconds; per beat and connection, in microseconds.
+        per_beat_us = (beating - quiet) / 100.0 * window / beats / clients * 1e6
+        at_default_pct = per_beat_us * clients / DEFAULT_HEARTBEAT_S / 1e6 * 100.0
+    return {
+        "requested": count,
+        "clients_open": clients,
+        "held_by_server": held,
+        "still_open_after": still,
+        "open_s": opened["seconds"],
+        "accept_per_s": clients / opened["seconds"] if opened["seconds"] > 0 else None,
+        "rss_kb_before": rss0,
+        "rss_kb_after": rss1,
+        "rss_kb_per_conn": (rss1 - rss0) / clients
+        if rss0 is not None and rss1 is not None and clients
+        else None,
+        "server_cpu_pct_empty": quiet0,
+        "server_cpu_pct_idle": quiet,
+        "server_cpu_pct_heartbeat": beating,
+        "heartbeat_s": PROBE_HEARTBEAT_S,
+        "softirq_pct_idle": quiet_softirq,
+        "softirq_pct_heartbeat": beating_softirq,
+        "heartbeat_us_per_conn": per_beat_us,
+        "heartbeat_pct_at_15s": at_default_pct,
+        "window_s": window,
+        "sources": capacity.sources,
+        "fd_limit": capacity.fd_limit,
+        "limits": capacity.limits,
+        "failures": int(opened["failures"]) + int(got["failures"]),
+        "disconnects": int(got["disconnects"]),
+        "errors": (list(opened["errors"]) + list(got["errors"]))[:10],
+    }
+
+
+def run_scale(config: BenchConfig, binary: str | None, progress: Any = None) -> dict[str, Any]:
+    """Both parts (a part with a count of 0 is skipped); the scenario's results.
+
+    Raises:
+        BenchError: no native load client (tens of thousands of asyncio clients would take the
+            server's cores), or a part failed.
+    """
+    from realtime_lab.bench.runner import BenchError
+
+    if binary is None:
+        raise BenchError("the scale scenario needs the native load client (a C compiler)")
+    result: dict[str, Any] = {"subscribers": None, "idle": None}
+    if config.scale_subscribers > 0:
+        if progress is not None:
+            progress.set_description(f"scale: {config.scale_subscribers} subscribers")
+        result["subscribers"] = run_subscribers(config, binary)
+        if progress is not None:
+            progress.update(1)
+    if config.scale_idle > 0:
+        if progress is not None:
+            progress.set_description(f"scale: {config.scale_idle} idle")
+        result["idle"] = run_idle(config, binary)
+        if progress is not None:
+            progress.update(1)
+    return result
+
+
+def markdown(scale: dict[str, Any]) -> str:
+    """The scale section of the report."""
+    from realtime_lab.bench.report import fmt
+
+    lines = ["## Scale", ""]
+    subs = scale.get("subscribers")
+    if subs:
+        lines += [
+            f"**{subs['clients_open']:,} SSE subscribers** of one channel fed by the "
+            f"{subs['feed']} at {subs['rate']:g}/s (the channel got "
+            f"{subs['channel_rate']:.1f}/s), over {len(subs['sources'])} source address(es):",
+            "",
+            "| delivered/s | offered/s | % | p50 ms | p99 ms | max ms | lost | dup | server CPU "
+            "| RSS KiB/conn | accept/s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| "
+            + " | ".join(
+                [
+                    fmt(subs["events_per_s"], "rate"),
+                    fmt(subs["offered_per_s"], "rate"),
+                    fmt(subs["delivered_pct"], "pct"),
+                    fmt(subs["p50_ms"], "ms"),
+                    fmt(subs["p99_ms"], "ms"),
+                    fmt(subs["max_ms"], "ms"),
+                    fmt(subs["lost"], "int"),
+                    fmt(subs["dup"], "int"),
+                    fmt(subs["server_cpu_pct"], "pct"),
+                    fmt(subs["rss_kb_per_conn"], "num"),
+                    fmt(subs["accept_per_s"], "num"),
+                ]
+            )
+            + " |",
+            "",
+        ]
+        lines += [f"Capped: {m}." for m in subs["limits"]]
+    idle = scale.get("idle")
+    if idle:
+        lines += [
+            f"**{idle['clients_open']:,} idle SSE connections** (of {idle['requested']:,} "
+            f"asked for; the server held {idle['held_by_server']:,}, "
+            f"{idle['still_open_after']:,} after the heartbeats), over "
+            f"{len(idle['sources'])} source address(es), descriptor limit {idle['fd_limit']}:",
+            "",
+            f"- opened in {idle['open_s']:.1f} s: {fmt(idle['accept_per_s'], 'num')} "
+            "connections/s accepted",
+            f"- server RSS {fmt(idle['rss_kb_per_conn'], 'num')} KiB per connection "
+            f"({idle['rss_kb_before']} KiB before, {idle['rss_kb_after']} KiB after)",
+            f"- server CPU while idle: {fmt(idle['server_cpu_pct_idle'], 'num')}% without "
+            f"heartbeats, {fmt(idle['server_cpu_pct_heartbeat'], 'num')}% with one every "
+            f"{idle['heartbeat_s']:g} s: {fmt(idle['heartbeat_us_per_conn'], 'num')} us per "
+            f"heartbeat and connection, so {fmt(idle['heartbeat_pct_at_15s'], 'num')}% of a "
+            "core at the default 15 s interval",
+            f"- failures {idle['failures']}, disconnects {idle['disconnects']}",
+            "",
+        ]
+        lines += [f"Capped: {m}." for m in idle["limits"]]
+        lines += [f"Error: {e}" for e in idle["errors"][:3]]
+    return "\n".join(lines) + "\n"
+
+
+def bad_runs(scale: dict[str, Any]) -> list[str]:
+    """What lost, duplicated or reordered events (the bench exits 1 for it)."""
+    subs = scale.get("subscribers")
+    if subs and (subs["lost"] or subs["dup"] or subs["reordered"]):
+        return [f"scale subscribers: lost {subs['lost']}, dup {subs['dup']}"]
+    return []
+
+
+__all__ = ["bad_runs", "markdown", "run_idle", "run_scale", "run_subscribers"]
