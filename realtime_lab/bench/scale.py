@@ -98,8 +98,10 @@ def run_subscribers(config: BenchConfig, binary: str) -> dict[str, Any]:
         publisher = None
         try:
             with fleet:
+                accept_cpu0 = tgt.cpu()
                 opened = fleet.open()
                 _wait_open(tgt, before + int(opened["clients"]))
+                accept_cpu = _spent(accept_cpu0, tgt.cpu())
                 time.sleep(SETTLE_S)
                 rss1 = tgt.rss()
                 start = time.time() + config.warmup
@@ -158,6 +160,7 @@ def run_subscribers(config: BenchConfig, binary: str) -> dict[str, Any]:
         if rss0 is not None and rss1 is not None and clients
         else None,
         "accept_per_s": clients / opened["seconds"] if opened["seconds"] > 0 else None,
+        "accept_cpu_us_per_conn": accept_cpu / clients * 1e6 if accept_cpu and clients else None,
         "open_s": opened["seconds"],
         "sources": capacity.sources,
         "fd_limit": capacity.fd_limit,
@@ -166,6 +169,10 @@ def run_subscribers(config: BenchConfig, binary: str) -> dict[str, Any]:
         "disconnects": int(got["disconnects"]),
         "errors": (list(opened["errors"]) + list(got["errors"]))[:10],
     }
+
+
+def _spent(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else after - before
 
 
 def _cpu_window(tgt: Target, seconds: float) -> tuple[float | None, float | None]:
@@ -202,8 +209,10 @@ def run_idle(config: BenchConfig, binary: str) -> dict[str, Any]:
         fleet = _fleet(config, binary, tgt, path, capacity)
         try:
             with fleet:
+                accept_cpu0 = tgt.cpu()
                 opened = fleet.open()
                 held = _wait_open(tgt, before + int(opened["clients"])) - before
+                accept_cpu = _spent(accept_cpu0, tgt.cpu())
                 time.sleep(SETTLE_S)
                 rss1 = tgt.rss()
                 window = config.duration
@@ -231,6 +240,7 @@ def run_idle(config: BenchConfig, binary: str) -> dict[str, Any]:
         "still_open_after": still,
         "open_s": opened["seconds"],
         "accept_per_s": clients / opened["seconds"] if opened["seconds"] > 0 else None,
+        "accept_cpu_us_per_conn": accept_cpu / clients * 1e6 if accept_cpu and clients else None,
         "rss_kb_before": rss0,
         "rss_kb_after": rss1,
         "rss_kb_per_conn": (rss1 - rss0) / clients
@@ -325,7 +335,8 @@ def markdown(scale: dict[str, Any]) -> str:
             f"{len(idle['sources'])} source address(es), descriptor limit {idle['fd_limit']}:",
             "",
             f"- opened in {idle['open_s']:.1f} s: {fmt(idle['accept_per_s'], 'num')} "
-            "connections/s accepted",
+            f"connections/s accepted, {fmt(idle['accept_cpu_us_per_conn'], 'num')} us of server "
+            "CPU per connection opened",
             f"- server RSS {fmt(idle['rss_kb_per_conn'], 'num')} KiB per connection "
             f"({idle['rss_kb_before']} KiB before, {idle['rss_kb_after']} KiB after)",
             f"- server CPU while idle: {fmt(idle['server_cpu_pct_idle'], 'num')}% without "
