@@ -90,6 +90,17 @@ class BusClosed(BusError):
     """The bus was closed while the caller was using it."""
 
 
+class BusUnavailable(BusError):
+    """The bus backend (Redis) cannot be reached now; the operation did not happen.
+
+    Answer 503 with the message (:attr:`status`); retry later: open streams carry on by
+    themselves once the backend is back.
+    """
+
+    status = 503
+    code = "bus-unavailable"
+
+
 class FeedError(RealtimeLabError):
     """The simulated LLM or the chat registry refused an operation."""
 

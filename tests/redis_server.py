@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import urlencode
 
 START_TIMEOUT = 10.0
@@ -57,8 +58,17 @@ def ping(port: int, timeout: float = 0.5) -> bool:
 class RedisServer:
     """One ``redis-server`` subprocess on a free port of 127.0.0.1, without persistence."""
 
-    def __init__(self, binary: str | None = None) -> None:
+    def __init__(
+        self,
+        binary: str | None = None,
+        extra_args: list[str] | None = None,
+        *,
+        cluster: bool = False,
+    ) -> None:
         self.binary = binary or redis_server_binary()
+        self.extra_args = list(extra_args or [])
+        self.cluster = cluster  # a cluster node: its bus port is a second free port
+        self.cluster_port = 0
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self._dir: str | None = None
@@ -82,6 +92,7 @@ class RedisServer:
         last_error = ""
         for _attempt in range(3):  # the free port may be taken before the server binds it
             self.port = free_port()
+            self.cluster_port = free_port() if self.cluster else 0
             log = Path(self._dir) / f"redis-{self.port}.log"
             if self._spawn_and_wait(log, timeout):
                 return self
@@ -115,6 +126,12 @@ class RedisServer:
                 "--appendonly", "no",
                 "--dir", self._dir,
                 "--logfile", str(log),
+                *self.extra_args,
+                *(
+                    ["--cluster-enabled", "yes", "--cluster-port", str(self.cluster_port)]
+                    if self.cluster
+                    else []
+                ),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -158,3 +175,210 @@ class RedisServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def redis_cli_binary() -> str | None:
+    """Path of the ``redis-cli`` executable, or ``None`` when it is not installed."""
+    found = shutil.which("redis-cli")
+    if found:
+        return found
+    return "/usr/bin/redis-cli" if os.access("/usr/bin/redis-cli", os.X_OK) else None
+
+
+def cluster_info(port: int, timeout: float = 0.5) -> dict[str, str]:
+    """``CLUSTER INFO`` of the node on ``127.0.0.1:port`` as a dict (empty when unreachable)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"CLUSTER INFO\r\n")
+            data = b""
+            while not data.endswith(b"\r\n") or data.count(b"\r\n") < 2:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+    except OSError:
+        return {}
+    info: dict[str, str] = {}
+    for line in data.decode(errors="replace").splitlines()[1:]:
+        key, _, value = line.partition(":")
+        if value:
+            info[key.strip()] = value.strip()
+    return info
+
+
+class RedisClusterServers:
+    """A private Redis Cluster: ``primaries`` primaries with ``replicas`` replicas each.
+
+    Every node is a :class:`RedisServer` started with ``--cluster-enabled yes`` on a free port;
+    ``redis-cli --cluster create`` joins them, and :meth:`start` returns once every node says
+    ``cluster_state:ok``. Use as a context manager; :meth:`url` is the ``redis+cluster://`` URL.
+    """
+
+    def __init__(self, primaries: int = 3, replicas: int = 1) -> None:
+        self.count = primaries * (1 + replicas)
+        self.replicas = replicas
+        self.nodes: list[RedisServer] = []
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self.nodes]
+
+    def url(self, **query: str | int | float) -> str:
+        """``redis+cluster://127.0.0.1:<port>,.../?<query>`` naming every node."""
+        hosts = ",".join(f"127.0.0.1:{port}" for port in self.ports)
+        base = f"redis+cluster://{hosts}/"
+        return f"{base}?{urlencode(query)}" if query else base
+
+    def start(self, timeout: float = 60.0) -> RedisClusterServers:
+        cli = redis_cli_binary()
+        if cli is None:
+            raise FileNotFoundError("redis-cli is not installed")
+        # A replica syncs at once (no 5 s wait for more replicas to share a diskless sync).
+        extra = ["--cluster-node-timeout", "1000", "--repl-diskless-sync-delay", "0"]
+        try:
+            for _ in range(self.count):
+                node = RedisServer(extra_args=extra, cluster=True)
+                node.start()
+                self.nodes.append(node)
+            subprocess.run(
+                [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                 "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+                check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, timeout=timeout,
+            )  # fmt: skip
+            self.wait_ok(timeout)
+            self.wait_replicas(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ok(self, timeout: float = 30.0, ports: list[int] | None = None) -> None:
+        """Wait until every node (of ``ports``) says ``cluster_state:ok`` and knows all slots."""
+        deadline = time.monotonic() + timeout
+        for port in ports if ports is not None else self.ports:
+            while True:
+                info = cluster_info(port)
+                if info.get("cluster_state") == "ok" and info.get("cluster_slots_ok") == "16384":
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the cluster is not ok within {timeout} s: {info}")
+                time.sleep(0.05)
+
+    def wait_replicas(self, timeout: float = 30.0) -> None:
+        """Wait until every primary has its replicas online (synchronized, streaming)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ranges = _cluster_slots(self.ports[0])
+            if ranges:
+                online = True
+                for primary in {r[2] for r in ranges}:
+                    with _client(primary) as client:
+                        info = client.info("replication")
+                    slaves = [v for k, v in info.items() if k.startswith("slave")]
+                    online &= (
+                        sum(1 for v in slaves if isinstance(v, dict) and v.get("state") == "online")
+                        >= self.replicas
+                    )
+                if online:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster's replicas are not online within {timeout} s")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop every node (all told at once, then waited for)."""
+        for node in self.nodes:
+            if node.process is not None and node.process.poll() is None:
+                node.process.terminate()
+        for node in self.nodes:
+            node.stop()
+        self.nodes.clear()
+
+    def __enter__(self) -> RedisClusterServers:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _client(port: int) -> Any:
+    import redis  # the test helper needs redis-py only where a cluster is driven
+
+    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=10)
+
+
+def _cluster_slots(port: int) -> list[tuple[int, int, int, list[int]]]:
+    """``(first, last, primary port, replica ports)`` of every slot range, asked of ``port``."""
+    with _client(port) as client:
+        ranges = client.execute_command("CLUSTER SLOTS")
+    out = []
+    for item in ranges:
+        if isinstance(item, dict):  # a parsed answer (newer redis-py)
+            continue
+        first, last, primary, *replicas = item
+        out.append((int(first), int(last), int(primary[1]), [int(r[1]) for r in replicas]))
+    return out
+
+
+class ClusterControl:
+    """Slot moves and failovers on a :class:`RedisClusterServers` (blocking: run in a thread)."""
+
+    def __init__(self, cluster: RedisClusterServers) -> None:
+        self.cluster = cluster
+
+    def alive_ports(self) -> list[int]:
+        return [n.port for n in self.cluster.nodes if n.process is not None and ping(n.port)]
+
+    def owner(self, slot: int) -> int:
+        """The port of the primary serving ``slot`` (as the first live node says)."""
+        for first, last, primary, _replicas in _cluster_slots(self.alive_ports()[0]):
+            if first <= slot <= last:
+                return primary
+        raise LookupError(f"slot {slot} is not served")
+
+    def replicas_of(self, port: int) -> list[int]:
+        """The ports of the replicas streaming from the primary on ``port`` (its own word)."""
+        with _client(port) as client:
+            info = client.info("replication")
+        return [
+            int(v["port"])
+            for k, v in info.items()
+            if k.startswith("slave") and isinstance(v, dict) and v.get("state") == "online"
+        ]
+
+    def primaries(self) -> list[int]:
+        return sorted({primary for _f, _l, primary, _r in _cluster_slots(self.alive_ports()[0])})
+
+    def node_id(self, port: int) -> str:
+        with _client(port) as client:
+            return str(client.execute_command("CLUSTER MYID").decode())
+
+    def migrate_slot(self, slot: int, target: int, batch: int = 10) -> None:
+        """Move ``slot`` and its keys to the primary on ``target`` (``redis-cli --cluster
+        reshard``'s steps: IMPORTING, MIGRATING, MIGRATE in batches, SETSLOT NODE)."""
+        source = self.owner(slot)
+        if source == target:
+            return
+        source_id, target_id = self.node_id(source), self.node_id(target)
+        with _client(source) as src, _client(target) as dst:
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+            while keys := src.execute_command("CLUSTER GETKEYSINSLOT", slot, batch):
+                src.execute_command(
+                    "MIGRATE", "127.0.0.1", target, "", 0, 5000, "REPLACE", "KEYS", *keys
+                )
+            dst.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+            src.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+        for port in self.primaries():
+            if port not in (source, target):
+                with _client(port) as other:
+                    other.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+
+    def node(self, port: int) -> RedisServer:
+        return next(n for n in self.cluster.nodes if n.port == port)

@@ -1,7 +1,9 @@
 """The event bus: one channel hub per process over a broker backend chosen by URL.
 
-``memory://`` (default, embedded) and ``redis://host:port/db`` (several server processes share
-one feed; needs the ``redis`` extra). Backends are imported only when their URL is used.
+``memory://`` (default, embedded), ``redis://host:port/db`` (several server processes share
+one feed; needs the ``redis`` extra) and ``redis+cluster://host:port[,host:port...]/`` (the same
+on a Redis Cluster, :mod:`realtime_lab.bus.cluster`). Backends are imported only when their URL
+is used.
 
 Query options of both: ``history`` (events kept per channel), ``history_bytes`` (bytes of
 envelope JSON kept per channel), ``ttl`` (seconds an idle or finished channel is kept),
@@ -44,7 +46,8 @@ def create_broker(
     """The broker a URL names; the keyword arguments are defaults the URL query may override.
 
     Raises:
-        UnknownBusBackend: the scheme is not ``memory`` or ``redis``/``rediss``, or the backend's
+        UnknownBusBackend: the scheme is not ``memory``, ``redis``/``rediss`` or
+            ``redis+cluster``, or the backend's
             optional dependency is not installed, or an option is not a number.
         ValueError: an option is out of range (``history`` or a cap below 1, a negative ttl).
     """
@@ -79,7 +82,20 @@ def create_broker(
         return RedisBroker(
             url, history=history, ttl=ttl, history_bytes=history_bytes, max_channels=max_channels
         )
-    raise UnknownBusBackend(f"no bus backend for {url!r}: use memory:// or redis://host:port/db")
+    if parts.scheme == "redis+cluster":
+        try:
+            from realtime_lab.bus.cluster import RedisClusterBroker
+        except ImportError as exc:
+            raise UnknownBusBackend(
+                "the redis bus needs the 'redis' package: pip install 'realtime-lab[redis]'"
+            ) from exc
+        return RedisClusterBroker(
+            url, history=history, ttl=ttl, history_bytes=history_bytes, max_channels=max_channels
+        )
+    raise UnknownBusBackend(
+        f"no bus backend for {url!r}: use memory://, redis://host:port/db or "
+        "redis+cluster://host:port[,host:port...]/"
+    )
 
 
 def create_bus(url: str, **options: Any) -> Bus:

@@ -6,8 +6,9 @@ bus; ``prefix`` namespaces every key and pub/sub channel. Any other query option
 (``socket_timeout=5``, ...) is handed to redis-py.
 
 Keys (``{ch}`` in braces is a hash tag, so that one channel's keys share a Redis Cluster slot;
-the scripts also touch the bus epoch key and the channel index, so Redis Cluster itself is not
-supported yet: that is a later issue):
+the scripts also touch the bus epoch key and the channel index, which live in no channel's slot:
+on Redis Cluster, ``redis+cluster://`` (:mod:`realtime_lab.bus.cluster`) runs the same scripts
+with a per-slot epoch and the index kept apart):
 
 ``<prefix>:epoch``
     the bus epoch: the epoch of every channel's first life, as with the memory bus, so that
@@ -77,6 +78,7 @@ from realtime_lab.bus.tasks import Background
 from realtime_lab.errors import (
     BusClosed,
     BusError,
+    BusUnavailable,
     EventTooLarge,
     InvalidEnvelope,
     LimitReached,
@@ -99,6 +101,13 @@ RETAIN_BATCH: Final = 256
 #: Bytes every envelope has besides ``head`` and ``tail``: the shortest id, ``xxxxxxxx-1``.
 _MIN_ID_BYTES: Final = 10
 _OUR_QUERY_KEYS: Final = frozenset({"history", "ttl", "prefix", "history_bytes", "max_channels"})
+#: The pub/sub messages :meth:`RedisBroker._dispatch` acts on (sharded ones: Redis Cluster).
+_KINDS: Final = {
+    "message": "message",
+    "smessage": "message",
+    "subscribe": "subscribe",
+    "ssubscribe": "subscribe",
+}
 
 # Helpers shared by the scripts. ``now_ms``: Redis's own clock, the one its key expiry uses.
 # ``life_epoch``: the epoch of a new channel life: the bus epoch (created if missing: a flushed
@@ -122,7 +131,14 @@ local function life_epoch(gone, bus, fresh, bus_candidate)
   end
   return epoch
 end
-local function admit(index, name, now, max)
+local function admit(index, name, now, max, admitted)
+  if not index then
+    -- Redis Cluster: the caller counts the channel in the index first (another slot).
+    if admitted then
+      return nil
+    end
+    return {-2, 'admit', 0}
+  end
   redis.call('ZREMRANGEBYSCORE', index, '-inf', '(' .. now)
   if redis.call('ZCARD', index) < max or redis.call('ZSCORE', index, name) then
     return nil
@@ -144,16 +160,21 @@ local function extend(meta, stream, gone, index, name, now, ttl, tomb, last)
   if last > 0 then
     redis.call('SET', gone, '1', 'PX', tomb)
   end
-  redis.call('ZADD', index, 'GT', now + ttl, name)
+  if index then
+    redis.call('ZADD', index, 'GT', now + ttl, name)
+  end
   return 1
 end
 """
 
-# KEYS: meta, stream, tombstone, bus epoch, channel index. ARGV: live channel, envelope head,
-# envelope tail, fresh epoch, bus epoch candidate, history, ttl ms, tombstone ms, "1" for an
-# ``end`` event, history bytes, max channels, channel name.
+# KEYS: meta, stream, tombstone, bus epoch, channel index (absent on Redis Cluster). ARGV: live
+# channel, envelope head, envelope tail, fresh epoch, bus epoch candidate, history, ttl ms,
+# tombstone ms, "1" for an ``end`` event, history bytes, max channels, channel name, the publish
+# command (``PUBLISH``, or ``SPUBLISH`` on Redis Cluster), "1" when the caller has admitted a new
+# channel into the cluster's index.
 # Returns {1, epoch, seq}, or a refusal {-1, code, detail}: ``too-many-channels`` (detail: ms
-# until the next channel expires, -1 if unknown) or ``event-too-large`` (detail: its bytes).
+# until the next channel expires, -1 if unknown) or ``event-too-large`` (detail: its bytes); on
+# Redis Cluster, {-2, 'admit', 0} for a new channel not admitted yet.
 PUBLISH_LUA: Final = (
     _HELPERS_LUA
     + """
@@ -165,7 +186,7 @@ local epoch, last, bytes = state[1], tonumber(state[2] or '0'), tonumber(state[4
 local finished = state[3] == '1'
 local new = not epoch
 if new then
-  local refused = admit(index, ARGV[12], now, tonumber(ARGV[11]))
+  local refused = admit(index, ARGV[12], now, tonumber(ARGV[11]), ARGV[14] == '1')
   if refused then
     return refused
   end
@@ -219,18 +240,21 @@ if not finished then
   redis.call('PEXPIRE', meta, ttl)
   redis.call('PEXPIRE', stream, ttl)
   redis.call('SET', gone, '1', 'PX', ARGV[8])
-  redis.call('ZADD', index, now + ttl, ARGV[12])
+  if index then
+    redis.call('ZADD', index, now + ttl, ARGV[12])
+  end
 end
-redis.call('PUBLISH', ARGV[1], payload)
+redis.call(ARGV[13], ARGV[1], payload)
 return {1, epoch, seq}
 """
 )
 
-# KEYS: meta, stream, tombstone, bus epoch, channel index. ARGV: mode ("info", "live", "all" or
-# "cursor"), cursor epoch, cursor seq, limit (-1: none), "1" to reserve the channel (create it
-# when it does not exist, keep it ttl more when it does), ttl ms of such a creation, fresh epoch,
-# bus epoch candidate, ttl ms, tombstone ms, max channels, channel name, the epoch a created
-# channel gets ("" for the usual choice).
+# KEYS: meta, stream, tombstone, bus epoch, channel index (absent on Redis Cluster). ARGV: mode
+# ("info", "live", "all" or "cursor"), cursor epoch, cursor seq, limit (-1: none), "1" to reserve
+# the channel (create it when it does not exist, keep it ttl more when it does), ttl ms of such a
+# creation, fresh epoch, bus epoch candidate, ttl ms, tombstone ms, max channels, channel name,
+# the epoch a created channel gets ("" for the usual choice), "1" when the caller has admitted a
+# new channel into the cluster's index (as for PUBLISH_LUA, which also says the {-2} answer).
 # Returns {0, epoch of its next life} for a channel that does not exist, a refusal
 # {-1, 'too-many-channels', ms} when reserving a new one is over the cap, else
 # {1, epoch, last, first, finished, pttl, payload...}: the payloads are the retained events from
@@ -252,14 +276,16 @@ if not epoch then
     return {0, epoch}
   end
   local now = now_ms()
-  local refused = admit(index, ARGV[12], now, tonumber(ARGV[11]))
+  local refused = admit(index, ARGV[12], now, tonumber(ARGV[11]), ARGV[14] == '1')
   if refused then
     return refused
   end
   redis.call('DEL', stream)
   redis.call('HSET', meta, 'epoch', epoch, 'last', 0, 'bytes', 0)
   redis.call('PEXPIRE', meta, ARGV[6])
-  redis.call('ZADD', index, 'GT', now + tonumber(ARGV[6]), ARGV[12])
+  if index then
+    redis.call('ZADD', index, 'GT', now + tonumber(ARGV[6]), ARGV[12])
+  end
   reserve = false
 end
 local last = tonumber(redis.call('HGET', meta, 'last') or '0')
@@ -300,7 +326,8 @@ return out
 """
 )
 
-# KEYS: meta, stream, tombstone, bus epoch (unused), channel index. ARGV: ttl ms, tombstone ms,
+# KEYS: meta, stream, tombstone, bus epoch (unused), channel index (absent on Redis Cluster).
+# ARGV: ttl ms, tombstone ms,
 # channel name. Keeps an existing unfinished channel for at least ttl more; 1 if it did.
 RETAIN_LUA: Final = (
     _HELPERS_LUA
@@ -326,7 +353,11 @@ def _decode(payload: bytes) -> Event:
 def redact(url: str) -> str:
     """``host:port/db`` of a Redis URL, for messages (no credentials)."""
     parts = urlsplit(url)
-    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or '/0'}"
+    try:
+        port = parts.port
+    except ValueError:  # several hosts (a cluster URL): name them all
+        return parts.netloc.rpartition("@")[2]
+    return f"{parts.hostname or 'localhost'}:{port or 6379}{parts.path or '/0'}"
 
 
 def split_url(url: str) -> tuple[str, dict[str, str]]:
@@ -411,6 +442,9 @@ class RedisBroker(Broker):
         self._background = Background()
         self._dropping: set[bytes] = set()
         self._closed = False
+        self._publish_command = "PUBLISH"
+        #: What the last Redis failure was (``None`` before the first).
+        self.last_failure: str | None = None
 
     # Keys --------------------------------------------------------------------------------------
     def _keys(self, channel: str) -> list[str]:
@@ -453,7 +487,7 @@ class RedisBroker(Broker):
             await sub_client.aclose()
             await client.aclose()
             if isinstance(exc, RedisError | OSError):
-                raise BusError(f"cannot reach redis at {self._where}: {exc}") from exc
+                raise BusUnavailable(f"cannot reach redis at {self._where}: {exc}") from exc
             raise
         self._redis, self._sub_client, self._pubsub = client, sub_client, pubsub
         self._publish_script = client.register_script(PUBLISH_LUA)
@@ -479,6 +513,16 @@ class RedisBroker(Broker):
                 await self._sub_client.aclose()
             if self._redis is not None:
                 await self._redis.aclose()
+
+    async def health(self) -> str | None:
+        """``None`` when Redis answers a PING within 2 s, else why not (``/api/health`` says it)."""
+        client = self._check_open()
+        try:
+            async with asyncio.timeout(2.0):
+                await client.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            return f"redis at {self._where} is unreachable: {exc or 'no answer within 2 s'}"
+        return None
 
     def _check_open(self) -> aioredis.Redis:
         if self._closed:
@@ -508,11 +552,22 @@ class RedisBroker(Broker):
         )
 
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        """Run one of our scripts; Redis failures become :class:`BusError`."""
+        """Run one of our scripts; Redis failures become :class:`BusUnavailable`."""
         try:
             return await script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
-            raise BusError(f"redis bus at {self._where} failed: {exc}") from exc
+            raise self.unavailable(exc) from exc
+
+    def unavailable(self, exc: BaseException) -> BusUnavailable:
+        """The error for a Redis failure (remembered in :attr:`last_failure`)."""
+        self.last_failure = f"redis bus at {self._where} failed: {exc}"
+        return BusUnavailable(self.last_failure)
+
+    async def _run(
+        self, script: Any, channel: str, keys: list[str], args: list[Any], life_ms: str
+    ) -> Any:
+        """Run a channel's script (the cluster broker first admits a new channel, ``life_ms``)."""
+        return await self._call(script, keys, args)
 
     # Publish -----------------------------------------------------------------------------------
     async def publish(self, channel: str, type: str, data: dict[str, Any]) -> Event:
@@ -524,10 +579,11 @@ class RedisBroker(Broker):
             # Surely too large: refused without sending it (the script checks exactly).
             size = len(head) + len(tail) + _MIN_ID_BYTES
             raise self._refusal(channel, b"event-too-large", size)
-        status, raw_epoch, seq = await self._call(
+        status, raw_epoch, seq = await self._run(
             self._publish_script,
-            keys=self._keys(channel),
-            args=[
+            channel,
+            self._keys(channel),
+            [
                 self.live_key(channel),
                 head,
                 tail,
@@ -540,7 +596,10 @@ class RedisBroker(Broker):
                 self.history_bytes,
                 self.max_channels,
                 channel,
+                self._publish_command,
+                "",
             ],
+            self._ttl_ms,
         )
         if status < 0:
             raise self._refusal(channel, raw_epoch, int(seq))
@@ -569,10 +628,11 @@ class RedisBroker(Broker):
             mode, c_epoch, c_seq = "cursor", after.epoch, after.seq
         else:
             mode = "all"
-        result = await self._call(
+        result = await self._run(
             self._read_script,
-            keys=self._keys(channel),
-            args=[
+            channel,
+            self._keys(channel),
+            [
                 mode,
                 c_epoch,
                 c_seq,
@@ -586,7 +646,9 @@ class RedisBroker(Broker):
                 self.max_channels,
                 channel,
                 epoch or "",
+                "",
             ],
+            self._reserve_ms,
         )
         if result[0] < 0:
             raise self._refusal(channel, result[1], int(result[2]))
@@ -615,7 +677,7 @@ class RedisBroker(Broker):
                         await self._retain_script(keys=self._keys(name), args=args, client=pipe)
                     await pipe.execute()
             except (RedisError, OSError) as exc:
-                raise BusError(f"redis bus at {self._where} failed: {exc}") from exc
+                raise self.unavailable(exc) from exc
 
     # Tickets -----------------------------------------------------------------------------------
     async def put_ticket(self, key: str, value: bytes, ttl_s: float) -> None:
@@ -626,14 +688,14 @@ class RedisBroker(Broker):
             else:
                 await client.set(self.ticket_key(key), value, px=max(1, math.ceil(ttl_s * 1000)))
         except (RedisError, OSError) as exc:
-            raise BusError(f"redis bus at {self._where} failed: {exc}") from exc
+            raise self.unavailable(exc) from exc
 
     async def take_ticket(self, key: str) -> bytes | None:
         client = self._check_open()
         try:
             value = await client.getdel(self.ticket_key(key))
         except (RedisError, OSError) as exc:
-            raise BusError(f"redis bus at {self._where} failed: {exc}") from exc
+            raise self.unavailable(exc) from exc
         return value.encode() if isinstance(value, str) else value  # bytes: no decode_responses
 
     # Subscriptions -----------------------------------------------------------------------------
@@ -758,8 +820,8 @@ class RedisBroker(Broker):
                 log.exception("redis bus failed to dispatch %r", message)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
-        kind, key = message["type"], message["channel"]
-        if kind not in ("message", "subscribe"):
+        kind, key = _KINDS.get(message["type"]), message["channel"]
+        if kind is None:
             return
         sub = self._subs.get(key)
         if sub is None:

@@ -1,30 +1,56 @@
-"""Bus fixtures: ``make_bus`` / ``bus`` parametrized over the memory and Redis backends.
+"""Bus fixtures: ``make_bus`` / ``bus`` parametrized over the memory, Redis and Redis Cluster
+backends.
 
 Redis tests share one private ``redis-server`` per session (started on a free port, never the
-shared one on 6379) and get their own key prefix each, so they never see each other's keys.
+shared one on 6379) and get their own key prefix each, so they never see each other's keys. The
+cluster ones share one private cluster (three primaries with a replica each,
+:class:`~tests.redis_server.RedisClusterServers`) the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
 from realtime_lab.bus import Bus, create_bus
 from realtime_lab.protocol.envelope import END, Event
+from tests.redis_server import RedisClusterServers, redis_cli_binary, redis_server_binary
 
 MakeBus = Callable[..., Awaitable[Bus]]
 
-BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
+BACKENDS = [
+    "memory",
+    pytest.param("redis", marks=pytest.mark.redis),
+    pytest.param("cluster", marks=pytest.mark.redis),
+]
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """One private Redis Cluster for the session; skips when the binaries are not installed."""
+    if redis_server_binary() is None or redis_cli_binary() is None:
+        pytest.skip("redis-server and redis-cli are not installed (apt-get install redis-server)")
+    with RedisClusterServers(primaries=3, replicas=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: RedisClusterServers) -> str:
+    """A ``redis+cluster://`` bus URL with a key prefix of its own for this test."""
+    return redis_cluster.url(prefix=f"t{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
-    """The bus URL of this parametrization (the Redis one has its own prefix)."""
+    """The bus URL of this parametrization (the Redis ones have their own prefix)."""
     if request.param == "memory":
         return "memory://"
+    if request.param == "cluster":
+        return str(request.getfixturevalue("cluster_url"))
     return str(request.getfixturevalue("redis_url"))
 
 
