@@ -39,6 +39,7 @@ other chunk then has ``"usage": null``), and ``data: [DONE]``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ from realtime_lab.errors import LimitReached
 from realtime_lab.feed.chats import Chat
 from realtime_lab.feed.llm import answer_tokens
 from realtime_lab.openai_errors import OpenAIProblem, openai_error, openai_error_shape
-from realtime_lab.protocol.envelope import END, TOKEN, dumps
+from realtime_lab.protocol.envelope import END, TOKEN, Event, dumps
 from realtime_lab.transports.access import Handler, identity_of
 from realtime_lab.transports.chatstart import MAX_PROMPT, limit_problem
 from realtime_lab.transports.keys import BUS_KEY, CHATS_KEY, SETTINGS_KEY
@@ -427,45 +428,153 @@ async def _complete(
     )
 
 
+def _data(payload: bytes) -> bytes:
+    """One SSE event of one ``data:`` line (compact JSON has no line break)."""
+    return b"data: " + payload + b"\n\n"
+
+
+class CompletionStream:
+    """Writes one chat's events to one streaming completion as OpenAI chunks, as they come.
+
+    A bus sink (the hub calls :meth:`deliver` for each event of the chat, history first): each
+    token is framed here and written to the socket in the same call, no queue and no task
+    switch per token (the endpoint once cost twice the SSE transport's CPU per token through a
+    subscription and ``EventSourceResponse.send``). The response itself is aiohttp-sse's, for
+    its headers, pings and end. Await :attr:`done`; :attr:`outcome` says how the answer ended.
+    """
+
+    __slots__ = (
+        "_chunked",
+        "_prefix",
+        "_scanner",
+        "_simulated",
+        "_socket",
+        "_suffix",
+        "chat",
+        "done",
+        "head",
+        "outcome",
+        "params",
+    )
+
+    def __init__(
+        self,
+        socket: Any,
+        chat: Chat,
+        params: CompletionRequest,
+        *,
+        simulated: bool,
+        chunked: bool = True,
+    ) -> None:
+        self._socket = socket
+        self._chunked = chunked  # HTTP/1.1: the body is chunked, and written here chunk by chunk
+        self.chat = chat
+        self.params = params
+        self.outcome = Outcome()
+        self._scanner = StopScanner(params.stop) if params.stop else None
+        self._simulated = simulated
+        head = {
+            "id": f"chatcmpl-{chat.id}",
+            "object": "chat.completion.chunk",
+            "created": int(chat.created),
+            "model": params.model,
+        }
+        self.head = head
+        # With include_usage OpenAI sends "usage": null on every chunk but the last. A token's
+        # chunk is this prefix, the JSON string of its text, this suffix.
+        tail = ',"usage":null' if params.include_usage else ""
+        self._prefix = b"data: " + dumps(head)[:-1] + b',"choices":[{"index":0,"delta":{"content":'
+        self._suffix = ('},"logprobs":null,"finish_reason":null}]' + tail + "}\n\n").encode()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def chunk(self, delta: dict[str, str], finish: str | None = None) -> bytes:
+        """One ``chat.completion.chunk``, as JSON."""
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        body = {**self.head, "choices": [choice]}
+        if self.params.include_usage:
+            body["usage"] = None
+        return dumps(body)
+
+    def _content(self, text: str) -> bytes:
+        return self._prefix + dumps(text) + self._suffix
+
+    def deliver(self, event: Event) -> None:
+        if self.done.done():
+            return
+        if event.type == TOKEN:
+            self.outcome.completion_tokens += 1
+            text = event.data["text"]
+            if self._scanner is None:
+                self._write(self._content(text))
+                return
+            text, stopped = self._scanner.feed(text)
+            out = self._content(text) if text else b""
+            if stopped:
+                self.outcome.finish_reason = "stop"
+                self._write(out + self._closing())
+                self.done.set_result(None)
+            elif out:
+                self._write(out)
+        elif event.type == END:
+            if event.data.get("reason") != "done":
+                self.outcome.failure = (
+                    "cancelled" if event.data.get("reason") == "cancelled" else "error"
+                )
+                self._write(self._failed())
+            else:
+                rest = self._scanner.flush() if self._scanner is not None else ""
+                self.outcome.finish_reason = (
+                    "length" if was_cut(self.chat, self._simulated) else "stop"
+                )
+                self._write((self._content(rest) if rest else b"") + self._closing())
+            self.done.set_result(None)
+
+    def close(self, reason: str) -> None:
+        """The channel ended under the stream (bus closing): the answer is cut."""
+        if not self.done.done():
+            self.outcome.failure = "error"
+            self._write(self._failed())
+            self.done.set_result(None)
+
+    def _closing(self) -> bytes:
+        out = _data(self.chunk({}, self.outcome.finish_reason))
+        if self.params.include_usage:
+            usage = {**self.head, "choices": [], "usage": _usage(self.params, self.outcome)}
+            out += _data(dumps(usage))
+        return out + _data(b"[DONE]")
+
+    def _failed(self) -> bytes:
+        # Too late for a status: the error goes in-band, where OpenAI's clients look for it.
+        _, code, message = _failure(self.outcome)
+        return _data(dumps(openai_error(message, type="server_error", code=code)))
+
+    def _write(self, payload: bytes) -> None:
+        socket = self._socket
+        if socket is None or socket.is_closing():
+            if not self.done.done():
+                self.done.set_result(None)  # the client is gone: the handler cancels the chat
+            return
+        # Between aiohttp's own head and end of the response, as the SSE transport writes.
+        socket.write(b"%x\r\n%s\r\n" % (len(payload), payload) if self._chunked else payload)
+
+
 async def _stream(
     request: web.Request, chat: Chat, params: CompletionRequest
 ) -> web.StreamResponse:
-    outcome = Outcome()
-    head = {
-        "id": f"chatcmpl-{chat.id}",
-        "object": "chat.completion.chunk",
-        "created": int(chat.created),
-        "model": params.model,
-    }
-    # With include_usage OpenAI sends "usage": null on every chunk but the last.
-    tail: dict[str, Any] = {"usage": None} if params.include_usage else {}
-
-    def chunk(delta: dict[str, str], finish: str | None = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return dumps({**head, "choices": [choice], **tail}).decode()
-
     # allow_all_methods: aiohttp-sse answers anything but GET with 405 by default, and OpenAI's
     # API is a POST. sep: LF, as the rest of the server frames SSE.
     async with sse_response(request, sep="\n", allow_all_methods=True) as stream:
-        await stream.send(chunk({"role": "assistant", "content": ""}))
-        deltas = answer_deltas(
-            request.app[BUS_KEY],
+        writer = CompletionStream(
+            request.transport,
             chat,
-            params.stop,
-            outcome,
+            params,
             simulated=not request.app[SETTINGS_KEY].upstream,
+            chunked=request.version >= (1, 1),
         )
-        async with contextlib.aclosing(deltas):
-            async for text in deltas:
-                await stream.send(chunk({"content": text}))
-        if outcome.finish_reason is None:
-            # Too late for a status: the error goes in-band, where OpenAI's clients look for it.
-            _, code, message = _failure(outcome)
-            await stream.send(dumps(openai_error(message, type="server_error", code=code)).decode())
-            return stream
-        await stream.send(chunk({}, outcome.finish_reason))
-        if params.include_usage:
-            usage = {**head, "choices": [], "usage": _usage(params, outcome)}
-            await stream.send(dumps(usage).decode())
-        await stream.send("[DONE]")
+        await stream.send(writer.chunk({"role": "assistant", "content": ""}).decode())
+        attachment = await request.app[BUS_KEY].attach(chat.channel, None, writer)
+        try:
+            await writer.done
+        finally:
+            attachment.detach()
     return stream

@@ -29,6 +29,8 @@ SESSION_COOKIE: Final = "rtl_session"
 LOOPBACK_HOSTS: Final = ("localhost", "127.0.0.1", "[::1]")
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+#: Host header values whose answer HostPolicy remembers at most.
+_MAX_SEEN_HOSTS: Final = 256
 _SCHEME_RE: Final = re.compile(r"[a-z][a-z0-9+.-]*")
 _NAME_RE: Final = re.compile(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*")  # a DNS name or an IPv4 literal
 _PORT_RE: Final = re.compile(r"[0-9]{1,5}")
@@ -189,7 +191,7 @@ class HostPolicy:
         ValueError: an entry is not a host name or IP literal.
     """
 
-    __slots__ = ("any_host", "hosts")
+    __slots__ = ("_seen", "any_host", "hosts")
 
     def __init__(self, allowed_hosts: Iterable[str] = (), bound_host: str = "127.0.0.1") -> None:
         entries = [e.strip() for e in allowed_hosts if e.strip()]
@@ -207,6 +209,7 @@ class HostPolicy:
                 raise ValueError(f"not a host name or IP address: {entry!r}")
             hosts.add(parts)
         self.hosts: frozenset[tuple[str, int | None]] = frozenset(hosts)
+        self._seen: dict[str, bool] = {}
 
     def allows(self, host_header: str | None) -> bool:
         """Whether to serve a request with this ``Host`` header (``None``: it had none)."""
@@ -214,11 +217,21 @@ class HostPolicy:
             return True
         if host_header is None:
             return False
+        known = self._seen.get(host_header)
+        if known is not None:
+            return known
         parts = _split_host(host_header.strip(" \t"))
         if parts is None:
-            return False
-        host, port = parts
-        return (host, None) in self.hosts or (port is not None and parts in self.hosts)
+            allowed = False
+        else:
+            host, port = parts
+            allowed = (host, None) in self.hosts or (port is not None and parts in self.hosts)
+        # Every request asks with one of a few Host values: remember the answers (bounded, as
+        # the header is the client's to choose).
+        if len(self._seen) >= _MAX_SEEN_HOSTS:
+            self._seen.clear()
+        self._seen[host_header] = allowed
+        return allowed
 
 
 def _bare_ipv6(text: str) -> bool:

@@ -73,6 +73,10 @@ class Broker(ABC):
     max_channels: int
     #: Refusals so far, by ``code`` (what ``/metrics`` exports as ``realtime_lab_refusals_total``).
     limits: Counter[str]
+    #: Whether :meth:`publish_now` and :meth:`declare_now` work: the broker stores and hands an
+    #: event to the handler without awaiting (the embedded one), so a paced producer can publish
+    #: from a plain callback instead of a task per producer.
+    synchronous: bool = False
 
     def __init__(self) -> None:
         self.limits = Counter()
@@ -89,6 +93,14 @@ class Broker(ABC):
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect to the backend (no-op for memory)."""
 
+    async def health(self) -> str | None:
+        """``None`` while the backend answers, else why not (``/api/health`` answers 503 with it).
+
+        Raises:
+            BusClosed: the broker is closed.
+        """
+        return None
+
     @abstractmethod
     async def close(self) -> None:
         """Release the backend; no handler call after this returns."""
@@ -103,6 +115,18 @@ class Broker(ABC):
             EventTooLarge: the event's envelope is larger than ``history_bytes``; nothing changed.
             TooManyChannels: the channel is new and the bus holds ``max_channels`` already.
         """
+
+    def publish_now(self, channel: str, type: str, data: dict[str, Any]) -> Event:
+        """:meth:`publish` without awaiting; only where :attr:`synchronous` is true.
+
+        Raises:
+            NotImplementedError: the broker needs the network; await :meth:`publish`.
+        """
+        raise NotImplementedError(f"{self.__class__.__name__} cannot publish without awaiting")
+
+    def declare_now(self, channel: str, epoch: str | None = None) -> None:
+        """:meth:`declare` without awaiting; only where :attr:`synchronous` is true."""
+        raise NotImplementedError(f"{self.__class__.__name__} cannot declare without awaiting")
 
     @abstractmethod
     async def read(

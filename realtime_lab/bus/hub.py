@@ -222,6 +222,25 @@ class Bus:
             await self._settle(local, epoch_of(event.id), event.seq)
         return event
 
+    @property
+    def synchronous(self) -> bool:
+        """Whether :meth:`publish_now` and :meth:`declare_now` work (the embedded broker)."""
+        return self.broker.synchronous
+
+    def publish_now(self, channel: str, type: str, data: dict[str, Any]) -> Event:
+        """:meth:`publish` from a plain callback, where :attr:`synchronous` is true.
+
+        The broker hands the event to the live feed before it returns, so local sinks have it
+        when this returns, as after :meth:`publish`.
+        """
+        self._check_open()
+        return self.broker.publish_now(channel, type, data)
+
+    def declare_now(self, channel: str, epoch: str | None = None) -> None:
+        """:meth:`declare` from a plain callback, where :attr:`synchronous` is true."""
+        self._check_open()
+        self.broker.declare_now(channel, epoch)
+
     async def _settle(self, local: _Local, epoch: str, seq: int) -> None:
         """Wait (briefly) until the live feed has fanned event ``seq`` out to local sinks."""
         if local.epoch == epoch and local.seen >= seq:

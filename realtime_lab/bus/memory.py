@@ -236,7 +236,12 @@ class MemoryBroker(Broker):
         self._arm()
 
     # Broker API --------------------------------------------------------------------------------
+    synchronous = True
+
     async def publish(self, channel: str, type: str, data: dict[str, Any]) -> Event:
+        return self.publish_now(channel, type, data)
+
+    def publish_now(self, channel: str, type: str, data: dict[str, Any]) -> Event:
         self._check_open()
         chan = self._channels.get(channel)
         epoch = self._epoch_for(channel) if chan is None else chan.epoch
@@ -267,11 +272,15 @@ class MemoryBroker(Broker):
         return event
 
     async def declare(self, channel: str, epoch: str | None = None) -> None:
+        self.declare_now(channel, epoch)
+
+    def declare_now(self, channel: str, epoch: str | None = None) -> None:
         self._check_open()
-        if channel not in self._channels:
+        chan = self._channels.get(channel)
+        if chan is None:
             self._create(channel, epoch or self._epoch_for(channel))
-        else:
-            await self.read(channel, None, 0, reserve=True)
+        elif not chan.finished:
+            self._touch(channel)
 
     async def read(
         self, channel: str, after: After, limit: int | None, *, reserve: bool = False

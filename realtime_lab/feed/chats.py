@@ -12,6 +12,12 @@ deterministic stand-in of :mod:`realtime_lab.feed.llm`) or a real model
 Every operation of :class:`ChatRegistry` is O(1) in the number of chats: running chats are
 counted (in total and per owner) as they start and finish, and finished chats wait in a deque in
 the order they finished, so forgetting them pops from its front.
+
+How a chat runs: a real model's answer is an async iterator, read by one task per chat. The
+simulated model's answer is known in advance, only paced, so on a bus that publishes without
+awaiting (``memory://``) its chats need no task at all: each is a job of one
+:class:`~realtime_lab.feed.pacer.Pacer`, and a token is one plain call on a timer shared by
+every chat due in the same millisecond (a thousand chats at 50 tokens/s cost no task switch).
 """
 
 from __future__ import annotations
@@ -22,13 +28,14 @@ import logging
 import secrets
 import time
 from collections import Counter, deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
 from realtime_lab.bus import Bus
 from realtime_lab.errors import LimitReached, TooManyChats, UnknownChat, UpstreamError
-from realtime_lab.feed.llm import paced_tokens
+from realtime_lab.feed.llm import Token, paced_tokens
+from realtime_lab.feed.pacer import PacedJob, Pacer
 from realtime_lab.protocol.channels import CHAT_PREFIX as CHAT_PREFIX  # re-exported
 from realtime_lab.protocol.envelope import END, ERROR, TOKEN
 
@@ -61,6 +68,10 @@ class Chat:
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     finished: float | None = None
     owner: str | None = None
+    #: The pacer's job generating a simulated chat (``None``: a task generates it, :attr:`task`).
+    job: PacedJob | None = field(default=None, repr=False)
+    #: Resolved once the chat's ``end`` is published (``None`` until the registry starts it).
+    done: asyncio.Future[None] | None = field(default=None, repr=False)
 
     @property
     def channel(self) -> str:
@@ -106,14 +117,18 @@ class TokenSource(Protocol):
 class SimulatedSource:
     """The deterministic stand-in LLM, paced by the chat's ``ttft_ms`` and ``token_ms``."""
 
-    async def tokens(self, chat: Chat) -> AsyncGenerator[str, None]:
-        for token in paced_tokens(
+    def plan(self, chat: Chat) -> Iterator[Token]:
+        """The answer's tokens with the pause before each (what :meth:`tokens` sleeps)."""
+        return paced_tokens(
             chat.prompt,
             chat.seed,
             ttft_ms=chat.ttft_ms,
             token_ms=chat.token_ms,
             max_tokens=chat.max_tokens,
-        ):
+        )
+
+    async def tokens(self, chat: Chat) -> AsyncGenerator[str, None]:
+        for token in self.plan(chat):
             if token.delay_s > 0:
                 await asyncio.sleep(token.delay_s)
             yield token.text
@@ -153,6 +168,7 @@ class ChatRegistry:
         self._running_by_owner: Counter[str] = Counter()
         self._finished: deque[tuple[float, str]] = deque()  # (finish time, id), oldest first
         self._enders: set[asyncio.Task[None]] = set()
+        self._pacer: Pacer | None = None
         #: Refusals so far by code (``too-many-chats``, ``too-many-chats-per-owner``).
         self.limits: Counter[str] = Counter({"too-many-chats": 0, "too-many-chats-per-owner": 0})
 
@@ -189,13 +205,84 @@ class ChatRegistry:
                 "too-many-chats-per-owner",
             )
         chat = Chat(secrets.token_hex(6), prompt, seed, ttft_ms, token_ms, max_tokens, owner=owner)
+        loop = asyncio.get_running_loop()
+        chat.done = loop.create_future()
         self._chats[chat.id] = chat
         self._running += 1
         if owner is not None:
             self._running_by_owner[owner] += 1
-        chat.task = asyncio.create_task(self._generate(chat), name=f"chat-{chat.id}")
-        chat.task.add_done_callback(lambda _: self._task_done(chat))
+        if isinstance(self._source, SimulatedSource) and self._bus.synchronous:
+            self._pace(chat, self._source.plan(chat), loop)
+        else:
+            chat.task = asyncio.create_task(self._generate(chat), name=f"chat-{chat.id}")
+            chat.task.add_done_callback(lambda _: self._task_done(chat))
         return chat
+
+    def _pace(self, chat: Chat, plan: Iterator[Token], loop: asyncio.AbstractEventLoop) -> None:
+        """Run a simulated chat as a job of the shared pacer (see the module docstring)."""
+        try:
+            self._bus.declare_now(chat.channel, epoch=chat.id)  # as _generate does, see there
+        except LimitReached as exc:
+            log.warning("chat %s stopped: %s", chat.id, exc)
+            self._finish_now(chat, "error")
+            return
+        try:
+            upcoming = next(plan, None)
+        except Exception:
+            log.exception("chat %s failed", chat.id)
+            self._finish_now(chat, "error")
+            return
+        if upcoming is None:
+            self._finish_now(chat, "done")
+            return
+        bus, channel, parts = self._bus, chat.channel, chat.parts
+
+        def step() -> float | None:
+            nonlocal upcoming
+            assert upcoming is not None
+            text = upcoming.text
+            parts.append(text)
+            try:
+                bus.publish_now(channel, TOKEN, {"text": text, "index": len(parts) - 1})
+                upcoming = next(plan, None)
+            except LimitReached as exc:
+                log.warning("chat %s stopped: %s", chat.id, exc)
+                self._finish_now(chat, "error")
+                return None
+            except Exception:
+                log.exception("chat %s failed", chat.id)
+                self._finish_now(chat, "error")
+                return None
+            if upcoming is None:
+                self._finish_now(chat, "done")
+                return None
+            return upcoming.delay_s
+
+        if self._pacer is None:
+            self._pacer = Pacer(loop)
+        chat.job = self._pacer.add(upcoming.delay_s, step)
+
+    def _finish_now(self, chat: Chat, reason: Status) -> None:
+        """End a paced chat: settle it and publish its ``end`` (once)."""
+        if chat.status != "running":
+            return
+        if chat.job is not None:
+            chat.job.cancel()
+        self._settle(chat, reason)
+        try:
+            self._bus.publish_now(
+                chat.channel, END, {"reason": chat.status, "tokens": len(chat.parts)}
+            )
+        except LimitReached as exc:
+            log.warning("could not publish the end of chat %s: %s", chat.id, exc)
+        except Exception:
+            log.exception("could not publish the end of chat %s", chat.id)
+        self._mark_done(chat)
+
+    @staticmethod
+    def _mark_done(chat: Chat) -> None:
+        if chat.done is not None and not chat.done.done():
+            chat.done.set_result(None)
 
     def _refuse(self, message: str, code: str) -> TooManyChats:
         self.limits[code] += 1
@@ -232,8 +319,11 @@ class ChatRegistry:
             UnknownChat: no such chat.
         """
         chat = self.get(chat_id)
-        if chat.status == "running" and chat.task is not None:
-            chat.task.cancel()
+        if chat.status == "running":
+            if chat.job is not None:
+                self._finish_now(chat, "cancelled")
+            elif chat.task is not None:
+                chat.task.cancel()
         return chat
 
     async def _generate(self, chat: Chat) -> None:
@@ -306,6 +396,8 @@ class ChatRegistry:
             log.warning("could not publish the end of chat %s: %s", chat.id, exc)
         except Exception:
             log.exception("could not publish the end of chat %s", chat.id)
+        finally:
+            self._mark_done(chat)
 
     def _task_done(self, chat: Chat) -> None:
         # A task cancelled before its first step never runs _generate: settle it here, or its
@@ -325,6 +417,10 @@ class ChatRegistry:
     async def close(self) -> None:
         """Cancel every running generation, wait for them to publish their ``end``, then close
         the token source."""
+        for chat in [c for c in self._chats.values() if c.job is not None]:
+            self._finish_now(chat, "cancelled")
+        if self._pacer is not None:
+            self._pacer.close()
         tasks = [c.task for c in self._chats.values() if c.task is not None and not c.task.done()]
         for task in tasks:
             task.cancel()

@@ -88,11 +88,34 @@ def paced_tokens(
     The first pause is the time to first token; later ones are ``token_ms`` jittered by
     ``±jitter`` (seeded, so a replay is identical).
     """
+    texts, delays = paced_plan(
+        prompt, seed, ttft_ms=ttft_ms, token_ms=token_ms, jitter=jitter, max_tokens=max_tokens
+    )
+    for index, text in enumerate(texts):
+        yield Token(index, text, delays[index])
+
+
+def paced_plan(
+    prompt: str,
+    seed: int = 0,
+    *,
+    ttft_ms: float = 100.0,
+    token_ms: float = 15.0,
+    jitter: float = 0.33,
+    max_tokens: int = 120,
+) -> tuple[list[str], list[float]]:
+    """:func:`paced_tokens` as two lists: the texts, and the pause in seconds before each.
+
+    What a paced producer that keeps its own clock needs, without an object per token.
+    """
     rng = random.Random(f"pace\x00{seed}\x00{prompt}")
-    for index, text in enumerate(answer_tokens(prompt, seed, max_tokens=max_tokens)):
+    texts = answer_tokens(prompt, seed, max_tokens=max_tokens)
+    delays = []
+    for index in range(len(texts)):
         jittered = token_ms * (1.0 + jitter * (2.0 * rng.random() - 1.0))
         delay = ttft_ms if index == 0 else jittered
-        yield Token(index, text, max(delay, 0.0) / 1000.0)
+        delays.append(max(delay, 0.0) / 1000.0)
+    return texts, delays
 
 
 def ticker_word(index: int) -> str:

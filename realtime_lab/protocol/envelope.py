@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -24,12 +25,62 @@ ERROR: Final = "error"
 RESET: Final = "reset"
 CONTROL_TYPES: Final = frozenset({END, ERROR, RESET})
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _refuse(value: object) -> Any:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+# json.JSONEncoder.encode builds a new C encoder on every call; this one is built once (same
+# output: compact separators, no ASCII escaping, NaN refused). No circular-reference markers:
+# what is encoded here is decoded JSON or the server's own dicts, never cyclic, and a cycle
+# would still stop with RecursionError.
+_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+_c_encoder = (
+    None
+    if _make_encoder is None
+    else _make_encoder(
+        None, _refuse, json.encoder.encode_basestring, None, ":", ",", False, False, False
+    )
+)
+
+
+def _dumps(value: Any) -> str:
+    if _c_encoder is None or isinstance(value, str):
+        return _encoder.encode(value)
+    return "".join(_c_encoder(value, 0))
 
 
 def dumps(value: Any) -> bytes:
     """Compact UTF-8 JSON, the encoding used on every wire."""
     return _dumps(value).encode()
+
+
+# Every event is encoded once, but every event is encoded: the envelope's fixed keys are written
+# from a template and only ``data`` goes through the encoder (the same bytes as dumps(to_dict())).
+_TEMPLATE: Final = '{"channel":%s,"id":%s,"type":%s,"data":%s,"ts":%s}'
+_QUOTED_TYPES: Final = {kind: _dumps(kind) for kind in (TOKEN, END, ERROR, RESET)}
+_quoted_channels: dict[str, str] = {}
+_PLAIN_ID: Final = re.compile(r"[0-9a-z-]{1,40}")
+_MAX_QUOTED_CHANNELS: Final = 10_000
+
+
+def _quoted_id(event_id: str) -> str:
+    # Ids the bus makes are <epoch>-<seq> in [0-9a-z-]: nothing to escape (json's float repr
+    # and str quoting are what json.dumps writes for them too).
+    if _PLAIN_ID.fullmatch(event_id) is not None:
+        return f'"{event_id}"'
+    return _dumps(event_id)
+
+
+def _quoted_channel(channel: str) -> str:
+    quoted = _quoted_channels.get(channel)
+    if quoted is None:
+        if len(_quoted_channels) >= _MAX_QUOTED_CHANNELS:
+            _quoted_channels.clear()  # chats come and go: a bounded cache, not a registry
+        quoted = _quoted_channels[channel] = _dumps(channel)
+    return quoted
 
 
 @dataclass(slots=True, eq=False)
@@ -59,7 +110,15 @@ class Event:
         """The envelope as compact UTF-8 JSON, encoded on first use and then reused."""
         encoded = self.cache.get("json")
         if encoded is None:
-            encoded = self.cache["json"] = dumps(self.to_dict())
+            ts = self.ts
+            text = _TEMPLATE % (
+                _quoted_channel(self.channel),
+                _quoted_id(self.id),
+                _QUOTED_TYPES.get(self.type) or _dumps(self.type),
+                _dumps(self.data),
+                repr(ts) if type(ts) is float and math.isfinite(ts) else _dumps(ts),
+            )
+            encoded = self.cache["json"] = text.encode()
         return encoded
 
     def to_dict(self) -> dict[str, Any]:

@@ -35,9 +35,9 @@ def slow(registry: ChatRegistry, owner: str | None = None) -> Chat:
 
 
 async def finished(chat: Chat) -> None:
-    assert chat.task is not None
-    await asyncio.wait({chat.task}, timeout=10)
-    assert chat.task.done()
+    assert chat.done is not None
+    await asyncio.wait({chat.done}, timeout=10)
+    assert chat.done.done()
 
 
 async def test_max_running_in_total(bus: Bus) -> None:

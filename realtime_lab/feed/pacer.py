@@ -1,0 +1,128 @@
+"""One timer for many paced generations: the simulated chats' clock.
+
+A chat of the simulated model emits a token every ``token_ms``. As one task per chat sleeping
+between tokens, a thousand chats at 50 tokens/s cost 50,000 timer handles, task steps and
+coroutine resumptions a second, more than the tokens themselves. A :class:`Pacer` keeps every
+paced job in one heap ordered by due time and one loop timer armed for the earliest: each wake
+runs every job due within ``slack`` seconds, so a wake is shared by all the chats whose tokens
+fall in the same millisecond, and a job is a plain call, not a task.
+
+Jobs keep their own pace: the next due time is the previous one plus the delay the job asks for
+(no drift from the time the call itself took). A loop that fell more than ``max_lag`` behind
+re-bases the job on now instead of emitting the whole backlog at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Final
+
+log = logging.getLogger(__name__)
+
+#: Jobs due within this many seconds of a wake run in it (shares wakes between chats).
+DEFAULT_SLACK_S: Final = 0.001
+#: A job this far behind its due time is re-based on now (its pace resumes from there).
+DEFAULT_MAX_LAG_S: Final = 0.25
+
+#: What a job's step returns: the seconds until its next step, or ``None`` when it is over.
+Step = Callable[[], "float | None"]
+
+
+class PacedJob:
+    """A handle on one job of a :class:`Pacer`; :meth:`cancel` stops it before its next step."""
+
+    __slots__ = ("cancelled", "due", "step")
+
+    def __init__(self, due: float, step: Step) -> None:
+        self.due = due
+        self.step = step
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """The job's step is not called again (a step running now finishes)."""
+        self.cancelled = True
+
+
+class Pacer:
+    """Runs paced jobs on one loop timer (see the module docstring)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        slack: float = DEFAULT_SLACK_S,
+        max_lag: float = DEFAULT_MAX_LAG_S,
+    ) -> None:
+        self._loop = loop
+        self._slack = slack
+        self._max_lag = max_lag
+        self._heap: list[tuple[float, int, PacedJob]] = []
+        self._order = itertools.count()  # ties keep insertion order; jobs are never compared
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0
+        self._closed = False
+
+    def __len__(self) -> int:
+        """Jobs scheduled (cancelled ones included until their due time passes)."""
+        return len(self._heap)
+
+    def add(self, delay: float, step: Step) -> PacedJob:
+        """Call ``step()`` in ``delay`` seconds, then again after each delay it returns.
+
+        ``step`` must not block or await; an exception from it ends that job (and is logged).
+        Cancel the returned job to stop it.
+        """
+        job = PacedJob(self._loop.time() + max(delay, 0.0), step)
+        if not self._closed:
+            self._push(job)
+        return job
+
+    def close(self) -> None:
+        """Stop the timer and drop every job (their steps are not called again)."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for _, _, job in self._heap:
+            job.cancelled = True
+        self._heap.clear()
+
+    def _push(self, job: PacedJob) -> None:
+        heapq.heappush(self._heap, (job.due, next(self._order), job))
+        if self._timer is None or job.due < self._timer_due:
+            self._arm(job.due)
+
+    def _arm(self, due: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_due = due
+        self._timer = self._loop.call_at(due, self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        heap = self._heap
+        now = self._loop.time()
+        horizon = now + self._slack
+        pop, push, order = heapq.heappop, heapq.heappush, self._order
+        while heap and heap[0][0] <= horizon:
+            job = pop(heap)[2]
+            if job.cancelled:
+                continue
+            try:
+                delay = job.step()
+            except Exception:
+                log.exception("paced job %r failed; it is stopped", job.step)
+                continue
+            if delay is None or job.cancelled or self._closed:
+                continue
+            due = job.due + delay
+            if due < now - self._max_lag:
+                due = now + delay
+            job.due = due
+            push(heap, (due, next(order), job))
+        if heap and not self._closed:
+            self._arm(heap[0][0])

@@ -1,0 +1,35 @@
+"""The envelope's JSON: written from a template, byte for byte what json.dumps writes."""
+
+from __future__ import annotations
+
+import pytest
+
+from realtime_lab.protocol.envelope import Event, dumps
+
+
+@pytest.mark.parametrize(
+    ("channel", "event_id", "kind", "data", "ts"),
+    [
+        ("chat.abc", "abc-1", "token", {"text": " hi", "index": 0}, 1764623000123.4),
+        ('we"ird', "zz-9", 'odd"type', {"t": "\u2028\n\x00é"}, 5),
+        ("c", "a-1", "end", {"reason": "done", "tokens": 3}, 1e20),
+        ("c", "a-1", "reset", {}, -0.0),
+    ],
+)
+def test_json_is_what_json_dumps_writes(
+    channel: str, event_id: str, kind: str, data: dict[str, object], ts: float
+) -> None:
+    # The envelope is written from a template (only data goes through the encoder): the bytes
+    # must be exactly the compact encoding of to_dict().
+    event = Event(channel, event_id, kind, data, ts, 1)
+    assert event.json == dumps(event.to_dict())
+    assert Event.from_json(event.json).to_dict() == {**event.to_dict(), "ts": float(ts)}
+
+
+def test_json_refuses_what_json_cannot_carry() -> None:
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        Event("c", "a-1", "token", {"x": float("nan")}, 1.0, 1).json  # noqa: B018
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        Event("c", "a-1", "token", {}, float("inf"), 1).json  # noqa: B018
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        dumps({"x": object()})
