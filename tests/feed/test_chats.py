@@ -79,8 +79,10 @@ async def test_cancel_ends_the_stream_with_cancelled(bus: Bus, chats: ChatRegist
     assert chat.status == "cancelled"
     # The simulated chat on memory:// is a pacer job, not a task: nothing is left running.
     assert chat.task is None
-    assert chat.job is not None and chat.job.cancelled
-    assert chat.done is not None and chat.done.done()
+    assert chat.job is not None
+    assert chat.job.cancelled
+    assert chat.done is not None
+    assert chat.done.done()
     # Cancelling again, or a finished chat, changes nothing.
     chats.cancel(chat.id)
     assert chat.status == "cancelled"
