@@ -451,6 +451,7 @@ SUMMARY_KEYS: Final = (
     "server_cpu_pct",
     "publisher_cpu_pct",
     "client_cpu_pct",
+    "machine_busy_pct",
     "cpu_s_per_1k",
     "lost",
     "dup",
@@ -510,6 +511,7 @@ def markdown(points: list[dict[str, Any]]) -> str:
         "publish RTT p99 ms",
         "server CPU %",
         "publisher CPU %",
+        "machine busy %",
         "lost",
         "dup",
     ]
@@ -521,7 +523,8 @@ def markdown(points: list[dict[str, Any]]) -> str:
         "ticker is off. Delivered: events/s the subscribers received in the window; % of "
         "published: delivered / (publish rate reached x subscribers). Latency: receive time "
         "minus the event's `ts` (stamped when the server stored it); publish RTT: the POST's "
-        "round trip as the publisher saw it.",
+        "round trip as the publisher saw it. Machine busy: both cores, everything on the "
+        "machine (over 90%: the numbers are bounded by the cores, not by the server alone).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + " --- |" * len(header),
@@ -547,6 +550,7 @@ def markdown(points: list[dict[str, Any]]) -> str:
             fmt(med("publish_rtt_p99_ms"), "ms"),
             fmt(med("server_cpu_pct"), "pct"),
             fmt(med("publisher_cpu_pct"), "pct"),
+            fmt(med("machine_busy_pct"), "pct"),
             fmt(med("lost"), "int"),
             fmt(med("dup"), "int"),
         ]

@@ -304,8 +304,8 @@ def markdown(scale: dict[str, Any]) -> str:
             f"{subs['channel_rate']:.1f}/s), over {len(subs['sources'])} source address(es):",
             "",
             "| delivered/s | offered/s | % | p50 ms | p99 ms | max ms | lost | dup | server CPU "
-            "| RSS KiB/conn | accept/s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| machine busy | RSS KiB/conn | accept/s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
             "| "
             + " | ".join(
                 [
@@ -318,6 +318,7 @@ def markdown(scale: dict[str, Any]) -> str:
                     fmt(subs["lost"], "int"),
                     fmt(subs["dup"], "int"),
                     fmt(subs["server_cpu_pct"], "pct"),
+                    fmt(subs["machine_busy_pct"], "pct"),
                     fmt(subs["rss_kb_per_conn"], "num"),
                     fmt(subs["accept_per_s"], "num"),
                 ]
