@@ -15,7 +15,7 @@ from aiohttp import web
 
 from realtime_lab.auth import expired_session_cookie, is_valid_user
 from realtime_lab.auth import session_cookie as session_cookie_attributes
-from realtime_lab.errors import AuthError, LimitReached, UnknownChat
+from realtime_lab.errors import AuthError, BusError, LimitReached, UnknownChat
 from realtime_lab.feed.chats import Chat
 from realtime_lab.feed.ticker import TICKER_CHANNEL
 from realtime_lab.protocol.channels import CHAT_PREFIX
@@ -25,7 +25,7 @@ from realtime_lab.transports.chatstart import limit_problem, start_chat
 from realtime_lab.transports.keys import ACCESS_KEY, BUS_KEY, CHATS_KEY, HUB_KEY
 from realtime_lab.transports.params import json_body
 from realtime_lab.transports.preamble import CHANNEL_RE, channel_name, client_tag
-from realtime_lab.transports.problems import HTTPProblem, json_response
+from realtime_lab.transports.problems import HTTPProblem, error_body, json_response
 
 EVENT_TYPE_RE: Final = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
 
@@ -161,8 +161,17 @@ async def stats(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """``GET /api/health``: 200 while the server accepts work."""
-    return json_response({"ok": not request.app[HUB_KEY].shutting_down})
+    """``GET /api/health``: 200 while the server accepts work; 503 with why while the bus
+    backend (Redis) does not answer (a load balancer then sends new work elsewhere)."""
+    if request.app[HUB_KEY].shutting_down:
+        return json_response({"ok": False})
+    try:
+        reason = await request.app[BUS_KEY].broker.health()
+    except BusError as exc:
+        reason = str(exc)
+    if reason is not None:
+        return json_response({"ok": False, **error_body("bus-unavailable", reason)}, 503)
+    return json_response({"ok": True})
 
 
 # Sessions and tickets ----------------------------------------------------------------------------

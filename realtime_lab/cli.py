@@ -13,6 +13,7 @@ from realtime_lab.auth.cli import add_token_command
 from realtime_lab.bench.cli import add_parser as add_bench_command
 from realtime_lab.clients.cli import add_commands as add_client_commands
 from realtime_lab.config import ENV_PREFIX, Settings
+from realtime_lab.errors import BusUnavailable
 from realtime_lab.logs import setup_logging
 
 _HELP = {
@@ -111,6 +112,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a malformed origin, host, proxy entry or a short secret
         print(f"realtime-lab serve: {exc}", file=sys.stderr)
         return 2
+    except BusUnavailable as exc:  # Redis unreachable at start: one line, not a traceback
+        print(f"realtime-lab serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -90,15 +90,6 @@ class BusClosed(BusError):
     """The bus was closed while the caller was using it."""
 
 
-class BusUnavailable(BusError):
-    """The bus backend (Redis) cannot be reached now; the operation did not happen.
-
-    Answer 503 with the message (:attr:`status`); retry later: open streams carry on by
-    themselves once the backend is back.
-    """
-
-    status = 503
-    code = "bus-unavailable"
 
 
 class FeedError(RealtimeLabError):
@@ -177,6 +168,18 @@ class LimitReached(RealtimeLabError):
         self.code = code
         self.status = status
         self.retry_after = retry_after
+
+
+class BusUnavailable(BusError, LimitReached):
+    """The bus backend (Redis) cannot be reached now; nothing was stored.
+
+    A :class:`LimitReached` too (code ``bus-unavailable``, status 503, ``retry_after`` 1 s), so
+    that every place that answers a refusal answers this one as well: 503 with ``Retry-After``
+    and a JSON error. Try again later; open streams carry on by themselves once it is back.
+    """
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message, "bus-unavailable", 503, retry_after)
 
 
 class TooManyChannels(LimitReached):

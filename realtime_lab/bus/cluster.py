@@ -59,7 +59,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from realtime_lab.bus.redis import (
     PUBLISH_LUA,
@@ -290,7 +290,7 @@ class RedisClusterBroker(RedisBroker):
             await cluster.initialize()
         except BaseException as exc:
             await cluster.aclose()
-            if isinstance(exc, RedisError | OSError):
+            if isinstance(exc, RedisError | RedisClusterException | OSError):
                 raise BusUnavailable(f"cannot reach redis cluster at {self._where}: {exc}") from exc
             raise
         self._cluster = cluster

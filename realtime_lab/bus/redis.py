@@ -806,7 +806,9 @@ class RedisBroker(Broker):
                         self._handshaking = False
                 message = await pubsub.handle_message(await pubsub.parse_response(block=True))
             except (RedisError, OSError) as exc:
-                log.warning("redis bus pub/sub connection failed (%s); reconnecting", exc)
+                # Logged once per outage, not once per reconnect attempt.
+                level = logging.WARNING if delay == 0.05 else logging.DEBUG
+                log.log(level, "redis bus pub/sub connection failed (%s); reconnecting", exc)
                 await conn.disconnect(nowait=True)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
