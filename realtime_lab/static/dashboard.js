@@ -18,6 +18,7 @@
  *   pane-errors.js  what a pane does on a failure     sequence.js  event-id checking
  *   sse-reader.js   the SSE parser the fetch pane reads its response with
  *   session.js   who the page streams as (the session cookie)
+ *   tabs.js      the other tabs: their connections, the limit of six, streams shared
  *   charts.js    canvas charts   summary.js  table, Markdown, JSON   findings.js  explanations
  *   format.js    number formats
  *
@@ -36,6 +37,17 @@ import { fmtBytes, fmtMs } from "./format.js";
 import { ConnectionBudget, SideQueue, connectionPlan, createApi, errorText } from "./net.js";
 import { Session, describe as describeSession } from "./session.js";
 import { markdown, renderTable, runSummary } from "./summary.js";
+import {
+  CHANNEL,
+  LIMIT,
+  StallMeter,
+  StreamShare,
+  TabCensus,
+  forecast,
+  limitApplies,
+  pageProtocol,
+  protocolName,
+} from "./tabs.js";
 
 const STATS_EVERY_MS = 1000;
 const CLOCK_EVERY_MS = 10000; // a fresh clock sample at least this often
@@ -65,7 +77,40 @@ const ui = {
 const refresh = () => ui.dirty();
 
 const clock = new Clock({ onChange: refresh });
-const budget = new ConnectionBudget(refresh);
+const budget = new ConnectionBudget(() => {
+  refresh();
+  announceSoon();
+});
+
+// ---- the other tabs of the origin (tabs.js) ---------------------------------------------------
+// How this page came: over HTTP/2 every tab's requests share one connection; over HTTP/1.1 the
+// browser opens six per origin for all tabs together, and the tabs tell each other what they hold.
+const protocol = pageProtocol();
+const bus = typeof BroadcastChannel === "function" ? new BroadcastChannel(CHANNEL) : null;
+const share = new StreamShare({
+  id: pageId,
+  channel: bus,
+  locks: (typeof navigator !== "undefined" && navigator.locks) || null,
+  onChange: () => {
+    announceSoon();
+    refresh();
+  },
+});
+/** Whether this tab shares the ticker's streams with the other tabs (one click sets all tabs). */
+const sharing = { on: false };
+/** Whether this tab has a run on (the other tabs then count its whole plan). */
+const running = { on: false };
+let census = null; // made once the panes (and their plan) are known
+let announceTimer = null;
+function announceSoon() {
+  // At most one announcement per 50 ms, however fast the short poll takes and gives.
+  if (announceTimer !== null || census === null) return;
+  announceTimer = setTimeout(() => {
+    announceTimer = null;
+    census.announce();
+  }, 50);
+}
+const stalls = new StallMeter(); // observing from init(): the requests after the page loaded
 // Every request that is not a pane's own stream or poll goes through this one queue (the API
 // calls, and the probes that ask why a stream was refused): one connection at most.
 const queue = new SideQueue();
@@ -123,6 +168,12 @@ const panes = await loadPanes({
   fetchStats,
   options,
   base: location.href,
+  share: {
+    // Runs that start at "now" (the ticker): what a follower is relayed is what a new stream
+    // would get. A chat is a channel of its own tab.
+    wanted: (run) => sharing.on && share.available && run.after === "now",
+    join: (name, handlers) => share.join(name, handlers),
+  },
 });
 // The most connections the page can hold at once: within the browser's six, or it says so.
 const plan = connectionPlan(panes);
@@ -131,6 +182,20 @@ $("#conn-plan").title = Object.entries(plan.parts)
   .map(([name, n]) => `${name} ${n}`)
   .join(", ");
 if (!plan.fits) setStatus(`these panes need ${plan.total} connections: more than ${plan.limit}`);
+census = new TabCensus({
+  id: pageId,
+  channel: bus,
+  report: () => ({
+    held: budget.now,
+    plan: followedPlan(),
+    running: running.on,
+    protocol,
+    leads: share.leads,
+    sharing: sharing.on,
+  }),
+  onChange: refresh,
+});
+window.addEventListener("pagehide", () => census.close());
 const charts = {
   latency: new Chart($("#chart-latency"), (v) => `${+v.toFixed(1)}`),
   bytes: new Chart($("#chart-bytes"), (v) => fmtBytes(v)),
@@ -157,6 +222,9 @@ const app = {
 
   begin(mode, channel, extra) {
     this.stopAll();
+    warnTabs(mode);
+    running.on = true;
+    announceSoon();
     this.runs += 1;
     const run = {
       id: `${pageId}-${this.runs}`,
@@ -178,7 +246,9 @@ const app = {
     for (const pane of panes) pane.begin(run);
     $("#copy-md").disabled = false;
     $("#download-json").disabled = false;
-    setStatus(mode === "chat" ? `streaming chat ${extra.chat.id}` : "streaming the ticker");
+    const shared = mode === "ticker" && sharing.on && share.available;
+    const what = shared ? "the ticker, shared between tabs" : "the ticker";
+    setStatus(mode === "chat" ? `streaming chat ${extra.chat.id}` : `streaming ${what}`);
     ui.dirty();
     return run;
   },
@@ -192,6 +262,8 @@ const app = {
     const run = this.run;
     if (!run || run.endedAt !== null || panes.some((pane) => pane.active)) return;
     run.endedAt = clock.now();
+    running.on = false;
+    announceSoon();
     const taking = panes.filter((pane) => !pane.skipped); // the fetch pane sits the ticker out
     const done = taking.length > 0 && taking.every((pane) => pane.ended === "done");
     const all = COUNTS[taking.length] ?? String(taking.length);
@@ -304,6 +376,7 @@ function render() {
   $("#conn-now").textContent = budget.now;
   $("#conn-now").title = `held now: ${budget.describe()}`;
   $("#conn-peak").textContent = budget.peak;
+  renderTabs();
   $("#clock-offset").textContent =
     clock.rtt === null ? "?" : `${fmtMs(clock.offset)} ms (rtt ${fmtMs(clock.rtt)} ms)`;
   const summaries = panes.map((pane) => pane.summary());
@@ -318,6 +391,81 @@ function render() {
   );
   charts.bytes.draw(series((pane) => pane.m.bytesPoints));
 }
+
+// ---- the other tabs -----------------------------------------------------------------------------
+/** Before a run opens its streams: would they take the origin past six? Say so, and offer to
+ * share the ticker's streams. */
+function warnTabs(mode) {
+  census.prune();
+  const f = forecast({
+    protocol,
+    othersHeld: census.othersNeed,
+    tabs: census.tabs,
+    plan: followedPlan(mode),
+  });
+  tabs.warning = f.over ? f.text : "";
+  tabs.forecast = f;
+  const offer = f.over && share.available && !sharing.on;
+  let text = tabs.warning;
+  if (f.over && mode === "chat") {
+    text +=
+      ". A chat is a channel of its own tab: run chats in one tab at a time, " +
+      "or serve over HTTP/2 (make h2)";
+  }
+  $("#tabs-warning-text").textContent = text;
+  $("#tabs-warning").hidden = !f.over;
+  $("#share-offer").hidden = !offer;
+}
+
+const tabs = { warning: "", forecast: null };
+
+/** The most connections a run in `mode` holds here: following another tab's ticker streams,
+ * only the queue's one. */
+function followedPlan(mode = app.run ? app.run.mode : "chat") {
+  const shareable = mode === "ticker" && sharing.on && share.available;
+  const followed =
+    shareable && panes.some((pane) => census.leads(`realtime-lab:${pane.key}:ticker`));
+  return followed ? 1 : plan.total;
+}
+
+function renderTabs() {
+  const applies = limitApplies(protocol);
+  const held = census.held;
+  $("#tabs-held").textContent = String(held);
+  $("#tabs-count").textContent = String(census.tabs);
+  $("#tabs-held").classList.toggle("bad", applies && held > LIMIT);
+  const name = protocolName(protocol);
+  $("#conn-protocol").textContent = applies
+    ? `${name}: at most ${LIMIT} per origin, all tabs together`
+    : `${name}: one connection for all tabs, no limit of ${LIMIT}`;
+  document.body.dataset.protocol = protocol || "unknown";
+  const s = stalls.summary();
+  $("#stalls").textContent = s.stalled
+    ? `${s.stalled} of ${s.requests} requests waited for a connection, ` +
+      `longest ${fmtMs(s.longest_ms)} ms`
+    : `no request waited for a connection (${s.requests} measured)`;
+  $("#stalls").classList.toggle("bad", s.stalled > 0);
+  $("#share-tabs").checked = sharing.on;
+  $("#share-tabs").disabled = !share.available;
+}
+
+/** Share the ticker's streams between tabs (`tell`: the user asked here, tell the other tabs). */
+function setSharing(on, tell) {
+  if (sharing.on === on) return;
+  sharing.on = on;
+  $("#share-tabs").checked = on;
+  if (tell && bus) bus.postMessage({ kind: "share", on, tab: pageId });
+  announceSoon();
+  // A ticker run joins (or leaves) the share at once: started anew, from "now".
+  if (app.run && app.run.mode === "ticker" && app.run.endedAt === null) app.startTicker();
+  ui.dirty();
+}
+
+$("#share-tabs").addEventListener("change", (event) => setSharing(event.target.checked, true));
+$("#share-offer").addEventListener("click", () => {
+  setSharing(true, true);
+  $("#share-offer").hidden = true;
+});
 
 // ---- controls ---------------------------------------------------------------------------------
 function bindSlider(id, unit, onChange) {
@@ -511,6 +659,15 @@ if (testHookWanted()) {
     plan,
     clock,
     session,
+    tabs: {
+      protocol,
+      census,
+      share,
+      stalls,
+      sharing,
+      state: tabs,
+      setSharing: (on) => setSharing(on, true),
+    },
     summary: () => app.summary(),
     markdown: () => app.markdown(),
   };
@@ -519,6 +676,18 @@ if (testHookWanted()) {
 // ---- start ------------------------------------------------------------------------------------
 async function init() {
   try {
+    if (bus) {
+      bus.addEventListener("message", (event) => {
+        const message = event.data;
+        census.receive(message);
+        share.receive(message);
+        if (message && message.kind === "share" && message.tab !== pageId) {
+          setSharing(Boolean(message.on), false);
+        }
+      });
+    }
+    census.start(); // the other tabs learn of this one, and it of them, at once
+    stalls.observe(globalThis.PerformanceObserver, refresh);
     await readSession(); // first: with auth on and nobody signed in, config would be refused
     await readSettings();
     document.body.dataset.ready = "true";

@@ -12,6 +12,11 @@
  * it says otherwise; net.js `connectionPlan` adds them up against the browser's six), and, with
  * `unsupported(run)`, that it cannot stream a run (the pane then sits it out, `skipped`).
  *
+ * Shared between tabs (tabs.js StreamShare, when `deps.share.wanted(run)`): the pane joins the
+ * share instead of connecting; the tab that holds the stream's lock connects (`open`) and relays
+ * each event it accepts, the others `handle` the relayed ones and hold no connection. A pane
+ * class that cannot be shared says `static shareable = false`.
+ *
  * `this.gen` changes whenever the pane cuts, stops or finishes: a callback that captured an
  * older value belongs to a connection the pane no longer wants, and must do nothing.
  *
@@ -22,7 +27,7 @@
 
 import { SLASH, fmtBytes, fmtMs, percentile } from "./format.js";
 import { diagnose, judge, needsProbe } from "./pane-errors.js";
-import { Sequence } from "./sequence.js";
+import { Sequence, parseId } from "./sequence.js";
 
 export const MAX_SAMPLES = 5000; // latency samples kept per pane (percentiles over the last ones)
 export const MAX_POINTS = 2000; // chart points kept per series
@@ -31,6 +36,9 @@ export const MAX_TEXT = 6000; // characters kept in a pane on the never-ending t
 export class Pane {
   /** The most HTTP/1.1 connections a pane of this class holds at once (net.js connectionPlan). */
   static connections = 1;
+
+  /** Whether panes of this class may follow a stream another tab holds (tabs.js). */
+  static shareable = true;
 
   /**
    * @param {HTMLElement} root the pane's <article> (data-transport, data-label, data-color)
@@ -47,6 +55,8 @@ export class Pane {
    *   fetch       optional: the fetch() the pane's own requests use (probes, and the
    *               transports that run on fetch and take it from here); globalThis.fetch if absent
    *   queue       optional: the page's SideQueue (net.js), which probes wait their turn in
+   *   share       optional: {wanted(run), join(name, handlers)}: streams shared between tabs
+   *               (tabs.js StreamShare)
    */
   constructor(root, deps) {
     this.root = root;
@@ -65,6 +75,8 @@ export class Pane {
     this.cutEl.addEventListener("click", () => this.cut());
     this.gen = 0;
     this.active = false;
+    this.relay = null; // the StreamShare handle while the run is shared between tabs
+    this.following = false; // another tab holds the stream; its events are relayed to us
     this.run = null;
     this.tag = null;
     this.state = "closed";
@@ -115,7 +127,46 @@ export class Pane {
     this.gen += 1;
     this.cutEl.disabled = false;
     this.setState("connecting");
-    this.open(this.resumeFrom());
+    const share = this.deps.share;
+    if (share && this.constructor.shareable && share.wanted(run)) this.joinShare(run);
+    else this.open(this.resumeFrom());
+  }
+
+  /** Stream `run` shared with the other tabs: connect only while this tab holds the lock. */
+  joinShare(run) {
+    const gen = this.gen;
+    const mine = () => gen === this.gen && this.active && !this.ended;
+    this.following = true;
+    this.note("shared: waiting for the tab that holds the stream");
+    this.relay = this.deps.share.join(`realtime-lab:${this.key}:${run.channel}`, {
+      lead: () => {
+        if (!mine()) return;
+        this.following = false;
+        this.note("shared: this tab holds the stream and relays its events to the other tabs");
+        this.open(this.resumeFrom()); // after the last event relayed to us: nothing lost
+      },
+      follow: (env) => {
+        if (!mine() || !this.following) return;
+        // Across a handover the new holder may relay again what the old one did: not a
+        // duplicate of the stream, only of the relay.
+        const id = parseId(env && env.id);
+        const last = parseId(this.lastId);
+        if (id && last && id.epoch === last.epoch && id.seq <= last.seq) return;
+        if (this.state !== "open") this.setState("open");
+        this.handle(env, this.deps.clock.wall());
+      },
+      leader: (tab) => {
+        if (mine() && this.following) {
+          this.note(`shared: relayed from tab ${tab}, which holds the stream (none held here)`);
+        }
+      },
+    });
+  }
+
+  leaveShare() {
+    if (this.relay) this.relay.leave();
+    this.relay = null;
+    this.following = false;
   }
 
   resumeFrom() {
@@ -143,6 +194,7 @@ export class Pane {
     this.active = false;
     this.gen += 1;
     this.shut();
+    this.leaveShare();
     this.cutEl.disabled = true;
     this.setState("closed");
     if (!this.ended) this.note("stopped");
@@ -150,7 +202,7 @@ export class Pane {
 
   /** "cut connection": drop our own connection and resume from the last id we hold. */
   cut() {
-    if (!this.active || this.ended) return;
+    if (!this.active || this.ended || this.following) return; // a follower holds nothing to cut
     this.gen += 1;
     this.shut(4000, "cut by the dashboard");
     this.wasDown = true;
@@ -277,6 +329,7 @@ export class Pane {
       return; // dropped: the text already holds it, or its place has passed
     }
     this.lastId = env.id;
+    if (this.relay && !this.following) this.relay.publish(env); // to the tabs that follow
     if (verdict === "reset") {
       // History could not reach back to our position: say so and count from here.
       const data = env.data || {};
@@ -324,6 +377,7 @@ export class Pane {
     this.active = false;
     this.gen += 1;
     this.shut();
+    this.leaveShare();
     this.cutEl.disabled = true;
     this.root.dataset.end = reason;
     this.setState("closed");
