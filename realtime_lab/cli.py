@@ -12,10 +12,11 @@ from realtime_lab.auth import exposure_error
 from realtime_lab.auth.cli import add_token_command
 from realtime_lab.bench.cli import add_parser as add_bench_command
 from realtime_lab.clients.cli import add_commands as add_client_commands
-from realtime_lab.config import ENV_PREFIX, Settings
+from realtime_lab.config import COMPRESSION_MODES, ENV_PREFIX, Settings
 from realtime_lab.errors import BusUnavailable
 from realtime_lab.logs import setup_logging
 
+_CHOICES = {"compression": COMPRESSION_MODES}
 _HELP = {
     "host": "interface to listen on",
     "port": "TCP port to listen on",
@@ -38,6 +39,8 @@ _HELP = {
     "ws_max_message": "largest WebSocket message a client may send, in bytes",
     "send_buffer": "unsent bytes per connection before a slow client is ended (overflow)",
     "coalesce_ms": "write-coalescing window when the server falls behind (0: off)",
+    "compression": "off, message (WebSocket deflate once per event, shared by all) or connection "
+    "(a compressor per connection: WebSocket context takeover, gzip/br/zstd SSE and fetch)",
     "shutdown_timeout": "seconds to end streams on SIGINT/SIGTERM",
     "chaos": "enable fault injection under /api/chaos/",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
@@ -87,6 +90,7 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                 flag,
                 type=type(default),
                 default=None,
+                choices=_CHOICES.get(f.name),
                 metavar=f.name.upper(),
                 help=f"{_HELP[f.name]} (default {default}; env {env})",
             )

@@ -10,6 +10,12 @@ ENV_PREFIX = "REALTIME_LAB_"
 
 _TRUE = {"1", "true", "yes", "on"}
 
+#: ``compression``: none; one compressed copy per event shared by every subscriber (WebSocket
+#: ``permessage-deflate`` without context takeover); a compressor per connection (WebSocket with
+#: context takeover, SSE and fetch streams with ``Content-Encoding``). Polling answers are
+#: compressed when asked in both modes that compress.
+COMPRESSION_MODES = ("off", "message", "connection")
+
 
 @dataclass(slots=True)
 class Settings:
@@ -36,6 +42,7 @@ class Settings:
     ws_max_message: int = 4 * 1024  # largest WebSocket message a client may send (bytes)
     send_buffer: int = 256 * 1024  # per-connection unsent bytes before it is ended (overflow)
     coalesce_ms: float = 0.0  # SSE/WebSocket write coalescing window when behind (0: off)
+    compression: str = "off"  # off | message | connection (see COMPRESSION_MODES)
     shutdown_timeout: float = 5.0  # seconds to end streams on SIGINT/SIGTERM
     chaos: bool = False  # enable /api/chaos fault injection
     log_level: str = "INFO"
@@ -77,6 +84,11 @@ class Settings:
         for name, value in overrides.items():
             if value is not None:
                 setattr(settings, name, value)
+        if settings.compression not in COMPRESSION_MODES:
+            raise ValueError(
+                f"compression {settings.compression!r} is not one of "
+                + ", ".join(COMPRESSION_MODES)
+            )
         return settings
 
 

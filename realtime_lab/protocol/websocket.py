@@ -2,10 +2,12 @@
 incremental frame decoder.
 
 The server builds each event's frame once with :func:`text_frame` and writes the same bytes to
-every subscriber (server frames are unmasked and compression is off, so they are the same for
-everyone). A peer passes every chunk it reads to :meth:`FrameDecoder.feed` and handles the
-frames it gets back, whatever way TCP cut them (``reassemble=True`` joins fragmented messages);
-it answers pings and decodes text itself (the decoder checks framing, not UTF-8).
+every subscriber (server frames are unmasked, so they are the same for everyone); with
+``permessage-deflate`` (:mod:`realtime_lab.protocol.deflate`) the compressed payload goes in
+:func:`deflated_text_frame`, RSV1 set. A peer passes every chunk it reads to
+:meth:`FrameDecoder.feed` and handles the frames it gets back, whatever way TCP cut them
+(``reassemble=True`` joins fragmented messages); it answers pings and decodes text itself (the
+decoder checks framing, not UTF-8), and inflates RSV1 messages with ``deflate.Inflater``.
 
 Why not ``wsproto`` (1.3.2, a well-kept sans-I/O library, on PyPI): it fits neither hot path.
 Its encoder is a method of a per-connection ``FrameProtocol`` that tracks fragmentation and runs
@@ -49,6 +51,7 @@ __all__ = [
     "close_frame",
     "close_frame_size",
     "close_payload",
+    "deflated_text_frame",
     "encode_frame",
     "new_key",
     "parse_close",
@@ -82,6 +85,7 @@ _RSV1: Final = 0x40
 _MASK_BIT: Final = 0x80
 
 _TEXT_HEADERS: Final = tuple(bytes((_FIN | OP_TEXT, n)) for n in range(126))
+_DEFLATED_HEADERS: Final = tuple(bytes((_FIN | _RSV1 | OP_TEXT, n)) for n in range(126))
 _pack_16: Final = struct.Struct("!BBH").pack
 _pack_64: Final = struct.Struct("!BBQ").pack
 _unpack_16: Final = struct.Struct("!H").unpack_from
@@ -116,6 +120,20 @@ def text_frame(payload: bytes) -> bytes:
     if size < 0x10000:
         return _pack_16(_FIN | OP_TEXT, 126, size) + payload
     return _pack_64(_FIN | OP_TEXT, 127, size) + payload
+
+
+def deflated_text_frame(payload: bytes) -> bytes:
+    """An unmasked, final text frame with RSV1 set: ``payload`` is a ``permessage-deflate``
+    compressed message (see :mod:`realtime_lab.protocol.deflate`).
+
+    The same bytes as ``encode_frame(OP_TEXT, payload, rsv1=True)``, on the server's short path.
+    """
+    size = len(payload)
+    if size < 126:
+        return _DEFLATED_HEADERS[size] + payload
+    if size < 0x10000:
+        return _pack_16(_FIN | _RSV1 | OP_TEXT, 126, size) + payload
+    return _pack_64(_FIN | _RSV1 | OP_TEXT, 127, size) + payload
 
 
 def encode_frame(

@@ -2,7 +2,8 @@
 
 Both answer ``{"events": [...], "cursor": "ID", "more": false}``; the client sends ``cursor`` back
 as ``after``. The body is assembled from each event's cached JSON, so an event is JSON-encoded
-once however many pollers fetch it.
+once however many pollers fetch it. With ``--compression`` on, an answer is compressed as the
+request's ``Accept-Encoding`` asks (see :mod:`realtime_lab.transports.compression`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from realtime_lab.bus import After, Replay
 from realtime_lab.errors import InvalidCursor
 from realtime_lab.protocol.cursor import Cursor, parse_id
 from realtime_lab.protocol.envelope import Event, dumps
-from realtime_lab.transports.accounting import Counters, LiveConnection, MeteredResponse
+from realtime_lab.transports.accounting import Counters, Hub, LiveConnection, MeteredResponse
+from realtime_lab.transports.compression import encode_body, mark_compressed
 from realtime_lab.transports.keys import BUS_KEY, CHAOS_KEY, HUB_KEY, SETTINGS_KEY
 from realtime_lab.transports.params import field
 from realtime_lab.transports.preamble import Opening, open_request
@@ -54,7 +56,24 @@ async def poll(request: web.Request) -> web.StreamResponse:
         replay = _held(after)
     counters.events += len(replay.events)
     hub = request.app[HUB_KEY]
-    return MeteredResponse(render(replay), "poll", opening.client, counters, hub)
+    return _answer(request, render(replay), "poll", opening.client, counters, hub)
+
+
+def _answer(
+    request: web.Request,
+    body: bytes,
+    transport: str,
+    client: str | None,
+    counters: Counters,
+    hub: Hub,
+) -> MeteredResponse:
+    """The poll answer, compressed when the client asks and ``--compression`` is on (the
+    accounting counts the compressed body)."""
+    settings = request.app[SETTINGS_KEY]
+    body, coding = encode_body(request, settings, body)
+    response = MeteredResponse(body, transport, client, counters, hub)
+    mark_compressed(response, settings, coding)
+    return response
 
 
 def _held(after: After) -> Replay:
@@ -171,6 +190,6 @@ async def longpoll(request: web.Request) -> web.StreamResponse:
                 else Replay([], replay.cursor)
             )
         counters.events += len(replay.events)
-        return MeteredResponse(render(replay), "longpoll", client, counters, hub)
+        return _answer(request, render(replay), "longpoll", client, counters, hub)
     finally:
         opening.release()

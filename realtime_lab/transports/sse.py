@@ -24,6 +24,7 @@ from realtime_lab.protocol.cursor import Cursor
 from realtime_lab.protocol.envelope import TOKEN, Event, dumps
 from realtime_lab.protocol.sse import encode_comment, encode_event, encode_retry
 from realtime_lab.transports.accounting import Counters, MeteredResponse
+from realtime_lab.transports.compression import StreamEncoder, stream_encoder, stream_headers
 from realtime_lab.transports.keys import (
     BROADCASTS_KEY,
     BUS_KEY,
@@ -79,24 +80,43 @@ PING_LINE_CHUNK: Final = chunked(PING_LINE)
 class SSEConnection(StreamConnection):
     """One open event stream."""
 
-    __slots__ = ("is_chunked",)
+    __slots__ = ("encoder", "is_chunked")
     transport = "sse"
 
     def __init__(self, request: web.Request, *args: object, **kwargs: object) -> None:
         super().__init__(request, *args, **kwargs)  # type: ignore[arg-type]
         # HTTP/1.0 clients get a close-delimited body, everyone else chunked encoding.
         self.is_chunked = request.version >= (1, 1)
+        # A compressed body (--compression connection): every write goes through it, in order.
+        self.encoder: StreamEncoder | None = None
 
     def frame(self, event: Event) -> bytes:
         return sse_chunk(event) if self.is_chunked else sse_frame(event)
 
+    def wire(self, event: Event) -> bytes:
+        if self.encoder is not None:
+            return self.raw(sse_frame(event))
+        return sse_chunk(event) if self.is_chunked else sse_frame(event)
+
     def raw(self, payload: bytes) -> bytes:
+        """``payload`` as the body carries it: compressed (now: call it in write order), chunked."""
+        if self.encoder is not None:
+            payload = self.encoder.encode(payload)
+            if not payload:
+                return b""  # an empty chunk would end the body
         return chunked(payload) if self.is_chunked else payload
+
+    def update_steady(self) -> None:
+        # A compressed body is this connection's own: the broadcast's shared bytes are not it.
+        if self.encoder is None:
+            super().update_steady()
 
     def heartbeat(self) -> None:
         if not self.done.done():
             self.counters.heartbeats += 1
-            if self.totals().events:
+            if self.encoder is not None:
+                self.write(self.raw(PING if self.totals().events else PING_LINE))
+            elif self.totals().events:
                 self.write(PING_CHUNK if self.is_chunked else PING)
             else:
                 self.write(PING_LINE_CHUNK if self.is_chunked else PING_LINE)
@@ -163,9 +183,11 @@ async def stream_events(
     app = request.app
     hub, settings, chaos = app[HUB_KEY], app[SETTINGS_KEY], app[CHAOS_KEY]
     channel, client, counters = opening.channel, opening.client, opening.counters
-    response = web.StreamResponse(headers=SSE_HEADERS)
+    encoder = stream_encoder(request, settings)
+    response = web.StreamResponse(headers={**SSE_HEADERS, **stream_headers(encoder)})
     await response.prepare(request)
     conn = kind(request, channel, client, chaos, settings.send_buffer)
+    conn.encoder = encoder
     conn.counters = counters
     writer = request._payload_writer  # headers as aiohttp wrote them
     counters.bytes += writer.output_size
@@ -190,8 +212,13 @@ async def stream_events(
     transport = request.transport
     if reason in CLEAN_ENDS and transport is not None and not transport.is_closing():
         before = writer.output_size
+        tail = b""
+        if encoder is not None:  # the compressed stream's end (gzip's checksum), then the body's
+            tail = encoder.finish()
+            tail = chunked(tail) if conn.is_chunked and tail else tail
+            transport.write(tail)
         await response.write_eof()
-        hub.record(kind.transport, client, Counters(bytes=writer.output_size - before))
+        hub.record(kind.transport, client, Counters(bytes=len(tail) + writer.output_size - before))
     # After an overflow, a chaos drop or a lost client the socket is already closing: aiohttp's
     # own write_eof then fails quietly with a ConnectionError it expects.
     return response, reason

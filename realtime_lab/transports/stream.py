@@ -117,6 +117,12 @@ class StreamConnection(LiveConnection):
         """The bytes that carry ``event`` on this transport (cache them on the event)."""
         raise NotImplementedError
 
+    def wire(self, event: Event) -> bytes:
+        """The bytes :meth:`send` writes for ``event``, called once per event in write order:
+        :meth:`frame`, unless the connection compresses with a context of its own (then
+        :meth:`frame` is only the size the backlog estimates with)."""
+        return self.frame(event)
+
     def overflow_signal(self) -> bytes:
         """The last bytes written to a subscriber ended for falling behind."""
         return b""
@@ -135,7 +141,7 @@ class StreamConnection(LiveConnection):
     def send(self, event: Event) -> None:
         """Write one event now (or hand it to the chaos slow path)."""
         self.counters.events += 1
-        data = self.frame(event)
+        data = self.wire(event)
         is_end = event.type == END
         if is_end:
             self.end_reason = str(event.data.get("reason", "done"))

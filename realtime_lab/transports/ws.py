@@ -2,7 +2,15 @@
 
 Server to client: one text frame per event, carrying the JSON envelope. The frame (header and
 payload) is built once per event and written as-is to every subscriber's socket: server frames
-are unmasked and compression is off, so the bytes are the same for everyone.
+are unmasked, so the bytes are the same for everyone.
+
+Compression (``--compression``, see :mod:`realtime_lab.transports.compression`): when the client
+offers ``permessage-deflate`` (browsers and the ``websockets`` package do), ``message`` mode
+answers ``server_no_context_takeover`` and sends each event deflated once, one cached frame for
+every compressing subscriber (a second broadcast beside the plain one); ``connection`` mode keeps
+a deflate context per connection, so the connection writes its own frames, never the shared
+ones. Client messages may be compressed either way; aiohttp's reader inflates them, bounded by
+``--ws-max-message``.
 
 Client to server (JSON text frames):
 
@@ -25,14 +33,22 @@ import json
 import logging
 from typing import Any, Final
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, hdrs, web
+from multidict import CIMultiDict
 
 from realtime_lab.auth import Identity
 from realtime_lab.bus import After, Bus
 from realtime_lab.errors import UnknownChat
 from realtime_lab.protocol.channels import CHAT_PREFIX
+from realtime_lab.protocol.deflate import Agreement, ConnectionDeflater, deflate_message, negotiate
 from realtime_lab.protocol.envelope import ERROR, Event, dumps
-from realtime_lab.protocol.websocket import PING_FRAME, close_frame, close_frame_size, text_frame
+from realtime_lab.protocol.websocket import (
+    PING_FRAME,
+    close_frame,
+    close_frame_size,
+    deflated_text_frame,
+    text_frame,
+)
 from realtime_lab.transports.accounting import Hub
 from realtime_lab.transports.broadcast import Broadcast
 from realtime_lab.transports.chaos import Chaos
@@ -74,18 +90,57 @@ def ws_frame(event: Event) -> bytes:
     return frame
 
 
+def ws_deflated_frame(event: Event) -> bytes:
+    """``event`` as one text frame deflated on its own (``message`` mode; cached on the event).
+
+    A plain frame when deflating does not make it smaller (the RFC allows either at any time).
+    """
+    frame = event.cache.get("ws.d")
+    if frame is None:
+        payload = deflate_message(event.json)
+        frame = ws_frame(event) if payload is None else deflated_text_frame(payload)
+        event.cache["ws.d"] = frame
+    return frame
+
+
 class WSConnection(StreamConnection):
     """One open WebSocket subscription."""
 
-    __slots__ = ("awaiting_pong",)
+    __slots__ = ("_deflater", "awaiting_pong", "group_frame", "group_key")
     transport = "ws"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.awaiting_pong = False
+        # The broadcast it joins: the plain frames, or the shared deflated ones.
+        self.group_key, self.group_frame = "ws", ws_frame
+        self._deflater: ConnectionDeflater | None = None
+
+    def use_compression(self, agreement: Agreement | None) -> None:
+        """Frame events as the handshake agreed (call before attaching)."""
+        if agreement is None:
+            return
+        if agreement.context_takeover:
+            # Its frames are its own: it stays in the plain broadcast as a member the broadcast
+            # never writes for (not steady), which hands it each event to frame itself.
+            self._deflater = ConnectionDeflater(agreement.window_bits)
+        else:
+            self.group_key, self.group_frame = "ws.d", ws_deflated_frame
 
     def frame(self, event: Event) -> bytes:
-        return ws_frame(event)
+        return self.group_frame(event)
+
+    def wire(self, event: Event) -> bytes:
+        deflater = self._deflater
+        if deflater is not None:
+            # Compressed at send time, in write order (what follows is FIFO: faults, socket).
+            return deflated_text_frame(deflater.message(event.json))
+        return self.group_frame(event)
+
+    def update_steady(self) -> None:
+        if self._deflater is None:
+            super().update_steady()
+        # else: never steady, the shared frames are not what its client's inflater expects
 
     def heartbeat(self) -> None:
         if self.done.done():
@@ -144,6 +199,29 @@ async def ws(request: web.Request) -> web.StreamResponse:
         opening.release()
 
 
+class _WebSocketResponse(web.WebSocketResponse):
+    """aiohttp's WebSocket with this server's ``permessage-deflate`` answer.
+
+    aiohttp negotiates the extension its own way (it would answer with context takeover and no
+    window limit, and compress what aiohttp itself sends); here its negotiation stays off
+    (``compress=False``) and the handshake adds :func:`negotiate`'s answer instead, telling
+    aiohttp's reader that client frames may be compressed. aiohttp itself only ever sends
+    control frames on this socket (pong, close), which are never compressed.
+    """
+
+    def __init__(self, agreement: Agreement | None, max_msg: int) -> None:
+        super().__init__(autoping=False, max_msg_size=max_msg, compress=False)
+        self.agreement = agreement
+
+    def _handshake(self, request: Any) -> tuple[CIMultiDict[str], str | None, int, bool]:
+        headers, protocol, _, _ = super()._handshake(request)
+        if self.agreement is None:
+            return headers, protocol, 0, False
+        headers[hdrs.SEC_WEBSOCKET_EXTENSIONS] = self.agreement.header()
+        # 15: aiohttp's reader inflates client messages (with a window that takes any).
+        return headers, protocol, 15, False
+
+
 async def _refuse_upgrade(request: web.Request, max_msg: int, why: str) -> web.WebSocketResponse:
     sock = web.WebSocketResponse(autoping=False, max_msg_size=max_msg, compress=False)
     await sock.prepare(request)
@@ -162,10 +240,13 @@ async def _serve(
     channel, after = opening.channel, opening.after
     client, counters = opening.client, opening.counters
     settings = request.app[SETTINGS_KEY]
-    sock = web.WebSocketResponse(autoping=False, max_msg_size=max_msg, compress=False)
+    offers = request.headers.getall(hdrs.SEC_WEBSOCKET_EXTENSIONS, ())
+    agreement = negotiate(offers, settings.compression) if offers else None
+    sock = _WebSocketResponse(agreement, max_msg)
     await sock.prepare(request)
     counters.bytes += request._payload_writer.output_size  # the 101 handshake answer
     conn = WSConnection(request, channel, client, chaos, settings.send_buffer)
+    conn.use_compression(agreement)
     conn.counters = counters
     hub.register(conn)
     timer = schedule_timeout(conn, settings.stream_timeout)
@@ -175,6 +256,14 @@ async def _serve(
         await session.attach(after)
         await asyncio.wait((reader, conn.done), return_when=asyncio.FIRST_COMPLETED)
         reason = conn.done.result() if conn.done.done() else LOST
+        if not reader.done():
+            # Stop reading before closing: with a receive() pending, aiohttp's close() drops the
+            # TCP connection right after its close frame, the client's answering close frame
+            # meets a closed socket and the kernel resets the connection (RST, no FIN) - what
+            # standard clients (websockets, aiohttp, browsers) saw. Without one, close() waits
+            # for the client's close frame, as RFC 6455 section 7.1.1 wants.
+            reader.cancel()
+            await asyncio.wait((reader,))
         if reason == END_OF_STREAM:
             await _close(sock, WSCloseCode.OK, "end", conn)
         elif reason == SHUTDOWN:
@@ -235,8 +324,9 @@ class _Session:
 
     async def attach(self, after: After) -> None:
         self.detach()
+        conn = self.conn
         self.group = await self.request.app[BROADCASTS_KEY].attach(
-            self.conn, self.channel, after, "ws", ws_frame
+            conn, self.channel, after, conn.group_key, conn.group_frame
         )
 
     def detach(self) -> None:
