@@ -325,6 +325,16 @@ const app = {
       clock,
       budget,
       plan,
+      tabs: {
+        protocol: protocol || null,
+        limit_applies: limitApplies(protocol),
+        count: census.tabs,
+        held_by_all: census.held,
+        warning: tabs.warning || null,
+        sharing: sharing.on,
+        leads: share.leads,
+        stalls: stalls.summary(),
+      },
     });
   },
 

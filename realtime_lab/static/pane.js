@@ -137,11 +137,13 @@ export class Pane {
     const gen = this.gen;
     const mine = () => gen === this.gen && this.active && !this.ended;
     this.following = true;
+    this.cutEl.disabled = true; // nothing to cut while another tab holds the stream
     this.note("shared: waiting for the tab that holds the stream");
     this.relay = this.deps.share.join(`realtime-lab:${this.key}:${run.channel}`, {
       lead: () => {
         if (!mine()) return;
         this.following = false;
+        this.cutEl.disabled = false;
         this.note("shared: this tab holds the stream and relays its events to the other tabs");
         this.open(this.resumeFrom()); // after the last event relayed to us: nothing lost
       },

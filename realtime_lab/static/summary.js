@@ -36,7 +36,16 @@ export const COLUMNS = [
  *   budget  {now, peak, limit, peaks}: connections held (net.js ConnectionBudget)
  *   plan    optional: net.js connectionPlan of the panes ({total, parts})
  */
-export function runSummary({ run, panes, config, clock, budget, plan = null, now = new Date() }) {
+export function runSummary({
+  run,
+  panes,
+  config,
+  clock,
+  budget,
+  plan = null,
+  tabs = null,
+  now = new Date(),
+}) {
   const out = {
     generated_at: now.toISOString(),
     run: run && {
@@ -60,6 +69,9 @@ export function runSummary({ run, panes, config, clock, budget, plan = null, now
       plan: plan ? plan.total : null,
       plan_by_holder: plan ? { ...plan.parts } : null,
     },
+    // The other tabs of the origin and the protocol (tabs.js): what the connection figures
+    // were measured beside.
+    tabs: tabs ? { ...tabs } : null,
     panes: {},
   };
   for (const pane of panes) {

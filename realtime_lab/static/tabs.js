@@ -76,11 +76,12 @@ export function forecast({ protocol, othersHeld, tabs, plan, limit = LIMIT }) {
   }
   const over = need > limit;
   const others = tabs - 1;
+  // What the others hold now, or may hold soon (a tab with a run on: its whole plan).
   const who =
-    others === 1 ? "1 other tab of this origin holds" : `${others} other tabs of this origin hold`;
+    others === 1 ? "1 other tab of this origin uses" : `${others} other tabs of this origin use`;
   const held = `${othersHeld} connection${othersHeld === 1 ? "" : "s"}`;
   const text = over
-    ? `${who} ${held} and this run needs up to ${plan}: ` +
+    ? `${who} up to ${held} and this run needs up to ${plan}: ` +
       `${need}, more than the ${limit} a browser opens over ${protocolName(protocol)}, so some ` +
       "requests will wait for a free one"
     : `${need} of ${limit} connections at most, with the other tabs`;

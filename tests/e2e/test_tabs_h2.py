@@ -161,6 +161,10 @@ async def test_three_tabs_over_http_2_finish_every_pane_and_over_http_1_1_they_s
     h2_summaries = await three_chats(h2_tabs)
     await assert_every_pane_finished(h2_tabs, h2_summaries)
     h2 = [await tabs_state(tab) for tab in h2_tabs]
+    for summary in h2_summaries:  # "Download JSON" says beside what it was measured
+        assert summary["tabs"]["protocol"] == "h2", summary["tabs"]
+        assert summary["tabs"]["limit_applies"] is False, summary["tabs"]
+        assert summary["tabs"]["count"] == TABS, summary["tabs"]
     for state in h2:
         assert state["protocol"] == "h2", state
         assert state["protocol_text"].startswith("HTTP/2: one connection for all tabs"), state
@@ -234,6 +238,7 @@ async def test_over_http_1_1_one_tab_holds_the_ticker_for_all_three(
         assert not set(state["peaks"]) & set(STREAMS), state  # only the API queue's
     for tab in tabs[1:]:
         assert "relayed from tab" in await tab.note("sse")
+        assert await tab.page.is_disabled("#pane-sse [data-role=cut]")  # nothing to cut
 
     # The holder closes: another tab takes each stream over and resumes from its last id.
     await tabs[0].page.close()

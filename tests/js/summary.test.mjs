@@ -61,6 +61,12 @@ test("runSummary without a plan, and with a skipped pane", () => {
   assert.ok(lines[4].startsWith("| Fetch | skipped |"), lines[4]);
 });
 
+test("runSummary keeps what the page knew of the other tabs", () => {
+  assert.equal(runSummary(page(RUN, [])).tabs, null);
+  const tabs = { protocol: "h2", limit_applies: false, count: 3, stalls: { stalled: 0 } };
+  assert.deepEqual(runSummary({ ...page(RUN, []), tabs }).tabs, tabs);
+});
+
 test("runSummary before any run", () => {
   const summary = runSummary(page(null, []));
   assert.equal(summary.run, null);

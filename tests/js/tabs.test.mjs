@@ -99,9 +99,9 @@ test("forecast: over six over HTTP/1.1 warns, over HTTP/2 never", () => {
   assert.deepEqual([fits.applies, fits.need, fits.over], [true, 6, false]);
   const over = forecast({ protocol: "http/1.1", othersHeld: 5, tabs: 2, plan: 5 });
   assert.deepEqual([over.need, over.over], [10, true]);
-  assert.match(over.text, /^1 other tab of this origin holds 5 connections and this run needs up to 5: 10, more than the 6 a browser opens over HTTP\/1\.1/);
+  assert.match(over.text, /^1 other tab of this origin uses up to 5 connections and this run needs up to 5: 10, more than the 6 a browser opens over HTTP\/1\.1/);
   const two = forecast({ protocol: "http/1.1", othersHeld: 1, tabs: 3, plan: 6 });
-  assert.match(two.text, /^2 other tabs of this origin hold 1 connection /);
+  assert.match(two.text, /^2 other tabs of this origin use up to 1 connection /);
   const h2 = forecast({ protocol: "h2", othersHeld: 50, tabs: 9, plan: 5 });
   assert.deepEqual([h2.applies, h2.over], [false, false]);
   assert.match(h2.text, /^HTTP\/2: .*does not apply/);
