@@ -9,9 +9,9 @@ from typing import Any
 
 from realtime_lab.bench.runner import BenchConfig
 
-TRANSPORT_NAMES = ("sse", "ws", "longpoll", "poll", "fetch")
-#: The transports that read a channel: the ticker workload's (fetch streams only the chats its
-#: requests start).
+TRANSPORT_NAMES = ("sse", "ws", "longpoll", "poll", "fetch", "openai")
+#: The transports that read a channel: the ticker workload's (fetch and openai stream only the
+#: chats their requests start).
 TICKER_TRANSPORTS = ("sse", "ws", "longpoll", "poll")
 
 
@@ -83,12 +83,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     """Add ``bench`` to the ``realtime-lab`` subcommands."""
     p = sub.add_parser(
         "bench",
-        help="load-test the five transports and report what each costs",
+        help="load-test the transports and report what each costs",
         description="Start a server process (or target --url), open N clients of each "
         "transport from load worker processes, drive the ticker (or many chats), and report "
         "per transport: delivered events/s, latency percentiles, time to first token, bytes and "
         "requests per token, server CPU per 1,000 deliveries, server RSS per connection, losses "
-        "and duplicates. Writes results.json, results.md and one PNG per measure to --out. "
+        "and duplicates. --workload chats: --chats users chatting continuously (tokens/s "
+        "against offered, token and TTFT percentiles, chats/s, CPU per token), with "
+        "--baseline naive the same users against a tutorial handler and the ratios to it. "
+        "Writes results.json, results.md and one PNG per measure to --out. "
         "Exits 1 when any event was lost, duplicated or out of order.",
     )
     p.add_argument("--workload", choices=("ticker", "chats"), default="ticker")
@@ -161,13 +164,38 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument(
         "--chats",
-        type=int,
-        default=10,
-        help="concurrent chats (--workload chats; fetch: one chat per client, its own)",
+        type=_ints,
+        default=None,
+        help="--workload chats: concurrent users, a sweep (default: --clients's): each starts "
+        "a chat, reads its whole answer at --rate tokens/s, then starts the next",
     )
-    p.add_argument("--chat-tokens", type=int, default=60, help="tokens per chat answer")
     p.add_argument(
-        "--ttft-ms", type=float, default=100.0, help="chats' simulated first-token delay"
+        "--readers",
+        type=int,
+        default=1,
+        help="--workload chats: readers of each chat on sse, ws and the polls (1; fetch and "
+        "openai: the one request that starts it)",
+    )
+    p.add_argument(
+        "--chat-tokens",
+        type=int,
+        default=200,
+        help="most tokens a chat's answer has (200: longer than any simulated answer, 40-110 "
+        "tokens, so each is read whole, as a typical chat answer of a few sentences is)",
+    )
+    p.add_argument(
+        "--ttft-ms",
+        type=float,
+        default=0.0,
+        help="chats' simulated first-token delay (0: the TTFT measured is the server's own)",
+    )
+    p.add_argument(
+        "--baseline",
+        choices=("naive",),
+        default=None,
+        help="--workload chats: the same users against a tutorial aiohttp handler "
+        "(realtime_lab/bench/naive.py: one GET per chat, sleep and write), in the same run, "
+        "and the ratios to it in the report",
     )
     p.add_argument("--workers", type=int, default=0, help="load worker processes (0: one per CPU)")
     p.add_argument(
@@ -245,7 +273,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         out=args.out,
         workload=args.workload,
         transports=list(transports),
-        clients=list(get("clients")),
+        clients=list(args.chats if args.workload == "chats" and args.chats else get("clients")),
         rates=list(get("rate")),
         poll_intervals=list(get("poll_interval")),
         duration=duration,
@@ -254,9 +282,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         url=args.url,
         workers=args.workers,
         load_client=args.load_client,
-        chats=args.chats,
+        readers=args.readers,
         chat_tokens=args.chat_tokens,
         ttft_ms=args.ttft_ms,
+        baseline=args.baseline,
         sweep=scenario in ("sweep", "all"),
         slow_subscriber=scenario in ("slow-subscriber", "all"),
         stall_clients=int(get("stall_clients")),

@@ -1,5 +1,6 @@
 /*
- * The benchmark's light load client for the streaming transports (SSE, WebSocket and fetch).
+ * The benchmark's light load client for the streaming transports (SSE, WebSocket, fetch, the
+ * OpenAI endpoint) and for the naive baseline server (naive.py).
  *
  * Why C: at 1,000 subscribers and 100 tokens/s the load client reads 100,000 events per second,
  * and at 3,000 it reads 300,000. The asyncio clients of loadgen.py spend about 10-14 us of CPU
@@ -19,20 +20,36 @@
  * test_bench_sequence.py): lost = gaps, dup = duplicates, reordered, resets. It is driven by one
  * Python load worker over stdin/stdout:
  *
- *   argv: HOST PORT TRANSPORT(sse|ws|fetch) COUNT HOST_HEADER PATH [BODY]
- *         (an after=<event id> in PATH is every connection's start position, as the server
- *         reads it; after=now, after= or none: the first event opens the run)
- *         fetch: each connection POSTs BODY (a chat request, JSON) to PATH and reads the chat
- *         that starts, as SSE, from its first event (the opening "chat" event names the chat,
- *         whose id is the epoch of its events: the run opens at <id>-0), to its end; then it
- *         closes and starts the next chat on a new connection, until quit (the chat rounds of
- *         the chats workload). A connection refused before its head is not started again.
+ *   argv: HOST PORT TRANSPORT COUNT HOST_HEADER PATH [BODY]
+ *         sse, ws: COUNT readers of the channel of PATH (an after=<event id> in PATH is every
+ *         connection's start position, as the server reads it; after=now, after= or none: the
+ *         first event opens the run).
+ *         The others are COUNT users chatting continuously (the chats workload): each starts a
+ *         chat, reads it to its end, and starts the next, until quit. $SEED in BODY (or in
+ *         PATH, naive) is the round's seed, user * SEED_STRIDE + round, so that users' chats
+ *         differ in length and fall out of step. A round refused before its stream's head
+ *         starts again after RETRY_S; one cut after it counts an incomplete chat.
+ *         fetch: POST BODY to PATH and read the chat that starts, as SSE, from its first event
+ *         (the opening "chat" event names the chat, whose id is the epoch of its events: the
+ *         run opens at <id>-0), to its end, on a new connection per chat.
+ *         sse-chat, ws-chat: POST BODY to PATH (/api/chats?client=...) on a keep-alive
+ *         connection of the user's, take "channel" and "id" from the 201 answer, then open
+ *         /sse/<channel>?after=&<PATH's query> (ws-chat: /ws/...) and read it to its end event
+ *         (the run opens at <id>-0); its first token is timed from the POST.
+ *         openai: POST BODY ("stream": true) to PATH (/v1/chat/completions) and read the
+ *         chat.completion.chunk blocks to data: [DONE]. Chunks carry no id and no ts: tokens
+ *         (chunks whose delta has text) are counted with no sequence check and no latency.
+ *         naive: GET PATH, an SSE stream of envelopes whose ids count from <epoch>-1.
+ *         Every round's chat has its time to first token (from the request that started it)
+ *         and each token after the first its gap to the one before.
  *   out:  {"op":"opened",...}\n            once every connection has its response head (or failed)
  *   in:   start\n                          begin a measurement window; out: {"op":"started"}\n
  *   in:   stop\n                           end it; out: {"op":"window",...,"latency_count":N,
- *                                          "ttft_count":M}\n followed by N native doubles (the
- *                                          latencies in ms), then M (fetch: each chat's time from
- *                                          its POST to its first token, since the start)
+ *                                          "ttft_count":M,"gap_count":G}\n followed by N native
+ *                                          doubles (the latencies in ms), then M (chat rounds:
+ *                                          the time to first token of each chat whose first
+ *                                          token came in the window), then G (the gaps, ms,
+ *                                          between a stream's consecutive tokens in it)
  *   in:   quit\n (or end of input)         close everything and exit 0
  *
  * Malformed server bytes fail that one connection (counted, with a message); nothing here
@@ -85,8 +102,13 @@
 /* RFC 6455 section 1.3's example key and its accept value: a load client need not be random. */
 #define WS_KEY "dGhlIHNhbXBsZSBub25jZQ=="
 #define WS_ACCEPT "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+#define CTL_BIT 0x80000000u /* epoll data: the user's POST connection, not its stream */
+#define RETRY_S 0.5         /* a refused round starts again after this, as loadgen.py waits */
+#define SEED_STRIDE 100000  /* round r of user u asks seed u * SEED_STRIDE + r */
+#define MAX_CHANNEL 128
 
-enum { T_SSE, T_WS, T_FETCH };
+enum { T_SSE, T_WS, T_FETCH, T_OPENAI, T_NAIVE }; /* the framing a stream is read with */
+enum { CTL_NONE, CTL_CONNECTING, CTL_SENT, CTL_IDLE }; /* the POST /api/chats connection */
 enum { S_IDLE, S_CONNECTING, S_HEAD, S_BODY, S_CLOSED };
 enum { K_TOKEN, K_END, K_RESET, K_ERROR, K_CHAT };
 enum { V_NEW, V_RESET, V_DUPLICATE, V_REORDERED, V_FOREIGN }; /* sequence.Verdict */
@@ -110,16 +132,32 @@ typedef struct {
     range_t skipped[MAX_SKIPPED_RANGES];
 } run_t;
 
+/* What a user keeps from one chat round to the next (the rest of conn_t is reset per round). */
+typedef struct {
+    int ever_opened; /* its first response head arrived */
+    int counted;     /* it counts in "opened" or in "failed", once */
+    long long round; /* chat rounds started */
+    int ctl_fd;      /* sse-chat/ws-chat: the keep-alive connection POST /api/chats goes on */
+    int ctl_state;
+    int ctl_reused; /* the POST in flight went on a connection that had answered one already */
+    buf_t ctl_in;
+    double posted_ms; /* when this round's POST was sent: its chat's first token is timed from it */
+    char channel[MAX_CHANNEL];
+} persist_t;
+
 typedef struct {
     int fd;
     int state;
-    int ever_opened; /* its first response head arrived (it counts in "opened" once) */
+    persist_t p;
     int first_token;
+    double last_token_ms; /* this stream's previous token: the gap to the next is measured */
     double started_ms; /* fetch: when this round's connection (and request) started */
     int chunked;
     long long chunk_left; /* -1: reading a size line; -2: expecting the CRLF after a chunk */
     run_t run;
     int saw_end;
+    int ended; /* the stream is over: at its end event, or (chat rounds) once the server ended
+                * the response after it, so that nobody's last write meets a closed socket */
     buf_t in;   /* raw bytes not yet consumed (head, chunk framing, WebSocket frames) */
     buf_t line; /* SSE: the current, incomplete line */
     buf_t data; /* SSE: the current block's data */
@@ -134,19 +172,22 @@ static struct {
     int in_window;
     long long events, bytes, bytes_up;
     long long lost, dup, reordered, resets, overflows, disconnects, failures;
-    long long requests, chats, incomplete; /* fetch rounds: window counts, and life */
+    long long requests, chats, incomplete; /* chat rounds: window counts, and life */
     double *lat;
     size_t lat_len, lat_cap;
     double *ttft;
     size_t ttft_len, ttft_cap;
+    double *gap;
+    size_t gap_len, gap_cap;
     char errors[MAX_ERRORS][200];
     int n_errors;
 } T;
 
 static int transport;
+static int posting; /* sse-chat, ws-chat: each round POSTs /api/chats, then reads the channel */
+static int rounds;  /* chat rounds: a stream per chat, the next chat once it ended */
 static const char *host_header, *path;
-static const char *body; /* fetch: the chat request every round POSTs */
-static size_t body_len;
+static const char *body; /* the chat request every round sends ($SEED: the round's seed) */
 static run_t start_run; /* every connection's starting position (after= in PATH) */
 static conn_t *conns;
 static int count;
@@ -221,9 +262,9 @@ static void write_all(int fd, const void *p, size_t n) {
     }
 }
 
-static int send_all(conn_t *c, const char *p, size_t n) {
+static int send_fd(int fd, const char *p, size_t n) {
     while (n) {
-        ssize_t w = send(c->fd, p, n, MSG_NOSIGNAL);
+        ssize_t w = send(fd, p, n, MSG_NOSIGNAL);
         if (w < 0) {
             if (errno == EINTR) continue;
             return -1; /* a full send buffer for a tiny request or pong: treat as broken */
@@ -233,6 +274,33 @@ static int send_all(conn_t *c, const char *p, size_t n) {
         if (T.in_window) T.bytes_up += w;
     }
     return 0;
+}
+
+static int send_all(conn_t *c, const char *p, size_t n) { return send_fd(c->fd, p, n); }
+
+/* The chat request of user c's current round: the template with $SEED replaced (malloc'd). */
+static char *expand(const char *tmpl, const conn_t *c, size_t *out_len) {
+    char seed[32];
+    snprintf(seed, sizeof seed, "%lld", (long long)(c - conns) * SEED_STRIDE + c->p.round);
+    size_t cap = strlen(tmpl) + 32, n = 0;
+    char *out = malloc(cap);
+    if (!out) exit(4);
+    for (const char *q = tmpl; *q;) {
+        if (!strncmp(q, "$SEED", 5)) {
+            n += (size_t)snprintf(out + n, cap - n, "%s", seed);
+            q += 5;
+        } else {
+            out[n++] = *q++;
+        }
+        if (n + 32 >= cap) {
+            cap *= 2;
+            out = realloc(out, cap);
+            if (!out) exit(4);
+        }
+    }
+    out[n] = 0;
+    *out_len = n;
+    return out;
 }
 
 /* Closing ------------------------------------------------------------------------------------ */
@@ -248,11 +316,21 @@ static void close_conn(conn_t *c) {
     buf_free(&c->data);
 }
 
-static const char *const CLIENT_NAMES[] = {"SSEClient", "WSClient", "FetchClient"};
+static const char *const CLIENT_NAMES[] = {"SSEClient", "WSClient", "FetchClient",
+                                           "OpenAIClient", "NaiveClient"};
 static void restart_round(conn_t *c);
+static void delay_round(conn_t *c);
 
-/* An unexpected end: before its head it failed, after it a disconnect (as loadgen.py). A fetch
- * round cut after its head is an incomplete chat, and the next round starts. */
+static void count_failed(conn_t *c) {
+    if (!c->p.counted) {
+        c->p.counted = 1;
+        failed++;
+    }
+}
+
+/* An unexpected end: before its head it failed, after it a disconnect (as loadgen.py). A chat
+ * round cut after its head is an incomplete chat, and the next round starts; one refused before
+ * its head starts again after RETRY_S (as loadgen.py's rounds wait after a failed request). */
 static void fail_conn(conn_t *c, const char *why) {
     if (c->state == S_CLOSED) return;
     error_msg("%s: %s", CLIENT_NAMES[transport], why);
@@ -261,12 +339,14 @@ static void fail_conn(conn_t *c, const char *why) {
         T.disconnects++;
     } else {
         T.failures++;
-        if (!c->ever_opened) failed++;
+        count_failed(c);
     }
     close_conn(c);
-    if (transport == T_FETCH && body) {
+    if (rounds && body) {
         T.incomplete++;
         restart_round(c);
+    } else if (rounds) {
+        delay_round(c);
     }
 }
 
@@ -445,19 +525,26 @@ static void on_event(conn_t *c, int kind, const char *id, size_t idn, double ts,
         }
         return;
     }
+    size_t epoch_len;
+    long long seq;
+    if (transport == T_NAIVE && !c->run.open && parse_id(id, idn, &epoch_len, &seq))
+        run_open(&c->run, id, epoch_len, 0); /* its seqs count from 1 within the chat's epoch */
     int verdict = observe(&c->run, id, idn, kind == K_RESET);
     if (verdict == V_DUPLICATE || verdict == V_REORDERED) return; /* its place has passed */
     if (kind == K_TOKEN) { /* new, or foreign (no id): delivered */
         if (!c->first_token) {
             c->first_token = 1;
-            if (transport == T_FETCH) push(&T.ttft, &T.ttft_len, &T.ttft_cap, now - c->started_ms);
+            if (rounds && T.in_window) push(&T.ttft, &T.ttft_len, &T.ttft_cap, now - c->started_ms);
         }
         if (T.in_window) {
             T.events++;
-            push(&T.lat, &T.lat_len, &T.lat_cap, now - ts);
+            if (ts == ts) push(&T.lat, &T.lat_len, &T.lat_cap, now - ts); /* NaN: no ts */
+            if (c->last_token_ms > 0) push(&T.gap, &T.gap_len, &T.gap_cap, now - c->last_token_ms);
         }
+        c->last_token_ms = now;
     } else if (kind == K_END) {
         c->saw_end = 1;
+        if (!rounds) c->ended = 1;
     } /* K_RESET: observe() counted it */
 }
 
@@ -467,6 +554,26 @@ static int kind_of(const char *name, size_t n) {
     if (n == 5 && !memcmp(name, "error", 5)) return K_ERROR;
     if (n == 4 && !memcmp(name, "chat", 4) && transport == T_FETCH) return K_CHAT;
     return K_TOKEN; /* every other type is a delivery, as in loadgen.py */
+}
+
+/* An OpenAI stream's block: a chat.completion.chunk (a token when its delta has text), an
+ * in-band error, or [DONE], the end. Chunks carry no id and no ts: a token is delivered with no
+ * sequence check and no latency (its gap to the previous one is still measured). */
+static void openai_chunk(conn_t *c, const char *d, size_t dn, double now) {
+    if (dn == 6 && !memcmp(d, "[DONE]", 6)) {
+        on_event(c, K_END, NULL, 0, 0.0 / 0.0, now, 0);
+        return;
+    }
+    const char *at = memmem(d, dn, "\"content\":", 10);
+    if (!at) { /* the last chunk (finish_reason), usage, or an error */
+        if (memmem(d, dn, "\"error\"", 7) && !memmem(d, dn, "\"choices\"", 9))
+            error_msg("OpenAIClient: error chunk %.120s", d);
+        return;
+    }
+    const char *v = at + 10, *end = d + dn;
+    while (v < end && *v == ' ') v++;
+    if (end - v < 2 || v[0] != '"' || v[1] == '"') return; /* "" (the role's chunk) or null */
+    on_event(c, K_TOKEN, NULL, 0, 0.0 / 0.0, now, 0);
 }
 
 /* SSE ------------------------------------------------------------------------------------------ */
@@ -484,6 +591,13 @@ static void sse_dispatch(conn_t *c, double now) {
                                                                           : kind_of(c->event, en);
     if (kind == K_CHAT) {
         on_chat(c, d, dn);
+        c->data.len = 0;
+        c->event[0] = 0;
+        c->has_id = 0;
+        return;
+    }
+    if (transport == T_OPENAI) {
+        openai_chunk(c, d, dn, now);
         c->data.len = 0;
         c->event[0] = 0;
         c->has_id = 0;
@@ -555,7 +669,7 @@ static void sse_feed(conn_t *c, const char *p, size_t n, double now) {
 /* Chunked framing around the SSE text; returns how many bytes of p it consumed. */
 static size_t chunked_feed(conn_t *c, const char *p, size_t n, double now) {
     size_t pos = 0;
-    while (pos < n && c->state == S_BODY && !c->saw_end) { /* after the end: the caller closes */
+    while (pos < n && c->state == S_BODY && !c->ended) { /* after the end: the caller closes */
         if (c->chunk_left == -1) {
             const char *eol = memmem(p + pos, n - pos, "\r\n", 2);
             if (!eol) {
@@ -569,6 +683,10 @@ static size_t chunked_feed(conn_t *c, const char *p, size_t n, double now) {
                 break;
             }
             pos = (size_t)(eol - p) + 2;
+            if (size == 0 && c->saw_end) { /* the response's end, after the stream's */
+                c->ended = 1;
+                break;
+            }
             if (size == 0) { /* the last chunk: the server ended the stream */
                 fail_conn(c, "stream ended by the server");
                 break;
@@ -606,7 +724,7 @@ static void ws_message(conn_t *c, const char *p, size_t n, double now) {
 
 static size_t ws_feed(conn_t *c, const char *p, size_t n, double now) {
     size_t pos = 0;
-    while (c->state == S_BODY && n - pos >= 2) {
+    while (c->state == S_BODY && !c->ended && n - pos >= 2) { /* after the end: closed */
         unsigned char b0 = (unsigned char)p[pos], b1 = (unsigned char)p[pos + 1];
         if (b1 & 0x80) {
             fail_conn(c, "ws: server frames must not be masked");
@@ -657,7 +775,7 @@ static size_t ws_feed(conn_t *c, const char *p, size_t n, double now) {
                 T.overflows++;
                 close_conn(c);
             } else if (code == 1000 && c->saw_end) {
-                close_conn(c);
+                c->ended = 1; /* the caller closes (and starts the next round) */
             } else {
                 char why[64];
                 snprintf(why, sizeof why, "ws: closed %d", code);
@@ -670,38 +788,66 @@ static size_t ws_feed(conn_t *c, const char *p, size_t n, double now) {
 
 /* HTTP ------------------------------------------------------------------------------------------ */
 
-static void send_request(conn_t *c) {
-    char req[2048];
-    int n;
-    if (transport == T_FETCH) {
-        size_t cap = strlen(path) + strlen(host_header) + body_len + 256;
-        char *post = malloc(cap);
-        if (!post) exit(4);
-        n = snprintf(post, cap,
-                     "POST %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n"
+/* A POST of this round's chat request (fetch, openai, and the POST /api/chats of sse-chat and
+ * ws-chat) on fd; 0 when sent. */
+static int send_post(conn_t *c, int fd, const char *target, const char *accept) {
+    size_t body_n;
+    char *b = expand(body, c, &body_n);
+    size_t cap = strlen(target) + strlen(host_header) + body_n + 256;
+    char *post = malloc(cap);
+    if (!post) exit(4);
+    int n = snprintf(post, cap,
+                     "POST %s HTTP/1.1\r\nHost: %s\r\n%s"
                      "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n%s",
-                     path, host_header, body_len, body);
-        int sent = n > 0 && (size_t)n < cap && !send_all(c, post, (size_t)n);
-        free(post);
-        if (!sent) {
+                     target, host_header, accept, body_n, b);
+    int sent = n > 0 && (size_t)n < cap && !send_fd(fd, post, (size_t)n);
+    free(post);
+    free(b);
+    if (sent && T.in_window) T.requests++;
+    return sent ? 0 : -1;
+}
+
+/* What the stream of this round asks for: the channel the POST named (sse-chat, ws-chat), the
+ * chat of this round's seed (naive), or PATH (malloc'd). */
+static char *stream_target(conn_t *c) {
+    size_t n;
+    if (transport == T_NAIVE) return expand(path, c, &n);
+    if (!posting) return strdup(path);
+    const char *query = strchr(path, '?');
+    size_t cap = strlen(path) + MAX_CHANNEL + 32;
+    char *out = malloc(cap);
+    if (!out) exit(4);
+    /* after= (empty): the channel from its first event, as loadgen.py's chat readers ask */
+    snprintf(out, cap, "/%s/%s?after=%s%s", transport == T_WS ? "ws" : "sse", c->p.channel,
+             query ? "&" : "", query ? query + 1 : "");
+    return out;
+}
+
+static void send_request(conn_t *c) {
+    if (transport == T_FETCH || transport == T_OPENAI) {
+        if (send_post(c, c->fd, path, "Accept: text/event-stream\r\n"))
             fail_conn(c, "could not send the request");
-        } else if (T.in_window) {
-            T.requests++;
-        }
         return;
     }
-    if (transport == T_SSE) {
-        n = snprintf(req, sizeof req,
-                     "GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", path,
-                     host_header);
-    } else {
+    char req[2048];
+    int n;
+    char *target = stream_target(c);
+    if (transport == T_WS) {
         n = snprintf(req, sizeof req,
                      "GET %s HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: "
                      "Upgrade\r\nSec-WebSocket-Key: " WS_KEY "\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                     path, host_header);
+                     target, host_header);
+    } else {
+        n = snprintf(req, sizeof req,
+                     "GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", target,
+                     host_header);
     }
-    if (n <= 0 || (size_t)n >= sizeof req || send_all(c, req, (size_t)n))
+    free(target);
+    if (n <= 0 || (size_t)n >= sizeof req || send_all(c, req, (size_t)n)) {
         fail_conn(c, "could not send the request");
+    } else if (T.in_window) {
+        T.requests++;
+    }
 }
 
 /* The response head; returns the bytes consumed, 0 when it has not arrived yet. */
@@ -747,9 +893,12 @@ static size_t head_feed(conn_t *c, const char *p, size_t n) {
     free(head);
     c->state = S_BODY;
     c->chunk_left = -1;
-    if (!c->ever_opened) {
-        c->ever_opened = 1;
-        opened++;
+    if (!c->p.ever_opened) {
+        c->p.ever_opened = 1;
+        if (!c->p.counted) {
+            c->p.counted = 1;
+            opened++;
+        }
     }
     return hn;
 }
@@ -759,6 +908,15 @@ static size_t body_feed(conn_t *c, const char *p, size_t n, double now) {
     if (c->chunked) return chunked_feed(c, p, n, now);
     sse_feed(c, p, n, now);
     return n;
+}
+
+/* A stream read to its end: closed; in chat rounds, the chat counts and the next starts. */
+static void finish_stream(conn_t *c) {
+    close_conn(c);
+    if (rounds) {
+        if (T.in_window) T.chats++;
+        restart_round(c);
+    }
 }
 
 /* Bytes received on c: parse what they complete, keep the rest. */
@@ -781,12 +939,8 @@ static void on_bytes(conn_t *c, const char *p, size_t n, double now) {
         }
     }
     if (c->state == S_BODY && pos < n) pos += body_feed(c, p + pos, n - pos, now);
-    if (c->state == S_BODY && c->saw_end) {
-        close_conn(c);
-        if (transport == T_FETCH) { /* a chat read to its end: the next round */
-            if (T.in_window) T.chats++;
-            restart_round(c);
-        }
+    if (c->state == S_BODY && c->ended) {
+        finish_stream(c);
         return;
     }
     if (c->state == S_CLOSED) return;
@@ -882,22 +1036,243 @@ static void start_connect(conn_t *c) {
     if (epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev) < 0) fail_conn(c, strerror(errno));
 }
 
-/* Fetch: the next chat of this connection's rounds, on a new connection (a chat's stream ends
- * with its chat). Queued, and started by the main loop once the current batch of events is
- * handled: the closed connection's parser may still be on the stack. */
+/* The POST /api/chats connection (sse-chat, ws-chat) -------------------------------------- */
+
+static void post_chat(conn_t *c);
+
+static void ctl_close(conn_t *c) {
+    if (c->p.ctl_fd >= 0) close(c->p.ctl_fd);
+    c->p.ctl_fd = -1;
+    c->p.ctl_state = CTL_NONE;
+    buf_free(&c->p.ctl_in);
+}
+
+/* A POST refused or cut: counted as a failed request, and the round starts again later. */
+static void ctl_fail(conn_t *c, const char *why) {
+    error_msg("%s: POST /api/chats: %s", CLIENT_NAMES[transport], why);
+    T.failures++;
+    count_failed(c);
+    ctl_close(c);
+    delay_round(c);
+}
+
+static void ctl_send(conn_t *c) {
+    if (send_post(c, c->p.ctl_fd, path, "")) {
+        ctl_fail(c, "could not send the request");
+        return;
+    }
+    c->p.ctl_state = CTL_SENT;
+}
+
+static void ctl_connect(conn_t *c) {
+    c->p.ctl_reused = 0;
+    c->p.ctl_fd = socket(addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (c->p.ctl_fd < 0) {
+        ctl_fail(c, strerror(errno));
+        return;
+    }
+    int one = 1;
+    setsockopt(c->p.ctl_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->p.ctl_state = CTL_CONNECTING;
+    if (connect(c->p.ctl_fd, (struct sockaddr *)&addr, addr_len) < 0 && errno != EINPROGRESS) {
+        ctl_fail(c, strerror(errno));
+        return;
+    }
+    struct epoll_event ev = {.events = EPOLLOUT | EPOLLIN,
+                             .data.u32 = (uint32_t)(c - conns) | CTL_BIT};
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, c->p.ctl_fd, &ev) < 0) ctl_fail(c, strerror(errno));
+}
+
+/* This round's chat: on the kept-alive connection when there is one, else on a new one. */
+static void post_chat(conn_t *c) {
+    c->p.posted_ms = now_ms();
+    if (c->p.ctl_state == CTL_IDLE) {
+        /* An idle keep-alive the server has given up on (its header timeout answers 408 and
+         * closes) is not reused: its bytes may be waiting unread behind other sockets'. */
+        char probe;
+        ssize_t r = recv(c->p.ctl_fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (r >= 0 || (errno != EAGAIN && errno != EINTR)) c->p.ctl_state = CTL_NONE;
+    }
+    if (c->p.ctl_state == CTL_IDLE) {
+        c->p.ctl_reused = 1;
+        ctl_send(c);
+    } else {
+        ctl_close(c);
+        ctl_connect(c);
+    }
+}
+
+/* The answer to POST /api/chats, once whole: the channel to read, and its chat's id, which is
+ * the epoch of its events (the run opens at <id>-0: the chat is read from its first event). */
+static void ctl_answer(conn_t *c) {
+    buf_t *in = &c->p.ctl_in;
+    const char *p = in->p;
+    const char *end = memmem(p, in->len, "\r\n\r\n", 4);
+    if (!end) {
+        if (in->len > 65536) ctl_fail(c, "response head larger than 64 KiB");
+        return;
+    }
+    size_t hn = (size_t)(end - p) + 4;
+    int status = 0;
+    if (in->len < 12 || memcmp(p, "HTTP/1.", 7) || sscanf(p + 9, "%3d", &status) != 1) {
+        ctl_fail(c, "bad status line");
+        return;
+    }
+    char *head = strndup(p, hn);
+    if (!head) exit(4);
+    for (char *q = head; *q; q++)
+        if (*q >= 'A' && *q <= 'Z') *q = (char)(*q - 'A' + 'a');
+    const char *cl = strstr(head, "\r\ncontent-length:");
+    long long length = cl ? strtoll(cl + 17, NULL, 10) : -1;
+    int keep = strstr(head, "\r\nconnection: close") == NULL;
+    free(head);
+    if (length < 0 || length > MAX_PENDING) {
+        ctl_fail(c, "no Content-Length");
+        return;
+    }
+    if (in->len < hn + (size_t)length) return; /* the rest of the body is on its way */
+    const char *b = p + hn;
+    size_t bn = (size_t)length, idn = 0, chn = 0;
+    const char *id = json_str(b, bn, "\"id\":\"", &idn);
+    const char *channel = json_str(b, bn, "\"channel\":\"", &chn);
+    if (status == 408 && c->p.ctl_reused) { /* it timed the idle connection out as we reused it */
+        ctl_close(c);
+        ctl_connect(c);
+        return;
+    }
+    if (status != 201) {
+        char why[64];
+        snprintf(why, sizeof why, "HTTP %d", status);
+        ctl_fail(c, why);
+        return;
+    }
+    int ok = channel && chn > 0 && chn < MAX_CHANNEL;
+    for (size_t i = 0; ok && i < chn; i++) /* it goes into a path: only what needs no quoting */
+        ok = (channel[i] >= '0' && channel[i] <= '9') || (channel[i] >= 'a' && channel[i] <= 'z') ||
+             (channel[i] >= 'A' && channel[i] <= 'Z') || strchr("._-:", channel[i]);
+    if (!ok) {
+        ctl_fail(c, "no channel in the answer");
+        return;
+    }
+    memcpy(c->p.channel, channel, chn);
+    c->p.channel[chn] = 0;
+    run_t run = start_run;
+    size_t epoch_len;
+    long long seq;
+    if (id && idn <= MAX_EPOCH) {
+        char probe[MAX_EPOCH + 3];
+        snprintf(probe, sizeof probe, "%.*s-0", (int)idn, id);
+        if (parse_id(probe, idn + 2, &epoch_len, &seq)) run_open(&run, probe, epoch_len, 0);
+    }
+    size_t used = hn + (size_t)length;
+    memmove(in->p, in->p + used, in->len - used);
+    in->len -= used;
+    if (keep) {
+        c->p.ctl_state = CTL_IDLE;
+    } else {
+        ctl_close(c);
+    }
+    start_connect(c);
+    if (c->state == S_CONNECTING) { /* the stream's first token is timed from the POST */
+        c->run = run;
+        c->started_ms = c->p.posted_ms;
+    }
+}
+
+static void on_ctl_ready(conn_t *c, uint32_t events, char *scratch) {
+    if (c->p.ctl_fd < 0) return; /* closed earlier in this batch of events */
+    if (c->p.ctl_state == CTL_CONNECTING) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        getsockopt(c->p.ctl_fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        if (err) {
+            ctl_fail(c, strerror(err));
+            return;
+        }
+        if (!(events & EPOLLOUT)) return;
+        struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)(c - conns) | CTL_BIT};
+        epoll_ctl(ep, EPOLL_CTL_MOD, c->p.ctl_fd, &ev);
+        ctl_send(c);
+        return;
+    }
+    for (;;) {
+        ssize_t r = recv(c->p.ctl_fd, scratch, READ_SIZE, 0);
+        if (r > 0) {
+            if (T.in_window) T.bytes += r;
+            if (c->p.ctl_state != CTL_SENT) { /* nothing was asked: not HTTP/1.1 as we know it */
+                ctl_close(c);
+                return;
+            }
+            if (buf_append(&c->p.ctl_in, scratch, (size_t)r)) {
+                ctl_fail(c, "answer larger than 1 MiB");
+                return;
+            }
+            ctl_answer(c);
+            if (c->p.ctl_fd < 0 || r < READ_SIZE) return;
+            continue;
+        }
+        if (r < 0 && (errno == EAGAIN || errno == EINTR)) return;
+        if (c->p.ctl_state == CTL_SENT && c->p.ctl_reused && !c->p.ctl_in.len) {
+            ctl_close(c); /* the server closed an idle keep-alive as it was reused: ask again */
+            ctl_connect(c);
+        } else if (c->p.ctl_state == CTL_SENT) {
+            ctl_fail(c, r == 0 ? "connection closed by the server" : strerror(errno));
+        } else {
+            ctl_close(c); /* an idle keep-alive the server ended: the next POST reconnects */
+        }
+        return;
+    }
+}
+
+/* Rounds ------------------------------------------------------------------------------------ */
+
+/* A user's next chat: POST /api/chats then the stream (sse-chat, ws-chat), or the one request
+ * that starts and streams it (fetch, openai, naive). */
+static void begin_round(conn_t *c) {
+    c->p.round++;
+    if (posting) {
+        post_chat(c);
+    } else {
+        start_connect(c);
+    }
+}
+
+/* The next chat of a user's rounds, on a new stream connection (a chat's stream ends with its
+ * chat). Queued, and started by the main loop once the current batch of events is handled:
+ * the closed connection's parser may still be on the stack. A refused round waits RETRY_S in
+ * a FIFO (every wait is as long, so it stays in time order). */
 static int *restarts, n_restarts;
+static struct {
+    int user;
+    double at;
+} *delayed;
+static size_t delayed_head, delayed_len;
 
 static void restart_round(conn_t *c) {
     restarts[n_restarts++] = (int)(c - conns);
 }
 
+static void delay_round(conn_t *c) {
+    size_t slot = (delayed_head + delayed_len++) % (size_t)count;
+    delayed[slot].user = (int)(c - conns);
+    delayed[slot].at = mono_s() + RETRY_S;
+}
+
+static void reset_round(conn_t *c) {
+    persist_t keep = c->p;
+    memset(c, 0, sizeof *c); /* close_conn freed its buffers */
+    c->p = keep;
+    begin_round(c);
+}
+
 static void start_rounds(void) {
-    while (n_restarts) {
-        conn_t *c = &conns[restarts[--n_restarts]];
-        int was_opened = c->ever_opened;
-        memset(c, 0, sizeof *c); /* close_conn freed its buffers */
-        c->ever_opened = was_opened;
-        start_connect(c);
+    while (n_restarts) reset_round(&conns[restarts[--n_restarts]]);
+    double now = mono_s();
+    while (delayed_len && delayed[delayed_head].at <= now) {
+        conn_t *c = &conns[delayed[delayed_head].user];
+        delayed_head = (delayed_head + 1) % (size_t)count;
+        delayed_len--;
+        reset_round(c);
     }
 }
 
@@ -926,6 +1301,10 @@ static void on_ready(conn_t *c, uint32_t events, char *scratch) {
             continue;
         }
         if (r < 0 && (errno == EAGAIN || errno == EINTR)) return;
+        if (r == 0 && c->saw_end && c->state == S_BODY) { /* a response that ends at close */
+            finish_stream(c);
+            return;
+        }
         fail_conn(c, r == 0 ? "connection closed by the server" : strerror(errno));
         return;
     }
@@ -965,21 +1344,22 @@ static void report_window(void) {
                      "\"overflows\":%lld,"
                      "\"disconnects\":%lld,\"failures\":%lld,\"requests\":%lld,"
                      "\"chats\":%lld,\"incomplete\":%lld,\"cpu\":%.6f,\"errors\":%s,"
-                     "\"latency_count\":%zu,\"ttft_count\":%zu}\n",
+                     "\"latency_count\":%zu,\"ttft_count\":%zu,\"gap_count\":%zu}\n",
                      T.events, T.bytes, T.bytes_up, T.lost, T.dup, T.reordered, T.resets,
                      T.overflows, T.disconnects, T.failures, T.requests, T.chats, T.incomplete,
-                     cpu_self() - window_cpu, errs, T.lat_len, T.ttft_len);
+                     cpu_self() - window_cpu, errs, T.lat_len, T.ttft_len, T.gap_len);
     write_all(1, out, (size_t)n);
     if (T.lat_len) write_all(1, T.lat, T.lat_len * sizeof(double));
     if (T.ttft_len) write_all(1, T.ttft, T.ttft_len * sizeof(double));
-    T.lat_len = 0;
+    if (T.gap_len) write_all(1, T.gap, T.gap_len * sizeof(double));
+    T.lat_len = T.ttft_len = T.gap_len = 0;
 }
 
 /* One command line from the worker; returns 0 to quit. */
 static int command(const char *line) {
     if (!strcmp(line, "start")) {
         T.events = T.bytes = T.bytes_up = T.requests = T.chats = 0;
-        T.lat_len = 0;
+        T.lat_len = T.ttft_len = T.gap_len = 0;
         window_cpu = cpu_self();
         T.in_window = 1;
         write_all(1, "{\"op\":\"started\"}\n", 17);
@@ -996,28 +1376,38 @@ static int command(const char *line) {
 
 int main(int argc, char **argv) {
     if (argc < 7 || argc > 8) {
-        fprintf(stderr, "usage: %s HOST PORT sse|ws|fetch COUNT HOST_HEADER PATH [BODY]\n",
+        fprintf(stderr,
+                "usage: %s HOST PORT sse|ws|fetch|sse-chat|ws-chat|openai|naive COUNT "
+                "HOST_HEADER PATH [BODY]\n",
                 argv[0]);
         return 2;
     }
-    if (!strcmp(argv[3], "sse")) {
-        transport = T_SSE;
-    } else if (!strcmp(argv[3], "ws")) {
-        transport = T_WS;
-    } else if (!strcmp(argv[3], "fetch")) {
-        transport = T_FETCH;
-    } else {
-        fprintf(stderr, "loadclient: transport must be sse, ws or fetch\n");
+    static const struct {
+        const char *name;
+        int transport, posting, rounds, body;
+    } NAMES[] = {
+        {"sse", T_SSE, 0, 0, 0},         {"ws", T_WS, 0, 0, 0},
+        {"fetch", T_FETCH, 0, 1, 1},     {"sse-chat", T_SSE, 1, 1, 1},
+        {"ws-chat", T_WS, 1, 1, 1},      {"openai", T_OPENAI, 0, 1, 1},
+        {"naive", T_NAIVE, 0, 1, 0},
+    };
+    size_t which = 0;
+    while (which < sizeof NAMES / sizeof NAMES[0] && strcmp(argv[3], NAMES[which].name)) which++;
+    if (which == sizeof NAMES / sizeof NAMES[0]) {
+        fprintf(stderr,
+                "loadclient: transport must be sse, ws, fetch, sse-chat, ws-chat, openai or "
+                "naive\n");
         return 2;
     }
-    if ((transport == T_FETCH) != (argc == 8)) {
-        fprintf(stderr, "loadclient: BODY is for fetch, and fetch needs one\n");
+    transport = NAMES[which].transport;
+    posting = NAMES[which].posting;
+    rounds = NAMES[which].rounds;
+    if (NAMES[which].body != (argc == 8)) {
+        fprintf(stderr, "loadclient: BODY is for fetch, sse-chat, ws-chat and openai, which "
+                        "need one\n");
         return 2;
     }
-    if (transport == T_FETCH) {
-        body = argv[7];
-        body_len = strlen(body);
-    }
+    if (argc == 8) body = argv[7];
     count = atoi(argv[4]);
     host_header = argv[5];
     path = argv[6];
@@ -1036,6 +1426,9 @@ int main(int argc, char **argv) {
 
     conns = calloc((size_t)(count > 0 ? count : 1), sizeof *conns);
     restarts = calloc((size_t)(count > 0 ? count : 1), sizeof *restarts);
+    delayed = calloc((size_t)(count > 0 ? count : 1), sizeof *delayed);
+    if (!delayed) return 4;
+    for (int i = 0; i < count && conns; i++) conns[i].p.ctl_fd = -1;
     char *scratch = malloc(READ_SIZE);
     struct epoll_event *evs = malloc(sizeof *evs * 1024);
     ep = epoll_create1(EPOLL_CLOEXEC);
@@ -1053,7 +1446,7 @@ int main(int argc, char **argv) {
         start_rounds();
         /* Keep at most CONNECT_CONCURRENCY connections between connect() and their head. */
         while (next < count && next - opened - failed < CONNECT_CONCURRENCY)
-            start_connect(&conns[next++]);
+            begin_round(&conns[next++]);
         if (!reported && next == count && opened + failed >= count) {
             report_opened();
             reported = 1;
@@ -1063,9 +1456,13 @@ int main(int argc, char **argv) {
             deadline = mono_s() + CONNECT_TIMEOUT_S;
         }
         if (!reported && mono_s() > deadline) {
-            for (int i = 0; i < next; i++)
+            for (int i = 0; i < next; i++) {
                 if (conns[i].state == S_CONNECTING || conns[i].state == S_HEAD)
                     fail_conn(&conns[i], "connect: timed out");
+                else if (conns[i].p.ctl_state == CTL_CONNECTING ||
+                         conns[i].p.ctl_state == CTL_SENT)
+                    ctl_fail(&conns[i], "timed out");
+            }
             for (; next < count; next++) {
                 T.failures++;
                 failed++;
@@ -1088,8 +1485,13 @@ int main(int argc, char **argv) {
         }
         if (n < 0 && errno != EINTR) return 5;
         for (int i = 0; i < n; i++) {
-            if (evs[i].data.u32 != UINT32_MAX) {
-                on_ready(&conns[evs[i].data.u32], evs[i].events, scratch);
+            uint32_t data = evs[i].data.u32;
+            if (data != UINT32_MAX && (data & CTL_BIT)) {
+                on_ctl_ready(&conns[data & ~CTL_BIT], evs[i].events, scratch);
+                continue;
+            }
+            if (data != UINT32_MAX) {
+                on_ready(&conns[data], evs[i].events, scratch);
                 continue;
             }
             for (;;) { /* the worker's commands */
@@ -1110,6 +1512,9 @@ int main(int argc, char **argv) {
         }
     }
 quit:
-    for (int i = 0; i < count; i++) close_conn(&conns[i]);
+    for (int i = 0; i < count; i++) {
+        close_conn(&conns[i]);
+        ctl_close(&conns[i]);
+    }
     return 0;
 }

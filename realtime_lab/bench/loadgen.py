@@ -16,14 +16,16 @@ Even so, these clients spend 10-14 us of CPU per event, which at 1,000 SSE subsc
 than a core of a 2-core machine taken from the server under test. So when the runner hands the
 worker a native binary (``loadclient.c``, see :mod:`.native`), the ticker's SSE and WebSocket
 clients are opened and counted by it instead (:class:`NativeClients`), and so are the chats
-workload's fetch streams; polls, the other transports' chats and the late-joiner probes stay
-here.
+workload's users (sse, ws, fetch, openai and the naive baseline, one reader per chat: the
+binary runs their rounds itself); polls, chats of several readers and the late-joiner probes
+stay here.
 
-Fetch streaming (``POST /api/chats/stream``) reads no channel: its request starts the chat it
-streams. It runs in the chats workload only, one client per chat (its POST is that chat's
-creation), where the other transports' chats are started by ``POST /api/chats`` and read by
-``chat_readers`` subscribers each; that POST is counted in ``requests`` and the bytes too, so
-that both ways of streaming a chat pay for starting it.
+The chats workload is users chatting continuously: each starts a chat, reads it to its end and
+starts the next. Fetch streaming (``POST /api/chats/stream``) and the OpenAI endpoint read no
+channel: the request starts the chat it streams, so each has one reader, its own; the other
+transports' chats are started by ``POST /api/chats`` and read by ``chat_readers`` subscribers
+each; that POST is counted in ``requests`` and the bytes too, so that every way of streaming a
+chat pays for starting it.
 
 Commands (dicts, one reply each): ``open`` (connect a point's clients, or start its chat
 rounds), ``window`` (count deliveries between two wall-clock times and reply the tally),
@@ -48,17 +50,28 @@ from urllib.parse import quote
 import aiohttp
 
 from realtime_lab.bench import wire
-from realtime_lab.bench.native import NATIVE_TRANSPORTS
+from realtime_lab.bench.native import NATIVE_CHAT_MODES, NATIVE_CHATS, NATIVE_TRANSPORTS
 from realtime_lab.bench.server import raise_fd_limit
 from realtime_lab.errors import WebSocketProtocolError
 from realtime_lab.protocol.sequence import DUPLICATE, FOREIGN, NEW, REORDERED, Sequence
 
-#: Every transport the load clients speak.
-TRANSPORTS: Final = ("sse", "ws", "longpoll", "poll", "fetch")
-#: Those that read a channel by name, the ticker's included (fetch streams only the chat it
-#: starts: the chats workload).
+#: Every transport the load clients speak (``openai``: ``POST /v1/chat/completions`` with
+#: ``"stream": true``; ``naive``: the baseline server of :mod:`.naive`).
+TRANSPORTS: Final = ("sse", "ws", "longpoll", "poll", "fetch", "openai", "naive")
+#: Those that read a channel by name, the ticker's included (fetch and openai stream only the
+#: chat their request starts: the chats workload).
 CHANNEL_TRANSPORTS: Final = ("sse", "ws", "longpoll", "poll")
+#: The chats workload's transports on the lab's server.
+CHAT_TRANSPORTS: Final = ("sse", "ws", "longpoll", "poll", "fetch", "openai")
+#: Only the native load client speaks these.
+NATIVE_ONLY: Final = frozenset({"openai", "naive"})
 FETCH_PATH: Final = "/api/chats/stream"
+OPENAI_PATH: Final = "/v1/chat/completions"
+NAIVE_PATH: Final = "/chat"
+#: Every chat asks this prompt; round ``r`` of user ``u`` asks seed ``u * SEED_STRIDE + r`` (as
+#: loadclient.c does), so users' answers differ in length and their rounds fall out of step.
+CHAT_PROMPT: Final = "bench chat"
+SEED_STRIDE: Final = 100_000
 #: The fetch stream's opening event, which names the chat: not a delivery.
 CHAT_EVENT: Final = "chat"
 CONNECT_CONCURRENCY: Final = 32  # per worker: well under the server's listen backlog (128)
@@ -96,6 +109,7 @@ class Tally:
         self.requests = 0
         self.latency = array("d")
         self.ttft = array("d")
+        self.gaps = array("d")  # between a stream's consecutive tokens, ms
         self.lost = 0
         self.dup = 0
         self.reordered = 0
@@ -121,6 +135,7 @@ class Tally:
             "requests": self.requests,
             "latency": self.latency.tobytes(),
             "ttft": self.ttft.tobytes(),
+            "gaps": self.gaps.tobytes(),
             "lost": self.lost,
             "dup": self.dup,
             "reordered": self.reordered,
@@ -168,6 +183,7 @@ class Client(asyncio.Protocol):
             # A chat is read from its first event: anything before the first seen seq is a loss.
             self.run.start_at(0)
         self.first_token = False
+        self.last_token_ms = 0.0
         self.transport: asyncio.Transport | None = None
         self.head: wire.Head | None = None
         self._buf = b""
@@ -272,6 +288,9 @@ class Client(asyncio.Protocol):
                 if tally.in_window:
                     tally.events += 1
                     tally.latency.append(now - ts)
+                    if self.last_token_ms:
+                        tally.gaps.append(now - self.last_token_ms)
+                self.last_token_ms = now
             elif kind == "reset":
                 observe(seq, reset=True)
             elif kind == "end":
@@ -531,27 +550,32 @@ class NativeClients:
 
     @classmethod
     async def open(
-        cls, binary: str, spec: dict[str, Any], count: int, request: bytes | None = None
+        cls, binary: str, spec: dict[str, Any], count: int
     ) -> tuple[NativeClients, dict[str, Any]]:
         """Start the binary with ``count`` clients; return it and its ``opened`` reply.
 
-        ``request``: for ``fetch``, the chat request every client POSTs, again after each end
-        (the binary runs the chat rounds itself).
+        The ticker workload: ``count`` readers of ``spec["channel"]``. The chats workload:
+        ``count`` users chatting continuously (the binary runs their rounds itself, one reader
+        per chat; see :func:`chat_template` for what each round asks).
 
         Raises:
             BenchProtocolError: it exited or answered something else.
         """
         tag = quote(spec["tag"], safe="")
-        if spec["transport"] == "fetch":
-            path, extra = f"{FETCH_PATH}?client={tag}", [(request or b"{}").decode()]
+        transport = spec["transport"]
+        mode, extra = transport, []
+        if spec["workload"] == "chats":
+            mode = NATIVE_CHAT_MODES[transport]
+            path, body = chat_template(spec)
+            extra = [] if body is None else [body]
         else:
             channel = quote(spec["channel"], safe="")
-            path, extra = f"/{spec['transport']}/{channel}?after=now&client={tag}", []
+            path = f"/{transport}/{channel}?after=now&client={tag}"
         proc = await asyncio.create_subprocess_exec(
             binary,
             spec["host"],
             str(spec["port"]),
-            spec["transport"],
+            mode,
             str(count),
             spec["host_header"],
             path,
@@ -598,6 +622,7 @@ class NativeClients:
         assert self.proc.stdout is not None
         reply["latency"] = await self.proc.stdout.readexactly(8 * int(reply["latency_count"]))
         reply["ttft"] = await self.proc.stdout.readexactly(8 * int(reply["ttft_count"]))
+        reply["gaps"] = await self.proc.stdout.readexactly(8 * int(reply["gap_count"]))
         return reply
 
     async def close(self) -> None:
@@ -728,19 +753,20 @@ class Worker:
         self.spec = spec
         self.stopping = False
         count = int(spec["clients"])
-        if spec["workload"] == "chats" and spec["transport"] == "fetch":
-            if spec.get("native") and "fetch" in NATIVE_TRANSPORTS:
-                # One request for every round: the answer's length and pace are the point,
-                # not its words.
-                request = json.dumps(self.chat_request(0, 1)).encode()
-                self.native, opened = await NativeClients.open(spec["native"], spec, count, request)
-                self.tally.failures = int(opened["failures"])
-                self.tally.errors = list(opened["errors"])
-                return {**opened, "op": "opened"}
+        chats = spec["workload"] == "chats"
+        one_reader = all(int(r) == 1 for r in spec.get("chat_readers", []))
+        if chats and spec.get("native") and spec["transport"] in NATIVE_CHATS and one_reader:
+            self.native, opened = await NativeClients.open(spec["native"], spec, count)
+            self.tally.failures = int(opened["failures"])
+            self.tally.errors = list(opened["errors"])
+            return {**opened, "op": "opened"}
+        if spec["transport"] in NATIVE_ONLY:
+            raise ValueError(f"{spec['transport']} is read by the native load client only")
+        if chats and spec["transport"] == "fetch":
             for i in range(count):
                 self.tasks.append(asyncio.create_task(self.fetch_rounds(i)))
             return {"op": "opened", "clients": count, "failures": 0, "errors": []}
-        if spec["workload"] == "chats":
+        if chats:
             if self.session is None:
                 self.session = aiohttp.ClientSession(
                     connector=aiohttp.TCPConnector(limit=0), raise_for_status=True
@@ -764,15 +790,9 @@ class Worker:
         }
 
     def chat_request(self, index: int, round_no: int) -> dict[str, Any]:
-        """The body of ``POST /api/chats`` (or of a fetch stream) for a chat of a round."""
-        spec = self.spec
-        return {
-            "prompt": f"bench worker {self.index} chat {index} round {round_no}",
-            "seed": round_no,
-            "max_tokens": int(spec["chat_tokens"]),
-            "token_ms": float(spec["token_ms"]),
-            "ttft_ms": float(spec["ttft_ms"]),
-        }
+        """The body of ``POST /api/chats`` (or of a fetch stream) for round ``round_no`` of
+        user ``index``: what the native client sends (see :func:`chat_template`)."""
+        return {**chat_fields(self.spec), "seed": index * SEED_STRIDE + round_no}
 
     async def chat_rounds(self, index: int, share: int) -> None:
         """Start a chat, read it with ``share`` clients to its end, repeat until closed."""
@@ -835,11 +855,13 @@ class Worker:
         One client per chat: its POST starts the chat, so its time to first token runs from
         that request.
         """
-        # The same request every round and client, as the native client sends it: the same
-        # answer, so the two load clients' figures compare byte for byte.
-        request = json.dumps(self.chat_request(0, 1)).encode()
+        # The requests the native client sends, byte for byte, so that the two load clients'
+        # figures compare.
+        round_no = 0
         while not self.stopping:
-            client = self.client(self.tally, "", "", from_start=True, request=request)
+            round_no += 1
+            request = json.dumps(self.chat_request(index, round_no), separators=(",", ":"))
+            client = self.client(self.tally, "", "", from_start=True, request=request.encode())
             self.clients.add(client)
             opened = await self.connect(client)
             await asyncio.wait([client.done])
@@ -866,6 +888,9 @@ class Worker:
         tally = self.tally
         tally.events = tally.bytes = tally.bytes_up = tally.requests = tally.chats = 0
         tally.latency = array("d")
+        tally.gaps = array("d")
+        if self.spec.get("workload") == "chats":
+            tally.ttft = array("d")  # the window's chats only, not the opening burst
         tally.in_window = True
         native = self.native
         if native is not None:
@@ -882,6 +907,7 @@ class Worker:
         cpu = _cpu_self() - cpu
         result = tally.result(cpu)
         tally.latency = array("d")
+        tally.gaps = array("d")
         if native is not None:
             counted = await native.stop()
             # The native client's tally replaces this worker's (it opened no clients of its own);
@@ -903,6 +929,7 @@ class Worker:
             result["disconnects"] = int(counted["disconnects"])
             result["failures"] = int(counted["failures"])
             result["latency"] = counted["latency"]
+            result["gaps"] = counted["gaps"]
             if self.spec.get("workload") == "chats":
                 result["ttft"] = counted["ttft"]  # each chat's, timed from its POST
             result["cpu"] = cpu + float(counted["cpu"])
@@ -1027,6 +1054,48 @@ def worker_main(conn: Connection, index: int) -> None:
         pass
     finally:
         conn.close()
+
+
+def chat_fields(spec: dict[str, Any]) -> dict[str, Any]:
+    """A chat request's fields but its seed (key order as :func:`chat_template` sends them)."""
+    return {
+        "prompt": CHAT_PROMPT,
+        "max_tokens": int(spec["chat_tokens"]),
+        "token_ms": float(spec["token_ms"]),
+        "ttft_ms": float(spec["ttft_ms"]),
+    }
+
+
+def chat_template(spec: dict[str, Any]) -> tuple[str, str | None]:
+    """What the native client asks each round for ``spec``'s transport: ``(path, body)``.
+
+    ``$SEED`` in either is the round's seed (``user * SEED_STRIDE + round``). The body is
+    ``None`` for the naive baseline, whose chat is all in its ``GET``'s query. ``openai`` asks
+    ``max_tokens`` and the seed; its pace and time to first token are the server's
+    ``token_ms`` and ``ttft_ms`` settings (the runner sets them to the point's).
+    """
+    tag = quote(spec["tag"], safe="")
+    transport = spec["transport"]
+    fields = chat_fields(spec)
+    if transport == "naive":
+        rate = 1000.0 / fields["token_ms"] if fields["token_ms"] > 0 else 1e6
+        query = (
+            f"tokens={fields['max_tokens']}&rate={rate:g}&ttft_ms={fields['ttft_ms']:g}"
+            f"&seed=$SEED&client={tag}"
+        )
+        return f"{NAIVE_PATH}?{query}", None
+    if transport == "openai":
+        body = {
+            "model": "realtime-lab-sim",
+            "messages": [{"role": "user", "content": CHAT_PROMPT}],
+            "stream": True,
+            "max_tokens": fields["max_tokens"],
+        }
+        path = f"{OPENAI_PATH}?client={tag}"
+    else:
+        body = fields
+        path = f"{FETCH_PATH if transport == 'fetch' else '/api/chats'}?client={tag}"
+    return path, json.dumps(body, separators=(",", ":"))[:-1] + ',"seed":$SEED}'
 
 
 def split(total: int, parts: int) -> list[int]:

@@ -22,10 +22,22 @@ from realtime_lab.errors import RealtimeLabError
 
 SOURCE: Final = Path(__file__).with_name("loadclient.c")
 CFLAGS: Final = ("-O2", "-std=gnu11", "-Wall", "-Wextra")
-#: What the native client reads: the streaming transports (fetch: the chats workload's rounds,
-#: one POST and one stream per chat). Polls keep the asyncio clients (their cost is requests,
-#: not reads, and they are nowhere near a core at these loads).
+#: What the native client reads in the ticker workload: the streaming transports. Polls keep
+#: the asyncio clients (their cost is requests, not reads, and they are nowhere near a core at
+#: these loads).
 NATIVE_TRANSPORTS: Final = frozenset({"sse", "ws", "fetch"})
+#: The chats workload's rounds it runs (one reader per chat): each user POSTs /api/chats and
+#: reads the channel (sse, ws), or sends the one request that starts and streams its chat
+#: (fetch, openai, and the naive baseline's GET). Only it runs openai and naive.
+NATIVE_CHATS: Final = frozenset({"sse", "ws", "fetch", "openai", "naive"})
+#: The binary's name for each chats-workload transport (see the top of loadclient.c).
+NATIVE_CHAT_MODES: Final = {
+    "sse": "sse-chat",
+    "ws": "ws-chat",
+    "fetch": "fetch",
+    "openai": "openai",
+    "naive": "naive",
+}
 #: The environment variable that gives the binary its source addresses (comma-separated IPv4):
 #: connection i binds to the (i mod n)-th before connecting, so that more connections than one
 #: address has ephemeral ports reach one server port (see :func:`source_env`).
@@ -112,6 +124,8 @@ def source_env(sources: list[str], base: dict[str, str] | None = None) -> dict[s
 
 
 __all__ = [
+    "NATIVE_CHATS",
+    "NATIVE_CHAT_MODES",
     "NATIVE_TRANSPORTS",
     "SOURCES_ENV",
     "NativeBuildError",

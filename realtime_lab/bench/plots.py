@@ -16,13 +16,26 @@ from matplotlib.ticker import NullFormatter
 from realtime_lab.bench.runner import MEASURES
 
 #: Measures whose spread over clients is large enough to read best on a log axis.
-_LOG_Y = {"p50_ms", "p95_ms", "p99_ms", "max_ms", "ttft_ms", "cpu_s_per_1k", "events_per_s"}
+_LOG_Y = {
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "max_ms",
+    "ttft_ms",
+    "ttft_p99_ms",
+    "gap_p99_ms",
+    "cpu_s_per_1k",
+    "cpu_us_per_token",
+    "events_per_s",
+}
 _STYLE = {
     "sse": ("tab:blue", "o"),
     "ws": ("tab:orange", "s"),
     "longpoll": ("tab:green", "^"),
     "poll": ("tab:red", "v"),
     "fetch": ("tab:purple", "D"),
+    "openai": ("tab:brown", "P"),
+    "naive": ("tab:gray", "x"),
 }
 
 
@@ -70,7 +83,7 @@ def plot_measures(results: dict[str, Any], out: Path) -> dict[str, Path]:
             ax.xaxis.set_minor_formatter(NullFormatter())
             if key in _LOG_Y and drawn and positive:
                 ax.set_yscale("log")
-            ax.set_xlabel("clients")
+            ax.set_xlabel("users" if workload == "chats" else "clients")
             ax.set_ylabel(unit)
             ax.set_title(f"{title} ({workload}, {rate:g} tokens/s)")
             ax.grid(True, which="both", alpha=0.3)

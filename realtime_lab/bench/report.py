@@ -27,6 +27,35 @@ COLUMNS = (
 )
 
 
+#: The chats workload's table: (measure key, header, formatter name).
+CHAT_COLUMNS = (
+    ("events_per_s", "tokens/s", "rate"),
+    ("offered_pct", "% offered", "pct"),
+    ("p50_ms", "p50 ms", "ms"),
+    ("p99_ms", "p99 ms", "ms"),
+    ("max_ms", "max ms", "ms"),
+    ("gap_p99_ms", "gap p99 ms", "ms"),
+    ("ttft_ms", "TTFT p50 ms", "ms"),
+    ("ttft_p99_ms", "TTFT p99 ms", "ms"),
+    ("chats_per_s", "chats/s", "num"),
+    ("tokens_per_chat", "tokens/chat", "num"),
+    ("cpu_us_per_token", "CPU µs/token", "num"),
+    ("server_cpu_pct", "server CPU %", "int"),
+    ("rss_mb", "RSS MiB", "num"),
+    ("lost", "lost", "int"),
+    ("dup", "dup", "int"),
+)
+#: The ratios to the baseline: (measure key, header, whether higher is better).
+RATIOS = (
+    ("events_per_s", "tokens/s", True),
+    ("cpu_us_per_token", "CPU per token", False),
+    ("p99_ms", "token p99", False),
+    ("ttft_p99_ms", "TTFT p99", False),
+)
+#: Transports whose stream has no timestamps: token latency is not measured there.
+NO_LATENCY = frozenset({"openai"})
+
+
 def fmt(value: float | None, kind: str) -> str:
     """One number as the table shows it (``n/a`` when not measured)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -71,11 +100,17 @@ def _row(cells: list[str]) -> str:
 
 
 def _load_client_line(load_client: dict[str, Any] | None, workload: str = "ticker") -> str:
-    streams = "SSE and WebSocket" if workload == "ticker" else "Fetch streams"
+    streams = "SSE and WebSocket" if workload == "ticker" else "Chats"
     if not load_client or load_client.get("streams") != "native":
         note = f" ({load_client['note']})" if load_client and load_client.get("note") else ""
         return f"{streams} read by the asyncio load clients{note}."
-    others = "polls" if workload == "ticker" else "the other transports' chats"
+    if workload == "chats":
+        return (
+            "Chats (sse, ws, fetch, openai and the baseline, one reader each) run by the native "
+            "load client (loadclient.c, one epoll loop per worker), polls and chats of several "
+            "readers by the asyncio ones."
+        )
+    others = "polls"
     return (
         f"{streams} read by the native load client (loadclient.c, one epoll loop per "
         f"worker), {others} by the asyncio ones."
@@ -101,7 +136,10 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     points = results["points"]
-    if points:
+    if points and config["workload"] == "chats":
+        lines += _chats_tables(points, ranges)
+        lines += _load_table(points, ranges)
+    elif points:
         rates = sorted({p["rate"] for p in points})
         for rate in rates:
             unit = "tokens/s per client" if config["workload"] == "ticker" else "tokens/s per chat"
@@ -134,6 +172,101 @@ def markdown(results: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _chats_tables(points: list[dict[str, Any]], ranges: bool) -> list[str]:
+    """The chats workload: one table per rate, and the ratios to the baseline's points."""
+    lines: list[str] = []
+    for rate in sorted({p["rate"] for p in points}):
+        at_rate = [p for p in points if p["rate"] == rate]
+        lines += [
+            f"## {rate:g} tokens/s per chat",
+            "",
+            "Users chatting continuously: each starts a chat, reads its whole answer, then "
+            "starts the next. Offered: rate x users.",
+            "",
+        ]
+        header = ["transport", "users"] + [h for _, h, _ in CHAT_COLUMNS]
+        lines += [_row(header), _row(["---"] * len(header))]
+        for point in at_rate:
+            summary = point["summary"]
+            cells = [point["label"], str(point["clients"])]
+            for key, _, kind in CHAT_COLUMNS:
+                if point["transport"] in NO_LATENCY and key in ("p50_ms", "p99_ms", "max_ms"):
+                    cells.append("—")
+                    continue
+                spread = _offered(summary) if key == "offered_pct" else summary.get(key)
+                cells.append(cell(spread, kind, ranges and key != "offered_pct"))
+            lines.append(_row(cells))
+        lines.append("")
+        lines += _ratio_table(at_rate)
+    lines += [
+        "Token latency: receive time minus the envelope's `ts`. The OpenAI endpoint's chunks "
+        "carry no id and no timestamp, so its token latency is not measured (—): its gap p99 "
+        "(the time between a stream's consecutive tokens, as received, on every transport) "
+        "compares it with the others; the simulated generator itself spaces tokens "
+        "1/rate ±33%. TTFT: from the request that starts the chat (`POST /api/chats`, "
+        "`POST /api/chats/stream`, `POST /v1/chat/completions`, the baseline's `GET /chat`) "
+        "to its first token, for chats whose first token came in the window. CPU µs/token: "
+        "the server process's CPU time in the window / tokens delivered. RSS: the server's "
+        "at the end of the window.",
+        "",
+    ]
+    return lines
+
+
+def _ratio(point: dict[str, Any], base: dict[str, Any], key: str) -> float | None:
+    value, reference = point["summary"].get(key), base["summary"].get(key)
+    if not value or not reference or value["median"] is None or not reference["median"]:
+        return None
+    if point["transport"] in NO_LATENCY and key == "p99_ms":
+        return None
+    return float(value["median"]) / float(reference["median"])
+
+
+def _ratio_table(points: list[dict[str, Any]]) -> list[str]:
+    """Each transport's point against the baseline's at the same users and rate."""
+    bases = {p["clients"]: p for p in points if p["transport"] == "naive"}
+    others = [p for p in points if p["transport"] != "naive" and p["clients"] in bases]
+    if not others:
+        return []
+    header = ["transport", "users"] + [f"{h} vs naive" for _, h, _ in RATIOS]
+    lines = [
+        "Against the baseline (the tutorial handler, `--baseline naive`, same users, same "
+        "load client, same run): realtime-lab's figure / the baseline's. Tokens/s: above 1 "
+        "is better; CPU per token, p99 and TTFT p99: below 1 is better.",
+        "",
+        _row(header),
+        _row(["---"] * len(header)),
+    ]
+    for point in others:
+        base = bases[point["clients"]]
+        cells = [point["label"], str(point["clients"])]
+        for key, _, _ in RATIOS:
+            ratio = _ratio(point, base, key)
+            cells.append("—" if ratio is None else f"{ratio:.2f}x")
+        lines.append(_row(cells))
+    lines.append("")
+    return lines
+
+
+def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ratios of the report's baseline table, one dict per compared point."""
+    out = []
+    points = results["points"]
+    for rate in sorted({p["rate"] for p in points}):
+        at_rate = [p for p in points if p["rate"] == rate]
+        bases = {p["clients"]: p for p in at_rate if p["transport"] == "naive"}
+        for point in at_rate:
+            base = bases.get(point["clients"])
+            if base is None or point is base:
+                continue
+            row: dict[str, Any] = {"label": point["label"], "users": point["clients"]}
+            row["rate"] = rate
+            for key, _, _ in RATIOS:
+                row[key] = _ratio(point, base, key)
+            out.append(row)
+    return out
 
 
 def _load_table(points: list[dict[str, Any]], ranges: bool) -> list[str]:
@@ -266,6 +399,8 @@ def write_results(results: dict[str, Any], out: Path, plots: bool = True) -> dic
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     json_path = out / "results.json"
+    if results["points"] and results["config"]["workload"] == "chats":
+        results = {**results, "vs_baseline": ratios(results)}
     json_path.write_text(json.dumps(_jsonable(results), indent=2) + "\n")
     written["json"] = json_path
     md_path = out / "results.md"

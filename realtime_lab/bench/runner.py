@@ -1,9 +1,11 @@
 """The benchmark's coordinator: sweep points, measurement windows, repeats, scenarios.
 
-One *point* is (transport, clients, token rate, poll interval). Fetch streaming runs in the chats
-workload only: each of its clients starts its own chat with its request (the other transports'
-chats are started by ``POST /api/chats`` and shared by ``clients / chats`` readers each).
-Each run of a point:
+One *point* is (transport, clients, token rate, poll interval). In the chats workload, clients
+are *users chatting continuously*: each starts a chat, reads its whole answer, and starts the
+next (sse, ws and the polls start it with ``POST /api/chats`` and read its channel, with
+``readers`` readers each; fetch and openai with the request that streams it); with
+``baseline="naive"`` the same users run against the tutorial handler of :mod:`.naive` too, in
+the same run, for the report's ratios. Each run of a point:
 
 1. starts a fresh server process with the ticker paused (or uses ``--url``);
 2. opens the point's clients, spread over the load workers, waits until the server counts them,
@@ -36,7 +38,13 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from realtime_lab.bench import native
-from realtime_lab.bench.loadgen import CHANNEL_TRANSPORTS, TRANSPORTS, split, worker_main
+from realtime_lab.bench.loadgen import (
+    CHANNEL_TRANSPORTS,
+    NATIVE_ONLY,
+    TRANSPORTS,
+    split,
+    worker_main,
+)
 from realtime_lab.bench.server import ServerProcess, http_json, machine_cpu, raise_fd_limit
 from realtime_lab.bench.stats import latency_summary, median, spread
 from realtime_lab.errors import RealtimeLabError
@@ -49,6 +57,11 @@ MEASURES: Final = (
     ("p99_ms", "delivery latency p99", "ms"),
     ("max_ms", "delivery latency max", "ms"),
     ("ttft_ms", "time to first token (median)", "ms"),
+    ("ttft_p99_ms", "time to first token p99", "ms"),
+    ("gap_p99_ms", "gap between a stream's tokens p99", "ms"),
+    ("chats_per_s", "chats read to their end per second", "chats/s"),
+    ("cpu_us_per_token", "server CPU per delivered token", "µs"),
+    ("rss_mb", "server RSS at the end of the window", "MiB"),
     ("bytes_per_token", "bytes on the wire (both ways) per delivered token", "bytes"),
     ("requests_per_token", "HTTP requests per delivered token", "requests"),
     ("cpu_s_per_1k", "server CPU seconds per 1,000 deliveries", "s"),
@@ -93,9 +106,12 @@ class BenchConfig:
     repeat: int = 3
     url: str | None = None
     workers: int = 0  # 0: one per CPU
-    chats: int = 10
-    chat_tokens: int = 60
-    ttft_ms: float = 100.0
+    #: The chats workload: readers of each chat (sse, ws, polls; fetch and openai have one).
+    readers: int = 1
+    chat_tokens: int = 200
+    ttft_ms: float = 0.0
+    #: ``"naive"``: run the chats workload against :mod:`.naive`'s handler too (label ``naive``).
+    baseline: str | None = None
     sweep: bool = True
     slow_subscriber: bool = False
     stall_clients: int = 100
@@ -119,9 +135,11 @@ class BenchConfig:
     sources: int = 0  # 127.0.0.x source addresses of the publisher and scale clients (0: enough)
 
     def points(self) -> list[dict[str, Any]]:
-        """The sweep's points, in run order (transport, then rate, interval, clients)."""
+        """The sweep's points, in run order (transport, then rate, interval, clients; the
+        baseline's first)."""
         out = []
-        for transport in self.transports:
+        baseline = [self.baseline] if self.baseline and self.workload == "chats" else []
+        for transport in baseline + self.transports:
             intervals = self.poll_intervals if transport == "poll" else [self.poll_intervals[0]]
             for rate in self.rates:
                 for interval in intervals:
@@ -304,10 +322,15 @@ def _sleep_until(wall: float) -> None:
 
 
 def _merge(replies: list[dict[str, Any]]) -> dict[str, Any]:
-    total: dict[str, Any] = {"latency": array("d"), "ttft": array("d"), "errors": []}
+    total: dict[str, Any] = {
+        "latency": array("d"),
+        "ttft": array("d"),
+        "gaps": array("d"),
+        "errors": [],
+    }
     for reply in replies:
         for key, value in reply.items():
-            if key in ("latency", "ttft"):
+            if key in ("latency", "ttft", "gaps"):
                 total[key].frombytes(value)
             elif key == "errors":
                 total["errors"].extend(value)
@@ -321,15 +344,34 @@ def _history(rate: float, interval: float) -> int:
     return max(1000, int(rate * max(interval, 1.0) * 4))
 
 
-def chat_readers(transport: str, clients: int, chats: int, workers: int) -> list[list[int]]:
-    """Per worker, the number of readers of each of its chats (the chats workload).
+def chat_readers(transport: str, users: int, readers: int, workers: int) -> list[list[int]]:
+    """Per worker, the number of readers of each of its users' chats (the chats workload).
 
-    ``clients`` readers share ``chats`` chats, and whole chats go to the workers round-robin;
-    a fetch client is the one reader of the chat its own request starts, so it has ``clients``
-    chats of one reader each, spread over the workers as evenly.
+    Each of ``users`` users has one chat at a time, read by ``readers`` readers (fetch, openai
+    and the baseline: by the one request that starts it); users go to the workers round-robin.
     """
-    per_chat = [1] * clients if transport == "fetch" else split(clients, chats)
+    per_chat = [readers if transport in CHANNEL_TRANSPORTS else 1] * users
     return [per_chat[i::workers] for i in range(workers)]
+
+
+class NaiveServer(ServerProcess):
+    """The baseline's server (:mod:`.naive`), started and measured as the lab's is."""
+
+    def command(self) -> list[str]:
+        module = "realtime_lab.bench.naive"
+        return [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(self.port)]
+
+
+@contextmanager
+def naive_target(config: BenchConfig) -> Iterator[Target]:
+    """A fresh baseline server for one run."""
+    config.out.mkdir(parents=True, exist_ok=True)
+    server = NaiveServer({}, config.out / "naive.log")
+    server.start()
+    try:
+        yield Target(server, server.url)
+    finally:
+        server.stop()
 
 
 def run_point(
@@ -345,15 +387,20 @@ def run_point(
         "longpoll_max_timeout": 60.0,
         "ttft_ms": config.ttft_ms,
     }
+    if chats:
+        # The OpenAI endpoint paces its chats by these settings, not by its request.
+        options["token_ms"] = 1000.0 / rate
+        options["max_tokens"] = max(config.chat_tokens, 1)
     clients = int(point["clients"])
     transport = point["transport"]
-    with target(config, options) as tgt:
+    opening = naive_target(config) if transport == "naive" else target(config, options)
+    with opening as tgt:
         if tgt.server is None and not chats:
             tgt.set_ticker(0.0 if paused_start else rate)
-        before = tgt.stats()["transports"][transport]["open"]
+        before = 0 if chats else tgt.stats()["transports"][transport]["open"]
         time.sleep(0.2)  # let the fresh interpreter settle before the baseline
         rss0 = tgt.rss()
-        per_worker = chat_readers(transport, clients, config.chats, len(pool)) if chats else []
+        per_worker = chat_readers(transport, clients, config.readers, len(pool)) if chats else []
         shares = [sum(r) for r in per_worker] if chats else split(clients, len(pool))
         commands: list[dict[str, Any] | None] = []
         for i, share in enumerate(shares):
@@ -400,10 +447,12 @@ def run_point(
         cpu0, machine0 = tgt.cpu(), machine_cpu()
         _sleep_until(end)
         cpu1, machine1 = tgt.cpu(), machine_cpu()
+        rss_end = tgt.rss()
         results = pool.collect([None if c is None else window for c in commands], REPLY_GRACE)
         pool.ask([None if c is None else {"op": "close"} for c in commands], timeout=REPLY_GRACE)
     total = _merge(results)
     measures = _measures(config, point, total, cpu0, cpu1, rss_per_conn, open_clients, opened)
+    measures["rss_mb"] = None if rss_end is None else rss_end / 1024
     spent = machine1[2] - machine0[2]
     if spent > 0:
         measures["machine_busy_pct"] = 100.0 * (machine1[0] - machine0[0]) / spent
@@ -425,13 +474,16 @@ def _measures(
     duration = config.duration
     lat = latency_summary(total["latency"])
     ttft = [v for v in total["ttft"] if math.isfinite(v)]
+    gaps = latency_summary(total["gaps"])
     server_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+    chats_done = int(total.get("chats", 0))
     # The window's tally carries the failures (and their messages) of the opening too.
     failures = int(total.get("failures", 0))
     errors = total["errors"]
-    expected = None
-    if config.workload == "ticker":
-        expected = float(point["rate"]) * open_clients
+    # Offered: every client's stream at the rate (chats: every user's, whatever the chat).
+    expected = float(point["rate"]) * (open_clients if config.workload == "ticker" else 0)
+    if config.workload == "chats":
+        expected = float(point["rate"]) * int(point["clients"])
     return {
         "events_per_s": events / duration,
         "expected_events_per_s": expected,
@@ -440,6 +492,14 @@ def _measures(
         "p99_ms": lat["p99"],
         "max_ms": lat["max"],
         "ttft_ms": median(ttft) if ttft else None,
+        "ttft_p99_ms": latency_summary(ttft)["p99"],
+        "gap_p99_ms": gaps["p99"],
+        "gap_p50_ms": gaps["p50"],
+        "chats_per_s": chats_done / duration if config.workload == "chats" else None,
+        "tokens_per_chat": events / chats_done if chats_done else None,
+        "cpu_us_per_token": server_cpu / events * 1e6
+        if server_cpu is not None and events
+        else None,
         "ttft_samples_ms": sorted(round(v, 2) for v in ttft),
         "bytes_per_token": (total.get("bytes", 0) + total.get("bytes_up", 0)) / events
         if events
@@ -460,7 +520,7 @@ def _measures(
         "overflows": int(total.get("overflows", 0)),
         "resets": int(total.get("resets", 0)),
         "incomplete": int(total.get("incomplete", 0)),
-        "chats_done": int(total.get("chats", 0)),
+        "chats_done": chats_done,
         "ttft_late": int(total.get("ttft_late", 0)),
         "machine_busy_pct": None,
         "machine_softirq_pct": None,
@@ -652,11 +712,18 @@ def check(config: BenchConfig) -> None:
             raise BenchError("--publisher http feeds the broadcast to sse and ws subscribers")
     elif any(math.isinf(rate) for rate in config.rates) and config.sweep:
         raise BenchError("a rate of max (flat out) is for --publisher http")
-    if config.workload == "ticker" and "fetch" in config.transports:
-        raise BenchError(
-            "fetch streams the chat its request starts, not the ticker: run it with "
-            "--workload chats"
-        )
+    for name in ("fetch", "openai"):
+        if config.workload == "ticker" and name in config.transports:
+            raise BenchError(
+                f"{name} streams the chat its request starts, not the ticker: run it with "
+                "--workload chats"
+            )
+    if config.baseline not in (None, "naive"):
+        raise BenchError(f"unknown baseline {config.baseline!r} (naive)")
+    if config.baseline and config.workload != "chats":
+        raise BenchError("--baseline naive is a chats workload: add --workload chats")
+    if config.readers < 1:
+        raise BenchError("--readers must be at least 1")
 
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:
@@ -677,6 +744,11 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     sections: dict[str, Any] = {}  # the publisher and scale results
     workers = config.workers or max(os.cpu_count() or 1, 1)
     load_client = _load_client(config.load_client)
+    native_only = sorted({p["transport"] for p in points} & NATIVE_ONLY)
+    if native_only and load_client["streams"] != "native":
+        raise BenchError(
+            f"{', '.join(native_only)} need the native load client ({load_client['note']})"
+        )
     progress = _progress(steps, config.progress)
     results: list[dict[str, Any]] = []
     scenario: dict[str, Any] | None = None
@@ -697,8 +769,10 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                 "expected_events_per_s",
                 "machine_busy_pct",
                 "machine_softirq_pct",
+                "tokens_per_chat",
+                "gap_p50_ms",
             ):
-                summary[extra] = spread(run[extra] for run in runs)
+                summary[extra] = spread(run.get(extra) for run in runs)
             results.append({**point, "runs": runs, "summary": summary})
         if config.slow_subscriber:
             progress.set_description("slow-subscriber")

@@ -142,15 +142,7 @@ class ServerProcess:
         """
         for _attempt in range(3):  # a free port can be taken between the probe and the bind
             self.port = free_port()
-            args = [sys.executable, "-m", "realtime_lab", "serve", "--host", "127.0.0.1"]
-            args += ["--port", str(self.port)]
-            for name, value in self.options.items():
-                flag = "--" + name.replace("_", "-")
-                if isinstance(value, bool):
-                    if value:
-                        args.append(flag)
-                else:
-                    args += [flag, str(value)]
+            args = self.command()
             if self.log_path is not None:
                 self._log = self.log_path.open("ab")
             self.proc = subprocess.Popen(
@@ -171,6 +163,19 @@ class ServerProcess:
                     time.sleep(0.05)
             self.stop()
         raise ServerStartError(f"the server did not start; see {self.log_path}")
+
+    def command(self) -> list[str]:
+        """The server's command line for :attr:`port` (a subclass may run another server)."""
+        args = [sys.executable, "-m", "realtime_lab", "serve", "--host", "127.0.0.1"]
+        args += ["--port", str(self.port)]
+        for name, value in self.options.items():
+            flag = "--" + name.replace("_", "-")
+            if isinstance(value, bool):
+                if value:
+                    args.append(flag)
+            else:
+                args += [flag, str(value)]
+        return args
 
     def cpu(self) -> float:
         """CPU seconds the server has used so far."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -161,11 +162,14 @@ async def test_a_fetch_client_posts_its_chat_and_does_not_count_the_chat_event()
 def test_fetch_is_for_the_chats_workload(tmp_path: Path) -> None:
     assert "fetch" not in config_from_args(_args()).transports  # the ticker: four transports
     chats = config_from_args(_args("--workload", "chats"))
-    assert chats.transports == ["sse", "ws", "longpoll", "poll", "fetch"]
+    assert chats.transports == ["sse", "ws", "longpoll", "poll", "fetch", "openai"]
     runner.check(chats)
-    ticker = config_from_args(_args("--transports", "sse,fetch"))
+    for name in ("fetch", "openai"):
+        ticker = config_from_args(_args("--transports", f"sse,{name}"))
+        with pytest.raises(runner.BenchError, match="--workload chats"):
+            runner.check(ticker)
     with pytest.raises(runner.BenchError, match="--workload chats"):
-        runner.check(ticker)
+        runner.check(config_from_args(_args("--baseline", "naive")))
     with pytest.raises(runner.BenchError, match="unknown"):
         runner.check(runner.BenchConfig(out=tmp_path, transports=["pigeon"]))
     assert runner.BenchConfig(out=tmp_path).transports == ["sse", "ws", "longpoll", "poll"]
@@ -178,10 +182,46 @@ def test_bench_refuses_fetch_on_the_ticker(capsys: pytest.CaptureFixture[str]) -
     assert "--workload chats" in capsys.readouterr().err
 
 
-def test_chat_readers_spread_whole_chats_and_fetch_clients_one_by_one() -> None:
-    # 5 readers of 2 chats (3 + 2), whole chats round-robin over 2 workers.
-    assert runner.chat_readers("sse", 5, 2, 2) == [[3], [2]]
-    assert runner.chat_readers("sse", 4, 1, 2) == [[4], []]
-    # A fetch client reads the chat its own request starts: 4 chats of one reader each.
-    assert runner.chat_readers("fetch", 4, 1, 2) == [[1, 1], [1, 1]]
-    assert runner.chat_readers("fetch", 3, 10, 2) == [[1, 1], [1]]
+def test_chat_readers_spread_users_round_robin() -> None:
+    # 3 users with 2 readers each, round-robin over 2 workers.
+    assert runner.chat_readers("sse", 3, 2, 2) == [[2, 2], [2]]
+    assert runner.chat_readers("ws", 4, 1, 2) == [[1, 1], [1, 1]]
+    # A fetch or openai chat is read by the request that starts it, whatever --readers says.
+    for name in ("fetch", "openai", "naive"):
+        assert runner.chat_readers(name, 3, 10, 2) == [[1, 1], [1]]
+
+
+def test_chats_sweep_users_with_the_baseline_first() -> None:
+    config = config_from_args(
+        _args("--workload", "chats", "--chats", "100,1000", "--transports", "sse,openai")
+    )
+    assert config.clients == [100, 1000]
+    assert (config.ttft_ms, config.chat_tokens, config.readers) == (0.0, 200, 1)
+    assert config_from_args(_args("--workload", "chats", "--clients", "7")).clients == [7]
+    with_base = config_from_args(
+        _args("--workload", "chats", "--chats", "10", "--transports", "ws", "--baseline", "naive")
+    )
+    assert [(p["label"], p["clients"]) for p in with_base.points()] == [
+        ("naive", 10),
+        ("ws", 10),
+    ]
+
+
+def test_chat_templates_are_the_requests_the_python_clients_send() -> None:
+    spec = {"tag": "b 1", "chat_tokens": 30, "token_ms": 20.0, "ttft_ms": 0.0}
+    path, body = loadgen.chat_template({**spec, "transport": "sse"})
+    assert path == "/api/chats?client=b%201"
+    assert body is not None
+    worker = loadgen.Worker.__new__(loadgen.Worker)
+    worker.spec = {**spec, "transport": "fetch"}
+    seed = 3 * loadgen.SEED_STRIDE + 2  # user 3, round 2
+    request = json.dumps(worker.chat_request(3, 2), separators=(",", ":"))
+    assert body.replace("$SEED", str(seed)) == request
+    path, body = loadgen.chat_template({**spec, "transport": "openai"})
+    assert path.startswith("/v1/chat/completions?")
+    assert body is not None
+    sent = json.loads(body.replace("$SEED", "7"))
+    assert (sent["stream"], sent["max_tokens"], sent["seed"]) == (True, 30, 7)
+    path, body = loadgen.chat_template({**spec, "transport": "naive"})
+    assert body is None
+    assert path.startswith("/chat?tokens=30&rate=50&ttft_ms=0&seed=$SEED&")

@@ -56,7 +56,8 @@ def test_build_without_a_compiler_says_so(tmp_path: Path) -> None:
 
 
 def envelope(seq: int, kind: str = "token", ts: float | None = None) -> str:
-    ts = time.time() * 1000.0 - 1000.0 if ts is None else ts  # one second ago
+    # One second ago, in whole ms: every envelope is as long, so a test cuts them alike.
+    ts = float(int(time.time() * 1000.0) - 1000) if ts is None else ts
     body = {"channel": "t", "id": f"e1-{seq}", "type": kind, "data": {"text": "x"}, "ts": ts}
     return json.dumps(body, separators=(",", ":"))
 

@@ -75,14 +75,15 @@ def test_tiny_sweep_and_slow_subscriber(tmp_path: Path) -> None:
         assert slow[phase]["overflows"] == 0  # the normal clients were never ended
 
 
-def chats_config(out: Path, transports: list[str], load_client: str = "auto") -> BenchConfig:
+def chats_config(
+    out: Path, transports: list[str], load_client: str = "auto", **extra: Any
+) -> BenchConfig:
     return BenchConfig(
         out=out,
         workload="chats",
         transports=transports,
         clients=[4],
         rates=[200.0],
-        chats=2,
         chat_tokens=20,
         ttft_ms=50.0,
         duration=1.5,
@@ -91,11 +92,14 @@ def chats_config(out: Path, transports: list[str], load_client: str = "auto") ->
         workers=1,
         progress=False,
         load_client=load_client,
+        **extra,
     )
 
 
 def test_tiny_chats_workload(tmp_path: Path) -> None:
-    config = chats_config(tmp_path, ["ws", "longpoll", "fetch"])
+    # Two readers per chat: the asyncio clients read ws and longpoll (the native one reads
+    # chats of one reader).
+    config = chats_config(tmp_path, ["ws", "longpoll", "fetch"], readers=2)
     results = run_bench(config)
     for point in results["points"]:
         run = point["runs"][0]
@@ -110,13 +114,51 @@ def test_tiny_chats_workload(tmp_path: Path) -> None:
         assert run["rss_kb_per_conn"] is None, name  # not measured with connections churning
     by_transport = {p["transport"]: p["runs"][0] for p in results["points"]}
     fetch, ws = by_transport["fetch"], by_transport["ws"]
-    # Four clients, each the one reader of the chat its POST starts: four chats at a time.
-    assert fetch["chats_done"] > ws["chats_done"], (fetch["chats_done"], ws["chats_done"])
     # The POST that starts a chat counts, whoever streams it: a fetch chat of 20 tokens costs
     # that one request; a WebSocket chat the POST plus a handshake per reader (2), for 40.
     assert fetch["requests_per_token"] == pytest.approx(1 / 20, rel=0.2)
     assert ws["requests_per_token"] == pytest.approx(3 / 40, rel=0.2)
+    # Four users, each with one chat at a time: 4 x 200 tokens/s offered, 2 readers on ws.
+    assert fetch["expected_events_per_s"] == 800.0
     assert "| fetch | 4 |" in markdown(results)
+
+
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+)
+def test_chats_against_the_naive_baseline(tmp_path: Path) -> None:
+    """sse, ws, fetch and openai users, and the baseline's, in one run; the report's ratios."""
+    config = chats_config(tmp_path, ["sse", "ws", "fetch", "openai"], baseline="naive")
+    config.ttft_ms, config.rates = 0.0, [100.0]
+    results = run_bench(config)
+    write_results(results, tmp_path, plots=False)
+    runs = {p["label"]: p["runs"][0] for p in results["points"]}
+    assert list(runs) == ["naive", "sse", "ws", "fetch", "openai"]
+    for name, run in runs.items():
+        assert run["chats_done"] > 0, name
+        assert (run["lost"], run["dup"], run["failures"]) == (0, 0, 0), (name, run["errors"])
+        assert (run["disconnects"], run["incomplete"]) == (0, 0), (name, run["errors"])
+        # The offered tokens of 4 users at 100/s (the baseline's sleeps drift a little).
+        assert run["events_per_s"] > 0.6 * 400, (name, run["events_per_s"])
+        assert run["cpu_us_per_token"] > 0, name
+        assert run["rss_mb"] > 10, name  # its own process, measured alike
+        assert run["ttft_p99_ms"] >= run["ttft_ms"] > 0, name
+        assert run["gap_p99_ms"] is not None, name
+    assert runs["openai"]["p99_ms"] is None  # chunks carry no timestamp
+    assert runs["sse"]["p99_ms"] is not None
+    md = markdown(results)
+    assert "| naive | 4 |" in md
+    assert "| openai | 4 | " in md
+    row = next(
+        line for line in md.splitlines() if line.startswith("| sse | 4 | ") and "x |" in line
+    )
+    cpu = runs["sse"]["cpu_us_per_token"] / runs["naive"]["cpu_us_per_token"]
+    assert f"| {cpu:.2f}x |" in row, row
+    saved = json.loads((tmp_path / "results.json").read_text())
+    ratios = {r["label"]: r for r in saved["vs_baseline"]}
+    assert set(ratios) == {"sse", "ws", "fetch", "openai"}
+    assert ratios["sse"]["cpu_us_per_token"] == pytest.approx(cpu)
+    assert ratios["openai"]["p99_ms"] is None
 
 
 @pytest.mark.skipif(
@@ -126,9 +168,9 @@ def test_native_and_python_fetch_clients_agree(tmp_path: Path) -> None:
     runs = {}
     for load_client in ("native", "python"):
         results = run_bench(chats_config(tmp_path / load_client, ["fetch"], load_client))
-        assert results["load_client"]["streams"] == load_client
         wording = {"native": "native load client", "python": "asyncio load clients"}
-        assert f"Fetch streams read by the {wording[load_client]}" in markdown(results)
+        assert results["load_client"]["streams"] == load_client
+        assert wording[load_client] in markdown(results).split("\n")[2]
         runs[load_client] = run = results["points"][0]["runs"][0]
         assert (run["lost"], run["dup"], run["failures"]) == (0, 0, 0), run["errors"]
         assert (run["disconnects"], run["incomplete"]) == (0, 0), run["errors"]
