@@ -4,6 +4,7 @@ among codings, and the accounting of the compressed bytes, read raw off the sock
 
 from __future__ import annotations
 
+import asyncio
 import json
 import zlib
 from collections.abc import Callable
@@ -245,3 +246,24 @@ async def test_small_poll_answers_and_unasked_ones_go_plain(start_server: StartS
     plain = await raw_get(server.port, f"/poll/{channel}")
     assert "content-encoding" not in plain.headers
     assert parse_response(plain.raw).body == plain.body
+
+
+async def test_chaos_delays_and_pauses_keep_the_gzip_stream_in_order(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(compression="connection", chaos=True)
+    async with aiohttp.ClientSession() as session:
+        chat = await start_chat(
+            session, server.url, "chaos", seed=5, max_tokens=60, token_ms=5, ttft_ms=300
+        )
+        path = f"/sse/{chat['channel']}"
+        reader = asyncio.create_task(
+            raw_get(server.port, path, headers={"Accept-Encoding": "gzip"})
+        )
+        for action, body in (("delay", {"ms": 30}), ("pause", {"seconds": 0.2})):
+            async with session.post(f"{server.url}/api/chaos/{action}", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+        got = await reader
+        events = await poll(session, server.url, chat["channel"])
+    text = zlib.decompressobj(16 + 15).decompress(got.body)
+    assert [json.loads(msg.data) for msg in SSEDecoder().feed(text)] == events

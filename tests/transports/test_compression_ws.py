@@ -278,3 +278,22 @@ async def test_a_compressed_client_message_too_large_inflated_closes_1009(
                 async for _ in sock:
                     pass
             assert sock.close_code == 1009
+
+
+async def test_chaos_delays_and_pauses_keep_the_compressed_stream_in_order(
+    start_server: StartServer,
+) -> None:
+    # Under faults every event takes the per-connection slow path (held, delayed, then
+    # written): the context-keeping compressor must see them in the order they are written.
+    server = await start_server(compression="connection", chaos=True)
+    async with aiohttp.ClientSession() as session:
+        chat = await start_chat(
+            session, server.url, "chaos", seed=5, max_tokens=60, token_ms=5, ttft_ms=300
+        )
+        reader = asyncio.create_task(raw_ws(server.port, f"/ws/{chat['channel']}", OFFER))
+        for action, body in (("delay", {"ms": 30}), ("pause", {"seconds": 0.2})):
+            async with session.post(f"{server.url}/api/chaos/{action}", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+        got = await reader
+        reference = await poll(session, server.url, chat["channel"])
+    assert texts(got.frames, Inflater()) == reference
