@@ -72,11 +72,26 @@ class ChannelInfo:
     last_seq: int  # seq of the newest event (0 before the first)
     finished: bool  # an ``end`` event was published
     subscribers: int
+    #: The newest seq of this life whose event a backend failover lost (0: none was lost).
+    #: Redis replicates asynchronously: a replica promoted without the last acknowledged
+    #: events. The life goes on after it (no id is ever reused) and a resume position before
+    #: it gets a ``reset`` with reason ``events-lost``.
+    lost: int = 0
 
     @property
     def last_id(self) -> str:
         """The id of the newest event (``<epoch>-0`` before the first)."""
         return format_id(self.epoch, self.last_seq)
+
+
+_RESET_MESSAGES: Final = {
+    "events-lost": "a failover of the bus backend lost events after the requested id; "
+    "continuing from the oldest retained event",
+}
+_RESET_MESSAGE: Final = (
+    "history no longer reaches back to the requested id; "
+    "events may have been missed, continuing from the oldest retained event"
+)
 
 
 def make_reset(info: ChannelInfo, requested: After, reason: str) -> Event:
@@ -95,8 +110,7 @@ def make_reset(info: ChannelInfo, requested: After, reason: str) -> Event:
             "reason": reason,
             "requested": None if requested is None else str(requested),
             "oldest": oldest,
-            "message": "history no longer reaches back to the requested id; "
-            "events may have been missed, continuing from the oldest retained event",
+            "message": _RESET_MESSAGES.get(reason, _RESET_MESSAGE),
         },
         ts=now_ms(),
         seq=seq,
@@ -112,7 +126,7 @@ def reset_reason(info: ChannelInfo, after: After) -> str | None:
     if after.seq > info.last_seq:
         return "future-id"
     if after.seq < info.first_seq - 1:
-        return "history-trimmed"
+        return "events-lost" if after.seq < info.lost else "history-trimmed"
     return None
 
 

@@ -38,7 +38,9 @@ topology changes under a subscription (Redis tells a slot's subscribers ``sunsub
 the slot moves, a reader's connection fails, or a node answers ``SSUBSCRIBE`` with MOVED), the
 broker reloads the slot map, moves each subscription to its slot's new owner, and the new
 owner's confirmation tells the hub about a gap (:meth:`LiveHandler.on_gap`): the hub reads what
-was published meanwhile from history, so nothing is lost or delivered twice.
+was published meanwhile from history, so nothing is lost or delivered twice. A failover whose
+replica lacked acknowledged events is detected as on ``redis://`` (``repair`` in the scripts):
+the channel goes on after them and older positions get a ``reset`` (``events-lost``).
 """
 
 from __future__ import annotations

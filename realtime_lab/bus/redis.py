@@ -49,6 +49,16 @@ trims it, refreshes the expiry, and publishes it (``PUBLISH``). :data:`READ_LUA`
 state and the requested slice of history in one consistent step (``attach`` also creates a
 missing channel, with an expiry of ``max(ttl, 60 s)`` until its first event).
 
+Lost acknowledged events: Redis replicates asynchronously, so a promoted replica (or a restart
+from a stale file) may lack the newest events of a channel although its publisher was told they
+were stored, and handing their ids out again would give other events the ids that clients
+already hold. Each process remembers, per channel (:data:`MAX_MARKS`, LRU), the newest event it
+knows of (published, seen live, read) and passes it to every script: a channel of the same life
+that is behind that mark lost events, and the script (``repair``) moves its ``last`` up to the
+mark (the lost ids are never reused), drops the history before it and records ``lost`` in the
+meta hash; a resume position before the mark then gets a ``reset`` with reason
+``events-lost``. Events no surviving process knew of cannot be detected.
+
 Each process holds one pub/sub connection and one reader task (the only one that ever connects
 it). The hub (:mod:`realtime_lab.bus.hub`) subscribes a channel when its first local sink attaches
 and unsubscribes it when the last one leaves; every event is decoded once per process and handed
@@ -61,6 +71,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -96,6 +107,8 @@ SUBSCRIBE_TIMEOUT: Final = 10.0
 MIN_RESERVATION: Final = 60.0
 #: How long, after it expires, a channel is remembered so that its next life gets a new epoch.
 TOMBSTONE_TTL: Final = 24 * 3600.0
+#: Channels whose newest known event a broker remembers to detect lost events (LRU).
+MAX_MARKS: Final = 10_000
 #: Channels per pipeline of :meth:`RedisBroker.retain`.
 RETAIN_BATCH: Final = 256
 #: Bytes every envelope has besides ``head`` and ``tail``: the shortest id, ``xxxxxxxx-1``.
@@ -150,6 +163,18 @@ local function admit(index, name, now, max, admitted)
   end
   return {-1, 'too-many-channels', wait}
 end
+-- A failover lost events the caller saw acknowledged: its mark (the newest event of this life
+-- it knows of) is ahead of the channel. Skip their seqs, so that no id is ever given twice, and
+-- drop the history that no longer leads up to them. Returns the channel's new last seq, or nil.
+local function repair(meta, stream, epoch, last, mark_epoch, mark_seq)
+  mark_seq = tonumber(mark_seq)
+  if epoch ~= mark_epoch or last >= mark_seq then
+    return nil
+  end
+  redis.call('DEL', stream)
+  redis.call('HSET', meta, 'last', mark_seq, 'bytes', 0, 'lost', mark_seq)
+  return mark_seq
+end
 local function extend(meta, stream, gone, index, name, now, ttl, tomb, last)
   local left = redis.call('PTTL', meta)
   if left >= ttl then
@@ -171,9 +196,11 @@ end
 # channel, envelope head, envelope tail, fresh epoch, bus epoch candidate, history, ttl ms,
 # tombstone ms, "1" for an ``end`` event, history bytes, max channels, channel name, the publish
 # command (``PUBLISH``, or ``SPUBLISH`` on Redis Cluster), "1" when the caller has admitted a new
-# channel into the cluster's index.
-# Returns {1, epoch, seq}, or a refusal {-1, code, detail}: ``too-many-channels`` (detail: ms
-# until the next channel expires, -1 if unknown) or ``event-too-large`` (detail: its bytes); on
+# channel into the cluster's index, the caller's mark of the channel (epoch, seq: the newest
+# event of it the caller knows of; "", 0 for none).
+# Returns {1, epoch, seq, 1 if the mark showed lost events else 0}, or a refusal
+# {-1, code, detail}: ``too-many-channels`` (detail: ms until the next channel expires, -1 if
+# unknown) or ``event-too-large`` (detail: its bytes); on
 # Redis Cluster, {-2, 'admit', 0} for a new channel not admitted yet.
 PUBLISH_LUA: Final = (
     _HELPERS_LUA
@@ -198,6 +225,10 @@ elseif not state[4] then
   for _, entry in ipairs(redis.call('XRANGE', stream, '-', '+')) do
     bytes = bytes + #entry[2][2]
   end
+end
+local fixed = repair(meta, stream, epoch, last, ARGV[15], ARGV[16])
+if fixed then
+  last, bytes = fixed, 0
 end
 local seq = last + 1
 local payload = ARGV[2] .. epoch .. '-' .. seq .. ARGV[3]
@@ -245,7 +276,7 @@ if not finished then
   end
 end
 redis.call(ARGV[13], ARGV[1], payload)
-return {1, epoch, seq}
+return {1, epoch, seq, fixed and 1 or 0}
 """
 )
 
@@ -254,10 +285,13 @@ return {1, epoch, seq}
 # the channel (create it when it does not exist, keep it ttl more when it does), ttl ms of such a
 # creation, fresh epoch, bus epoch candidate, ttl ms, tombstone ms, max channels, channel name,
 # the epoch a created channel gets ("" for the usual choice), "1" when the caller has admitted a
-# new channel into the cluster's index (as for PUBLISH_LUA, which also says the {-2} answer).
+# new channel into the cluster's index (as for PUBLISH_LUA, which also says the {-2} answer), the
+# caller's mark of the channel (as for PUBLISH_LUA).
 # Returns {0, epoch of its next life} for a channel that does not exist, a refusal
 # {-1, 'too-many-channels', ms} when reserving a new one is over the cap, else
-# {1, epoch, last, first, finished, pttl, payload...}: the payloads are the retained events from
+# {1, epoch, last, first, finished, pttl, lost, repaired, payload...} (``lost``: the newest seq
+# a failover lost, 0 if none; ``repaired``: 1 when the mark showed it now): the payloads are the
+# retained events from
 # the resume position (the oldest one when the cursor needs a reset), at most limit (minus one
 # for the reset event) of them.
 READ_LUA: Final = (
@@ -289,6 +323,10 @@ if not epoch then
   reserve = false
 end
 local last = tonumber(redis.call('HGET', meta, 'last') or '0')
+local fixed = repair(meta, stream, epoch, last, ARGV[15], ARGV[16])
+if fixed then
+  last = fixed
+end
 local first = last - redis.call('XLEN', stream) + 1
 local finished = 0
 if redis.call('HGET', meta, 'finished') == '1' then
@@ -297,7 +335,8 @@ end
 if reserve and finished == 0 then
   extend(meta, stream, gone, index, ARGV[12], now_ms(), tonumber(ARGV[9]), ARGV[10], last)
 end
-local out = {1, epoch, last, first, finished, redis.call('PTTL', meta)}
+local lost = tonumber(redis.call('HGET', meta, 'lost') or '0')
+local out = {1, epoch, last, first, finished, redis.call('PTTL', meta), lost, fixed and 1 or 0}
 local mode = ARGV[1]
 if mode == 'info' or mode == 'live' then
   return out
@@ -445,6 +484,35 @@ class RedisBroker(Broker):
         self._publish_command = "PUBLISH"
         #: What the last Redis failure was (``None`` before the first).
         self.last_failure: str | None = None
+        # The newest event this process knows of, per channel (published, seen live or read):
+        # what tells a failover that lost acknowledged events (see PUBLISH_LUA's ``repair``).
+        self._marks: OrderedDict[str, tuple[str, int]] = OrderedDict()
+        #: Channel lives in which a failover was found to have lost acknowledged events.
+        self.lost_lives = 0
+
+    # Failover marks ----------------------------------------------------------------------------
+    def _mark(self, channel: str, epoch: str, seq: int) -> None:
+        """Remember the newest event of ``channel`` this process knows of (bounded, LRU)."""
+        marks = self._marks
+        known = marks.get(channel)
+        if known is not None:
+            if known[0] == epoch and known[1] >= seq:
+                marks.move_to_end(channel)
+                return
+            marks.move_to_end(channel)
+        marks[channel] = (epoch, seq)
+        if len(marks) > MAX_MARKS:
+            marks.popitem(last=False)
+
+    def _lost(self, channel: str, epoch: str, seq: int) -> None:
+        self.lost_lives += 1
+        log.warning(
+            "redis lost acknowledged events of %r (a failover: the replica was behind); "
+            "the channel goes on after %s-%s, older positions get a reset",
+            channel,
+            epoch,
+            seq,
+        )
 
     # Keys --------------------------------------------------------------------------------------
     def _keys(self, channel: str) -> list[str]:
@@ -579,7 +647,8 @@ class RedisBroker(Broker):
             # Surely too large: refused without sending it (the script checks exactly).
             size = len(head) + len(tail) + _MIN_ID_BYTES
             raise self._refusal(channel, b"event-too-large", size)
-        status, raw_epoch, seq = await self._run(
+        mark_epoch, mark_seq = self._marks.get(channel, ("", 0))
+        status, raw_epoch, seq, *repaired = await self._run(
             self._publish_script,
             channel,
             self._keys(channel),
@@ -598,12 +667,17 @@ class RedisBroker(Broker):
                 channel,
                 self._publish_command,
                 "",
+                mark_epoch,
+                mark_seq,
             ],
             self._ttl_ms,
         )
         if status < 0:
             raise self._refusal(channel, raw_epoch, int(seq))
         epoch = raw_epoch.decode()
+        if repaired and repaired[0]:
+            self._lost(channel, epoch, mark_seq)
+        self._mark(channel, epoch, int(seq))
         event = Event(channel, format_id(epoch, int(seq)), type, data, ts, int(seq))
         event.cache["json"] = head + event.id.encode() + tail
         return event
@@ -628,6 +702,7 @@ class RedisBroker(Broker):
             mode, c_epoch, c_seq = "cursor", after.epoch, after.seq
         else:
             mode = "all"
+        mark_epoch, mark_seq = self._marks.get(channel, ("", 0))
         result = await self._run(
             self._read_script,
             channel,
@@ -647,6 +722,8 @@ class RedisBroker(Broker):
                 channel,
                 epoch or "",
                 "",
+                mark_epoch,
+                mark_seq,
             ],
             self._reserve_ms,
         )
@@ -654,10 +731,15 @@ class RedisBroker(Broker):
             raise self._refusal(channel, result[1], int(result[2]))
         if not result[0]:
             return History(ChannelInfo(channel, result[1].decode(), 1, 0, False, 0), False, [])
-        raw_epoch, last, first, finished, pttl = result[1:6]
-        info = ChannelInfo(channel, raw_epoch.decode(), int(first), int(last), bool(finished), 0)
+        raw_epoch, last, first, finished, pttl, lost, repaired = result[1:8]
+        info = ChannelInfo(
+            channel, raw_epoch.decode(), int(first), int(last), bool(finished), 0, int(lost)
+        )
+        if repaired:
+            self._lost(channel, info.epoch, mark_seq)
+        self._mark(channel, info.epoch, info.last_seq)
         try:
-            events = [_decode(payload) for payload in result[6:]]
+            events = [_decode(payload) for payload in result[8:]]
         except InvalidEnvelope as exc:
             raise BusError(f"corrupt event in redis history of {channel!r}: {exc}") from exc
         sub = self._subs.get(self.live_key(channel))
@@ -845,6 +927,7 @@ class RedisBroker(Broker):
         except InvalidEnvelope as exc:
             log.warning("dropping a malformed envelope on %r: %s", key, exc)
             return
+        self._mark(sub.name, epoch_of(event.id), event.seq)
         self.handler.on_event(sub.name, event)
         if event.type == END:
             self._schedule_expiry(sub, epoch_of(event.id), self.ttl)

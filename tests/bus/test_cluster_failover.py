@@ -6,6 +6,7 @@ These tests kill nodes, so they have a cluster of their own (not the session's).
 from __future__ import annotations
 
 import asyncio
+import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -16,6 +17,7 @@ from redis.crc import key_slot
 from realtime_lab.bus import Bus, create_bus
 from realtime_lab.bus.cluster import RedisClusterBroker
 from realtime_lab.errors import BusUnavailable
+from realtime_lab.protocol.cursor import Cursor
 from realtime_lab.protocol.envelope import END, Event
 from tests.redis_server import (
     ClusterControl,
@@ -88,3 +90,50 @@ async def test_a_failover_in_sync_loses_nothing(
     assert [e.id for e in rec.events] == [e.id for e in published]
     assert rec.closed is None
     assert broker._key_shard[key].name == f"127.0.0.1:{replica}"  # the promoted replica
+
+
+async def test_a_failover_that_lost_acknowledged_events_is_detected(
+    own_cluster: RedisClusterServers, buses: tuple[Bus, Bus]
+) -> None:
+    """The replica is cut off, 5 more events are acknowledged, the primary dies: the channel
+    goes on after them (no id given twice) and a position before them gets a ``reset``."""
+    publisher, follower = buses
+    control = ClusterControl(own_cluster)
+    channel = f"ch-{uuid.uuid4().hex[:8]}"
+    key = follower.broker.live_key(channel)  # type: ignore[attr-defined]
+    primary = control.owner(key_slot(key))
+    (replica,) = await asyncio.to_thread(control.replicas_of, primary)
+    rec = Recorder()
+    await follower.attach(channel, None, rec)
+    published = [await publisher.publish(channel, "token", {"i": i}) for i in range(1, 11)]
+    epoch = published[0].id.rpartition("-")[0]
+    client = aioredis.Redis(host="127.0.0.1", port=primary)
+    replica_process = control.node(replica).process
+    assert replica_process is not None
+    try:
+        assert await client.execute_command("WAIT", 1, 5000) == 1
+        # Stopped, the replica cannot reconnect: what follows never reaches it.
+        replica_process.send_signal(signal.SIGSTOP)
+        await client.execute_command("CLIENT KILL TYPE replica")
+        published += [await publisher.publish(channel, "token", {"i": i}) for i in range(11, 16)]
+        await rec.wait_for(lambda r: len(r.events) == 15)  # acknowledged and seen live
+    finally:
+        await client.aclose()
+        control.node(primary).process.kill()  # type: ignore[union-attr]
+        replica_process.send_signal(signal.SIGCONT)
+
+    after = await publish_through(publisher, channel, "token", {"i": 16})
+    assert after.id == f"{epoch}-16"  # not -11: no id is given twice
+    await rec.wait_for(lambda r: len(r.events) == 16, timeout=20)
+    assert [e.id for e in rec.events] == [e.id for e in [*published, after]]
+    brokers = [publisher.broker, follower.broker]
+    assert sum(b.lost_lives for b in brokers) == 1  # type: ignore[attr-defined]
+
+    # Whoever resumes from before the loss is told, not left with a silent gap.
+    replay = await follower.replay(channel, Cursor(epoch, 12))
+    assert replay.reset is not None
+    assert replay.reset.data["reason"] == "events-lost"
+    assert [e.id for e in replay.events[1:]] == [after.id]
+    info = await follower.info(channel)
+    assert info is not None
+    assert (info.lost, info.first_seq, info.last_seq) == (15, 16, 16)
