@@ -7,7 +7,7 @@ so plotting works headless and from any thread.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -39,8 +39,17 @@ _STYLE = {
 }
 
 
+#: Measures a workload does not plot: the other's way of saying the same (CPU per token), or
+#: what it does not measure (chats; RSS per connection, which churns with chats).
+SKIP: Final = {
+    "ticker": frozenset({"cpu_us_per_token", "chats_per_s"}),
+    "chats": frozenset({"cpu_s_per_1k", "rss_kb_per_conn"}),
+}
+
+
 def plot_measures(results: dict[str, Any], out: Path) -> dict[str, Path]:
-    """Write ``<measure>.png`` (``<measure>_rate<R>.png`` when several rates were swept).
+    """Write ``<measure>.png`` (``<measure>_rate<R>.png`` when several rates were swept), for
+    each measure of the workload (see :data:`SKIP`).
 
     Returns:
         The written files by measure key.
@@ -48,11 +57,14 @@ def plot_measures(results: dict[str, Any], out: Path) -> dict[str, Path]:
     points = results["points"]
     rates = sorted({p["rate"] for p in points})
     workload = results["config"]["workload"]
+    skip = SKIP.get(workload, frozenset())
     written: dict[str, Path] = {}
     for rate in rates:
         at_rate = [p for p in points if p["rate"] == rate]
         labels = list(dict.fromkeys(p["label"] for p in at_rate))
         for key, title, unit in MEASURES:
+            if key in skip:
+                continue
             figure = Figure(figsize=(7, 4.5), dpi=100)
             FigureCanvasAgg(figure)
             ax = figure.add_subplot()
