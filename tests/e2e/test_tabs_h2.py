@@ -25,7 +25,7 @@ import pytest
 from realtime_lab.feed.llm import answer_text, answer_tokens
 from tests.conftest import RunningServer, StartServer
 from tests.e2e.conftest import ARTIFACTS, PANES, TEST_HOOK, VIEWPORT, WAIT_MS, Dashboard
-from tests.nginx.h2_proxy import H2Proxy, missing, start_h2_proxy
+from tests.nginx.h2_proxy import H2Proxy, missing, sent_by_client, start_h2_proxy
 
 pytestmark = [
     pytest.mark.e2e,
@@ -35,11 +35,12 @@ pytestmark = [
 
 TABS = 3
 PROMPT, SEED, MAX_TOKENS = "Why do three tabs stall", 3, 20
-# A quiet second and a half before the first token: the streams and long polls of the tabs hold
-# their connections all that time (a long poll that answers a token frees its connection for a
-# moment), so over HTTP/1.1 whatever else comes waits, for about as long, whatever the few
-# hundred ms between the first tab's start and the others'.
+# A quiet time before the first token: the streams and long polls of the tabs hold their
+# connections all that time (a long poll that answers a token frees its connection for a
+# moment). The first tab's is the longest, so that over HTTP/1.1 the three streams of the later
+# tabs that find no free connection wait seconds, whenever within it those tabs start.
 CHAT = {"token_ms": 40, "ttft_ms": 1500, "poll_ms": 50}
+FIRST_TTFT_MS = 3000
 STREAMS = ("poll", "longpoll", "sse", "ws")  # the panes that stream the ticker
 
 OpenTabs = Callable[[str], Awaitable[list[Dashboard]]]
@@ -113,9 +114,11 @@ async def tabs_state(tab: Dashboard) -> dict[str, Any]:
 async def three_chats(tabs: list[Dashboard]) -> list[dict[str, Any]]:
     """A chat in each tab: the first tab starts, the other two together once they see it
     running (a person going from tab to tab). Each tab's summary once all have finished."""
-    for tab in tabs:
+    for i, tab in enumerate(tabs):
         for name, value in CHAT.items():
             await tab.set_range(name.replace("_", "-"), value)
+        if i == 0:
+            await tab.set_range("ttft-ms", FIRST_TTFT_MS)
         await tab.page.fill("#prompt", PROMPT)
         await tab.page.fill("#seed", str(SEED))
         await tab.page.fill("#max-tokens", str(MAX_TOKENS))
@@ -146,6 +149,30 @@ async def assert_every_pane_finished(
         assert tab.errors() == []
 
 
+async def wire(nginx: H2Proxy, tabs: list[Dashboard]) -> dict[str, dict[str, float]]:
+    """What nginx sent each pane's browser side (its access log's $bytes_sent: over HTTP/2 the
+    stream's frames, HPACK headers included), over the three tabs: per token and per request."""
+    tokens = len(answer_tokens(PROMPT, SEED, max_tokens=MAX_TOKENS))
+    tags = {key: [await tab.pane_value(key, "tag") for tab in tabs] for key in PANES}
+    wanted = {tag for per_tab in tags.values() for tag in per_tab}
+    # nginx logs a request when it ends; the streams end with their chat, or just after.
+    async with asyncio.timeout(15):
+        while not wanted <= set(sent_by_client(nginx.access_log())):
+            await asyncio.sleep(0.05)  # polling a file nginx appends to, with a deadline
+    sent = sent_by_client(nginx.access_log())
+    out = {}
+    for key, per_tab in tags.items():
+        total = sum(sent[tag].bytes for tag in per_tab)
+        body = sum(sent[tag].body for tag in per_tab)
+        requests = sum(sent[tag].requests for tag in per_tab)
+        out[key] = {
+            "bytes_per_token": total / (tokens * len(per_tab)),
+            "head_bytes_per_request": (total - body) / requests,  # headers and framing
+            "requests": requests,
+        }
+    return out
+
+
 def ttfts(summaries: list[dict[str, Any]]) -> list[float]:
     """The slowest pane's time to first token, per tab."""
     return [max(s["panes"][k]["ttft_ms"] for k in PANES) for s in summaries]
@@ -170,6 +197,7 @@ async def test_three_tabs_over_http_2_finish_every_pane_and_over_http_1_1_they_s
         assert state["protocol_text"].startswith("HTTP/2: one connection for all tabs"), state
         assert not state["warning_shown"], state
         assert set(state["stalls"]["protocols"]) == {"h2"}, state
+    h2_wire = await wire(nginx, h2_tabs)
     await asyncio.gather(*(tab.page.close() for tab in h2_tabs))
 
     # HTTP/1.1: the same three tabs, the same chats, through the same nginx and TLS.
@@ -177,6 +205,7 @@ async def test_three_tabs_over_http_2_finish_every_pane_and_over_http_1_1_they_s
     h1_summaries = await three_chats(h1_tabs)
     await assert_every_pane_finished(h1_tabs, h1_summaries)
     h1 = [await tabs_state(tab) for tab in h1_tabs]
+    h1_wire = await wire(nginx, h1_tabs)
     for state in h1:
         assert state["protocol"] == "http/1.1", state
         assert state["protocol_text"].startswith("HTTP/1.1: at most 6 per origin"), state
@@ -193,11 +222,30 @@ async def test_three_tabs_over_http_2_finish_every_pane_and_over_http_1_1_they_s
     # some requests waited for one, through the quiet time to the first token.
     h1_longest = max(s["stalls"]["longest_ms"] for s in h1)
     h2_longest = max(s["stalls"]["longest_ms"] for s in h2)
-    assert sum(s["stalls"]["stalled"] for s in h1) >= 1, h1
-    assert h1_longest >= 500, h1
+    started = [s["run"]["started_at"] for s in h1_summaries]
+    assert sum(s["stalls"]["stalled"] for s in h1) >= 1, (started, h1)
+    assert h1_longest >= 500, (started, h1)
     assert h1_longest > h2_longest, (h1, h2)
     waited = [s for s in h1 if s["stalls"]["stalled"]]
     assert "waited for a connection" in waited[0]["stalls_text"], waited[0]
+    # What nginx sent the browsers. Every poll answer repeats its headers, which HPACK codes
+    # in fewer bytes (nginx's encoder uses the static table and Huffman codes, not the dynamic
+    # table: about half here). Per token the figures also depend on how often the pages polled,
+    # and how many tokens a long poll carried, which the stall changes.
+    measured = {"h2": h2_wire, "http/1.1": h1_wire}
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "h2-bytes-per-token.json").write_text(json.dumps(measured, indent=1))
+    for key in ("poll", "longpoll"):
+        h2_head = h2_wire[key]["head_bytes_per_request"]
+        assert h2_head < h1_wire[key]["head_bytes_per_request"] * 0.75, measured
+    print("\nnginx to browser (TLS records not counted), HTTP/2 | HTTP/1.1:")
+    for key in PANES:
+        h2w, h1w = h2_wire[key], h1_wire[key]
+        print(
+            f"  {key:9} bytes/token {h2w['bytes_per_token']:6.1f} | {h1w['bytes_per_token']:6.1f}"
+            f"   headers+framing/request {h2w['head_bytes_per_request']:6.1f} | "
+            f"{h1w['head_bytes_per_request']:6.1f}   requests {h2w['requests']} | {h1w['requests']}"
+        )
     for name, states, summaries in (("HTTP/2", h2, h2_summaries), ("HTTP/1.1", h1, h1_summaries)):
         print(
             f"\n{name}: {sum(s['stalls']['stalled'] for s in states)} of "

@@ -20,6 +20,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -71,6 +72,51 @@ def build_config(upstream_port: int, h2_port: int, h1_port: int) -> str:
         text, found = pattern.subn(replacement, text)
         assert found == 1, f"{DEPLOY} must have one {pattern.pattern!r}"
     return text
+
+
+#: One line of the ``realtime_lab`` access-log format of ``deploy/nginx-h2.conf``.
+ACCESS_LINE: Final = re.compile(
+    r'"(?P<method>\S+) (?P<uri>\S+) (?P<protocol>HTTP/[\d.]+)" (?P<status>\d+) '
+    r"(?P<bytes_sent>\d+) (?P<body_bytes_sent>\d+) (?P<request_length>\d+)"
+)
+
+
+@dataclass
+class Sent:
+    """What nginx sent the browser for the requests of one client tag."""
+
+    requests: int = 0
+    bytes: int = 0  # $bytes_sent: everything
+    body: int = 0  # $body_bytes_sent: the responses' bodies (the rest: headers and framing)
+    protocols: frozenset[str] = frozenset()
+
+
+#: The transports' paths: a stats call names a client tag too, but is not the client's stream.
+TRANSPORT_PATHS: Final = ("/poll/", "/longpoll/", "/sse/", "/ws/", "/api/chats/stream")
+
+
+def sent_by_client(log: str) -> dict[str, Sent]:
+    """``$bytes_sent`` added up per ``client=`` tag of the transports' requests (each pane of
+    the dashboard has its own tag)."""
+    totals: dict[str, Sent] = {}
+    for line in log.splitlines():
+        match = ACCESS_LINE.search(line)
+        if match is None:
+            continue
+        uri = urlsplit(match["uri"])
+        if not uri.path.startswith(TRANSPORT_PATHS):
+            continue
+        tag = parse_qs(uri.query).get("client", [None])[0]
+        if tag is None:
+            continue
+        before = totals.get(tag, Sent())
+        totals[tag] = Sent(
+            before.requests + 1,
+            before.bytes + int(match["bytes_sent"]),
+            before.body + int(match["body_bytes_sent"]),
+            before.protocols | {match["protocol"]},
+        )
+    return totals
 
 
 @dataclass

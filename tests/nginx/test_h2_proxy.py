@@ -9,8 +9,12 @@ HTTP/1.1 only. The app, told to trust the proxy, sees the browser's https.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
+import signal
+import socket
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import RunningServer, StartServer
+from tests.conftest import RunningServer, StartServer, free_port
 from tests.nginx.h2_proxy import DEPLOY, H2Proxy, missing, start_h2_proxy
 from tests.nginx.nginx_proxy import documented_blocks
 
@@ -175,3 +179,53 @@ async def test_the_app_sees_https_through_the_proxy(proxy: tuple[RunningServer, 
         text = await resp.text()
     assert "wss://" in text, text
     assert "https://" in text, text
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@needs_curl
+async def test_make_h2_serves_both_ports_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """``deploy/h2.sh`` (``make h2``) as a user runs it, on free ports, until SIGTERM."""
+    script = DEPLOY.parent / "h2.sh"
+    ports = {"PORT": free_port(), "H2_PORT": free_port(), "H1_PORT": free_port()}
+    env = {
+        **os.environ,
+        **{name: str(port) for name, port in ports.items()},
+        "H2_DIR": str(tmp_path / "h2"),
+        "BIN": str(Path(sys.executable).parent),
+    }
+    proc = await asyncio.create_subprocess_exec(
+        "bash", str(script),
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the app and nginx are its children
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        banner = (await asyncio.wait_for(proc.stdout.readline(), BOUND)).decode()
+        assert banner.startswith(f"HTTP/2:   https://127.0.0.1:{ports['H2_PORT']}/"), banner
+        fmt = "%{http_code} %{http_version}"
+        for port, version in ((ports["H2_PORT"], "2"), (ports["H1_PORT"], "1.1")):
+            url = f"https://127.0.0.1:{port}/api/config"
+            async with asyncio.timeout(BOUND):  # the app may still be starting behind nginx
+                while (answer := await curl("--http2", "-o", "/dev/null", "-w", fmt, url))[1] != (
+                    f"200 {version}"
+                ):
+                    await asyncio.sleep(0.1)  # polling the app's start, with a deadline
+            assert answer[0] == 0
+        assert (tmp_path / "h2" / "cert.pem").exists()
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), BOUND)
+        # Both children went with it: nothing listens on their ports any more.
+        async with asyncio.timeout(BOUND):
+            while any(listening(port) for port in ports.values()):
+                await asyncio.sleep(0.05)  # they exit within their shutdown timeouts
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
