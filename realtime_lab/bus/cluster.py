@@ -308,7 +308,7 @@ class RedisClusterBroker(RedisBroker):
         self._closed = True
         shards = list(self._shards.values())
         try:
-            await self._background.cancel_all(self._rerouting, *(s.task for s in shards))
+            await self._background.cancel_all()  # the readers and reroutes, retired ones too
         finally:
             for sub in self._subs.values():
                 self._forget(sub)
@@ -460,8 +460,8 @@ class RedisClusterBroker(RedisBroker):
             )
             shard = _Shard(node.name, client, client.pubsub())
             self._shards[node.name] = shard
-            shard.task = asyncio.create_task(
-                self._shard_loop(shard), name=f"redis-cluster-reader {node.name}"
+            shard.task = self._background.spawn(
+                self._shard_loop(shard), f"redis-cluster-reader {node.name}"
             )
         return shard
 
@@ -520,9 +520,6 @@ class RedisClusterBroker(RedisBroker):
                     self._dispatch(message)
                 except Exception:
                     log.exception("redis cluster bus failed to dispatch %r", message)
-        except Exception:
-            log.exception("redis cluster reader of %s failed", shard.name)
-            raise
         finally:
             if shard.retired:
                 await _close_shard(shard)

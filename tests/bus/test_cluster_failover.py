@@ -81,10 +81,15 @@ async def test_a_failover_in_sync_loses_nothing(
         await client.aclose()
     await rec.wait_for(lambda r: len(r.events) == 10)
 
+    assert await broker.health() is None
     control.node(primary).process.kill()  # type: ignore[union-attr]  # a crash, not a shutdown
+    reason = await broker.health()
+    assert reason is not None
+    assert "unreachable" in reason
     for i in range(11, 21):
         published.append(await publish_through(publisher, channel, "token", {"i": i}))
     published.append(await publish_through(publisher, channel, END, {}))
+    assert await publisher.broker.health() is None  # the replica took over
 
     await rec.wait_end(timeout=20)
     assert [e.id for e in rec.events] == [e.id for e in published]
