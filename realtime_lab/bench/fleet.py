@@ -149,8 +149,8 @@ def plan(count: int, processes: int, server_conns: int = 0, sources: int = 0) ->
     if by_fds < allowed:
         allowed = max(by_fds, 0)
         limits.append(
-            f"RLIMIT_NOFILE is {fd_limit} (hard limit; raising it needs root): the server "
-            f"can hold about {allowed} connections"
+            f"RLIMIT_NOFILE is {fd_limit} and may not be raised here (the hard limit moves only "
+            f"with CAP_SYS_RESOURCE): the server process can hold about {allowed} connections"
         )
     ports = ports_per_source()
     by_ports = ports * len(addresses)
