@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from realtime_lab.bench.runner import BenchConfig
+from realtime_lab.config import COMPRESSION_MODES
 
 TRANSPORT_NAMES = ("sse", "ws", "longpoll", "poll", "fetch", "openai")
 #: The transports that read a channel: the ticker workload's (fetch and openai stream only the
@@ -60,6 +61,15 @@ def _transports(text: str) -> list[str]:
             f"transports are a comma-separated subset of {','.join(TRANSPORT_NAMES)}"
         )
     return values
+
+
+def _modes(text: str) -> list[str]:
+    modes = [part.strip() for part in text.split(",") if part.strip()]
+    if not modes or set(modes) - set(COMPRESSION_MODES):
+        raise argparse.ArgumentTypeError(
+            f"compression modes are a comma-separated subset of {','.join(COMPRESSION_MODES)}"
+        )
+    return modes
 
 
 def _server_option(text: str) -> tuple[str, str | bool]:
@@ -115,6 +125,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=_floats,
         default=None,
         help="short-poll interval in s; a list sweeps (poll only); default 1",
+    )
+    p.add_argument(
+        "--compression",
+        type=_modes,
+        default=["off"],
+        help="the server's --compression per point: off, message, connection; a list sweeps "
+        "(the clients then ask for compression as a browser does); default off",
     )
     p.add_argument("--duration", type=float, default=None, help="measured s per run (10)")
     p.add_argument("--warmup", type=float, default=None, help="s before measuring (3)")
@@ -276,6 +293,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         clients=list(args.chats if args.workload == "chats" and args.chats else get("clients")),
         rates=list(get("rate")),
         poll_intervals=list(get("poll_interval")),
+        compression=list(args.compression),
         duration=duration,
         warmup=float(get("warmup")),
         repeat=int(get("repeat")),

@@ -42,6 +42,7 @@ import resource
 import socket
 import struct
 import time
+import zlib
 from array import array
 from multiprocessing.connection import Connection
 from typing import Any, Final
@@ -53,6 +54,7 @@ from realtime_lab.bench import wire
 from realtime_lab.bench.native import NATIVE_CHAT_MODES, NATIVE_CHATS, NATIVE_TRANSPORTS
 from realtime_lab.bench.server import raise_fd_limit
 from realtime_lab.errors import WebSocketProtocolError
+from realtime_lab.protocol.deflate import Inflater
 from realtime_lab.protocol.sequence import DUPLICATE, FOREIGN, NEW, REORDERED, Sequence
 
 #: Every transport the load clients speak (``openai``: ``POST /v1/chat/completions`` with
@@ -74,6 +76,9 @@ CHAT_PROMPT: Final = "bench chat"
 SEED_STRIDE: Final = 100_000
 #: The fetch stream's opening event, which names the chat: not a delivery.
 CHAT_EVENT: Final = "chat"
+#: What the clients ask for when a point compresses (``--compression``): what Chromium offers.
+GZIP: Final = {"Accept-Encoding": "gzip"}
+DEFLATE_OFFER: Final = "permessage-deflate; client_max_window_bits"
 CONNECT_CONCURRENCY: Final = 32  # per worker: well under the server's listen backlog (128)
 LONGPOLL_TIMEOUT: Final = 25.0
 POLL_LIMIT: Final = 1000
@@ -193,6 +198,9 @@ class Client(asyncio.Protocol):
         self.done: asyncio.Future[None] = loop.create_future()
         self.got_first: asyncio.Future[None] = loop.create_future()  # first token, or the end
         self.saw_end = False
+        # Ask for compression as a browser does (--compression sweeps): Accept-Encoding gzip,
+        # a permessage-deflate offer; what comes back compressed is inflated before parsing.
+        self.compress = False
 
     # asyncio.Protocol ---------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -348,17 +356,23 @@ class SSEClient(Client):
 
     def start(self) -> None:
         self._chunks: wire.ChunkedDecoder | None = None
+        self._inflate: Any = None
         self._parser = wire.SSEParser()
         path = f"/sse/{self.channel}?{self._query()}"
-        self.send(wire.get_request(path, self.host, {"Accept": "text/event-stream"}))
+        headers = {"Accept": "text/event-stream", **(GZIP if self.compress else {})}
+        self.send(wire.get_request(path, self.host, headers))
 
     def on_head(self, head: wire.Head) -> None:
         if head.headers.get("transfer-encoding", "").lower() == "chunked":
             self._chunks = wire.ChunkedDecoder()
+        if head.headers.get("content-encoding", "").lower() == "gzip":
+            self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
 
     def body(self, data: bytes, now: float) -> None:
         if self._chunks is not None:
             data = self._chunks.feed(data)
+        if self._inflate is not None:
+            data = self._inflate.decompress(data)
         items = self._parser.feed(data)
         if items:
             self.items(items, now)
@@ -377,6 +391,7 @@ class FetchClient(SSEClient):
 
     def start(self) -> None:
         self._chunks = None
+        self._inflate = None
         self._parser = wire.SSEParser()
         path = f"{FETCH_PATH}?client={quote(self.tag, safe='')}"
         headers = {"Accept": "text/event-stream"}
@@ -394,17 +409,26 @@ class WSClient(Client):
     def start(self) -> None:
         self._key = wire.ws_key()
         self._frames = wire.WSFrameParser()
+        self._inflater: Inflater | None = None
         path = f"/ws/{self.channel}?{self._query()}"
-        self.send(wire.ws_handshake(path, self.host, self._key))
+        offer = DEFLATE_OFFER if self.compress else None
+        self.send(wire.ws_handshake(path, self.host, self._key, offer))
 
     def on_head(self, head: wire.Head) -> None:
         if head.headers.get("sec-websocket-accept") != wire.ws_accept(self._key):
             self.fail("ws: bad Sec-WebSocket-Accept")
+        agreed = head.headers.get("sec-websocket-extensions")
+        if agreed is not None and agreed.startswith("permessage-deflate"):
+            self._frames = wire.WSFrameParser(rsv1=True)
+            reset = "server_no_context_takeover" in agreed
+            self._inflater = Inflater(no_context_takeover=reset)
 
     def body(self, data: bytes, now: float) -> None:
         items: list[wire.Item] = []
-        for opcode, payload, _, _ in self._frames.feed(data):
+        for opcode, payload, _, rsv1 in self._frames.feed(data):
             if opcode == wire.OP_TEXT:
+                if rsv1 and self._inflater is not None:
+                    payload = self._inflater.message(payload)
                 items.append(wire.envelope_item(payload))
             elif opcode == wire.OP_PING:
                 self.send(wire.client_frame(wire.OP_PONG, payload), request=False)
@@ -436,6 +460,7 @@ class PollClient(Client):
         self._size = 0
         self._length = -1
         self._polls = 0
+        self._gzipped = False
 
     def start(self) -> None:
         self._request()
@@ -450,9 +475,10 @@ class PollClient(Client):
         path = f"/{self.kind}/{self.channel}?{self._query(**extra)}"
         self.head = None
         self._chunks, self._pieces, self._size, self._length = None, [], 0, -1
-        self.send(wire.get_request(path, self.host))
+        self.send(wire.get_request(path, self.host, GZIP if self.compress else None))
 
     def on_head(self, head: wire.Head) -> None:
+        self._gzipped = head.headers.get("content-encoding", "").lower() == "gzip"
         if head.headers.get("transfer-encoding", "").lower() == "chunked":
             self._chunks = wire.ChunkedDecoder()
         else:
@@ -472,7 +498,10 @@ class PollClient(Client):
             complete = self._size >= self._length >= 0
         if not complete:
             return
-        items, cursor, more = wire.poll_answer(b"".join(self._pieces))
+        answer = b"".join(self._pieces)
+        if self._gzipped:
+            answer = zlib.decompress(answer, 16 + zlib.MAX_WBITS)
+        items, cursor, more = wire.poll_answer(answer)
         if cursor is not None:
             self.after = cursor
         if items:
@@ -509,9 +538,38 @@ def make_client(
     from_start: bool = False,
     poll_interval: float = 1.0,
     request: bytes = b"",
+    compress: bool = False,
 ) -> Client:
     """A not yet connected client of ``transport`` (``sse``, ``ws``, ``longpoll``, ``poll``, or
-    ``fetch`` with the chat's JSON ``request``: ``channel`` and ``after`` are not used then)."""
+    ``fetch`` with the chat's JSON ``request``: ``channel`` and ``after`` are not used then);
+    ``compress``: it asks for compression as a browser does."""
+    client = _make_client(
+        transport,
+        tally,
+        host,
+        channel,
+        after,
+        tag,
+        from_start=from_start,
+        poll_interval=poll_interval,
+        request=request,
+    )
+    client.compress = compress
+    return client
+
+
+def _make_client(
+    transport: str,
+    tally: Tally,
+    host: str,
+    channel: str,
+    after: str,
+    tag: str,
+    *,
+    from_start: bool,
+    poll_interval: float,
+    request: bytes,
+) -> Client:
     started = _now_ms()
     if transport == "sse":
         return SSEClient(tally, host, channel, after, tag, started, from_start=from_start)
@@ -721,6 +779,7 @@ class Worker:
             from_start=from_start,
             poll_interval=float(spec["poll_interval"]),
             request=request,
+            compress=spec.get("compression", "off") != "off",
         )
 
     async def connect(self, client: Client, *, restart_clock: bool = True) -> bool:

@@ -47,6 +47,7 @@ from realtime_lab.bench.loadgen import (
 )
 from realtime_lab.bench.server import ServerProcess, http_json, machine_cpu, raise_fd_limit
 from realtime_lab.bench.stats import latency_summary, median, spread
+from realtime_lab.config import COMPRESSION_MODES
 from realtime_lab.errors import RealtimeLabError
 
 #: The measures of one run, in report order: (key, label, unit).
@@ -101,6 +102,10 @@ class BenchConfig:
     clients: list[int] = field(default_factory=lambda: [10, 100, 1000])
     rates: list[float] = field(default_factory=lambda: [100.0])
     poll_intervals: list[float] = field(default_factory=lambda: [1.0])
+    #: The server's ``--compression`` per point (off, message, connection); the load clients
+    #: then ask for compression as a browser does (and are the Python ones: the C client reads
+    #: plain streams only).
+    compression: list[str] = field(default_factory=lambda: ["off"])
     duration: float = 10.0
     warmup: float = 3.0
     repeat: int = 3
@@ -144,18 +149,22 @@ class BenchConfig:
             for rate in self.rates:
                 for interval in intervals:
                     for clients in self.clients:
-                        label = transport
-                        if transport == "poll" and len(self.poll_intervals) > 1:
-                            label = f"poll@{interval:g}s"
-                        out.append(
-                            {
-                                "transport": transport,
-                                "label": label,
-                                "clients": clients,
-                                "rate": rate,
-                                "poll_interval": interval,
-                            }
-                        )
+                        for mode in self.compression:
+                            label = transport
+                            if transport == "poll" and len(self.poll_intervals) > 1:
+                                label = f"poll@{interval:g}s"
+                            if self.compression != ["off"]:
+                                label = f"{label}+{mode}"
+                            out.append(
+                                {
+                                    "transport": transport,
+                                    "label": label,
+                                    "clients": clients,
+                                    "rate": rate,
+                                    "poll_interval": interval,
+                                    "compression": mode,
+                                }
+                            )
         return out
 
 
@@ -386,6 +395,7 @@ def run_point(
         "history": _history(rate, point["poll_interval"]),
         "longpoll_max_timeout": 60.0,
         "ttft_ms": config.ttft_ms,
+        "compression": point.get("compression", "off"),
     }
     if chats:
         # The OpenAI endpoint paces its chats by these settings, not by its request.
@@ -423,7 +433,9 @@ def run_point(
                     "chat_tokens": config.chat_tokens,
                     "token_ms": 1000.0 / rate if rate > 0 else 0.0,
                     "ttft_ms": config.ttft_ms,
-                    "native": pool.native,
+                    "compression": options["compression"],
+                    # The C client reads plain streams only: compressed points use Python's.
+                    "native": pool.native if options["compression"] == "off" else None,
                 }
             )
         opened = pool.ask(commands, timeout=REPLY_GRACE)
@@ -724,6 +736,18 @@ def check(config: BenchConfig) -> None:
         raise BenchError("--baseline naive is a chats workload: add --workload chats")
     if config.readers < 1:
         raise BenchError("--readers must be at least 1")
+    unknown_modes = [m for m in config.compression if m not in COMPRESSION_MODES]
+    if unknown_modes or not config.compression:
+        raise BenchError(f"--compression takes {', '.join(COMPRESSION_MODES)}, not {unknown_modes}")
+    if config.compression != ["off"] and (
+        {"openai", "naive"} & set(config.transports)
+        or config.baseline
+        or config.publisher == "http"
+    ):
+        raise BenchError(
+            "--compression sweeps read with the Python clients: not openai, naive or "
+            "--publisher http, which the native client alone reads"
+        )
 
 
 def run_bench(config: BenchConfig) -> dict[str, Any]:

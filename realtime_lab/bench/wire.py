@@ -317,18 +317,18 @@ ws_key = websocket.new_key
 ws_accept = websocket.accept_key
 
 
-def ws_handshake(path: str, host: str, key: str) -> bytes:
-    """The opening handshake request (no extensions: the server sends plain text frames)."""
-    return get_request(
-        path,
-        host,
-        {
-            "Upgrade": "websocket",
-            "Connection": "Upgrade",
-            "Sec-WebSocket-Key": key,
-            "Sec-WebSocket-Version": "13",
-        },
-    )
+def ws_handshake(path: str, host: str, key: str, extensions: str | None = None) -> bytes:
+    """The opening handshake request; ``extensions`` is offered in ``Sec-WebSocket-Extensions``
+    (``None``: no extensions, the server sends plain text frames)."""
+    headers = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": key,
+        "Sec-WebSocket-Version": "13",
+    }
+    if extensions is not None:
+        headers["Sec-WebSocket-Extensions"] = extensions
+    return get_request(path, host, headers)
 
 
 def client_frame(opcode: int, payload: bytes = b"", mask: bytes | None = None) -> bytes:
@@ -352,8 +352,9 @@ class WSFrameParser(websocket.FrameDecoder):
 
     __slots__ = ()
 
-    def __init__(self) -> None:
-        super().__init__(masked=False, reassemble=True)
+    def __init__(self, *, rsv1: bool = False) -> None:
+        # rsv1: permessage-deflate was agreed (compressed messages have RSV1 set).
+        super().__init__(masked=False, rsv1=rsv1, reassemble=True)
 
 
 # Poll answers ------------------------------------------------------------------------------------
