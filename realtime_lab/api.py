@@ -76,9 +76,9 @@ async def cancel_chat(request: web.Request) -> web.Response:
     """``DELETE /api/chats/{id}``: cancel the generation; the stream ends with ``cancelled``."""
     chat = _chat(request)
     request.app[CHATS_KEY].cancel(chat.id)
-    if chat.task is not None and not chat.task.done():
+    if chat.done is not None and not chat.done.done():
         # Wait (briefly) so the answer shows the final state.
-        await asyncio.wait([chat.task], timeout=2.0)
+        await asyncio.wait([chat.done], timeout=2.0)
     return json_response(_chat_json(request, chat))
 
 

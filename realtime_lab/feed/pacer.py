@@ -9,7 +9,7 @@ fall in the same millisecond, and a job is a plain call, not a task.
 
 Jobs keep their own pace: the next due time is the previous one plus the delay the job asks for
 (no drift from the time the call itself took). A loop that fell more than ``max_lag`` behind
-re-bases the job on now instead of emitting the whole backlog at once.
+re-bases the job on now instead of emitting the backlog at once.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ log = logging.getLogger(__name__)
 
 #: Jobs due within this many seconds of a wake run in it (shares wakes between chats).
 DEFAULT_SLACK_S: Final = 0.001
-#: A job this far behind its due time is re-based on now (its pace resumes from there).
-DEFAULT_MAX_LAG_S: Final = 0.25
+#: A job this far behind its due time is re-based on now (its pace resumes from there): a busy
+#: loop delays tokens a little, it does not release a burst of them afterwards (about one token
+#: of a 50 tokens/s chat; a reader must never find several tokens at once where it expects one).
+DEFAULT_MAX_LAG_S: Final = 0.025
 
 #: What a job's step returns: the seconds until its next step, or ``None`` when it is over.
 Step = Callable[[], "float | None"]

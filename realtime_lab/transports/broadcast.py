@@ -49,6 +49,32 @@ MAX_JOIN_ROUNDS: Final = 5
 GAP_WEIGHT: Final = 0.125
 
 Frame = Callable[[Event], bytes]
+#: Members written per loop turn in one fan-out (a few ms of writes): a larger fan-out lets the
+#: loop serve other work between its slices.
+SLICE: Final = 500
+
+
+class _FanOut:
+    """A fan-out under way: who, how far, what."""
+
+    __slots__ = ("ahead", "data", "events", "members", "next")
+
+    def __init__(
+        self,
+        members: tuple[Member, ...],
+        next: int,
+        events: list[Event],
+        data: bytes,
+        ahead: dict[int, int],
+    ) -> None:
+        self.members = members
+        self.next = next
+        self.events = events
+        self.data = data
+        self.ahead = ahead
+
+    def pending(self) -> tuple[Member, ...]:
+        return self.members[self.next :]
 
 
 class Member(Outlet, Protocol):
@@ -109,7 +135,10 @@ class Broadcast:
         self.pending: list[Event] = []
         # Members that have events the broadcast has not written yet: id -> the seq they have.
         self._ahead: dict[int, int] = {}
-        self._handle: asyncio.Handle | None = None
+        self._handle: asyncio.Handle | None = None  # a delayed flush (coalescing window)
+        self._scheduled = False  # a flush is due: delayed, or in the owner's next batch
+        self._rest: _FanOut | None = None  # a fan-out written a slice per loop turn
+        self._started = 0.0
         self._slow_flush = False  # behind: the last flush outlasted the window and the gap
         self._gap = 1.0  # moving average of the seconds between events (starts slow)
         self._last_event_at = time.perf_counter()
@@ -128,16 +157,22 @@ class Broadcast:
         self._gap += (now - self._last_event_at - self._gap) * GAP_WEIGHT
         self._last_event_at = now
         self.pending.append(event)
-        if self._handle is None:
-            loop = asyncio.get_running_loop()
-            window = self._owner.window
-            if window > 0 and self._slow_flush:
-                self._handle = loop.call_later(window, self.flush)
+        if not self._scheduled:
+            self._scheduled = True
+            owner = self._owner
+            if owner.window > 0 and self._slow_flush:
+                self._handle = asyncio.get_running_loop().call_later(owner.window, self.flush)
             else:
-                self._handle = loop.call_soon(self.flush)
+                owner.flush_soon(self)
 
     def close(self, reason: str) -> None:
         """The bus ended the channel (expired, bus closing): end every member."""
+        rest = self._rest
+        if rest is not None:  # the fan-out under way: the rest of it at once, now
+            self._rest = None
+            for conn in rest.pending():
+                self._write_one(conn, rest)
+            rest.next = len(rest.members)
         self.flush()
         for conn in tuple(self.members.values()):
             conn.close(reason)
@@ -145,14 +180,22 @@ class Broadcast:
 
     # Writing -----------------------------------------------------------------------------------
     def flush(self) -> None:
-        """Write what is pending to every member: once, the same bytes for all steady ones."""
+        """Write what is pending to every member: once, the same bytes for all steady ones.
+
+        A fan-out to more than :data:`SLICE` members is written a slice per loop turn, so that
+        requests (a publisher's next event, new subscribers) are served in between instead of
+        waiting for the whole fan-out; what arrives meanwhile goes out together in the next one.
+        """
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+        self._scheduled = False
+        if self._rest is not None:
+            return  # a sliced fan-out is under way: pending events follow it (see _write_rest)
         events, self.pending = self.pending, []
         if not events:
             return
-        started = time.perf_counter()
+        self._started = time.perf_counter()
         ahead = self._ahead
         if ahead:
             self._ahead = {cid: seq for cid, seq in ahead.items() if seq > events[-1].seq}
@@ -162,32 +205,59 @@ class Broadcast:
             # Faults act per connection: every member takes the slow path.
             for conn in members:
                 self._deliver_each(conn, events, ahead.get(conn.id))
+            self._flushed()
+            return
+        frame = self.frame
+        data = frame(last) if len(events) == 1 else b"".join(frame(e) for e in events)
+        # Counted before writing: a member that leaves before its slice is written first
+        # (remove), so every member's share of this count is what it was sent.
+        self.stream_events += len(events)
+        self.stream_bytes += len(data)
+        self.last_id = last.id
+        self._rest = _FanOut(members, 0, events, data, ahead)
+        self._write_rest()
+
+    def _write_rest(self) -> None:
+        """Write the next slice of the fan-out under way; schedule the one after, or finish."""
+        rest = self._rest
+        if rest is None:
+            return
+        members, stop = rest.members, min(rest.next + SLICE, len(rest.members))
+        start, rest.next = rest.next, stop
+        for i in range(start, stop):
+            self._write_one(members[i], rest)
+        if stop < len(members) and not self.closed:
+            asyncio.get_running_loop().call_soon(self._write_rest)
+            return
+        self._rest = None
+        self._flushed()
+        if self.pending and not self._scheduled and not self.closed:
+            self._scheduled = True
+            self._owner.flush_soon(self)
+
+    def _write_one(self, conn: Member, rest: _FanOut) -> None:
+        if self.members.get(conn.id) is not conn:
+            return  # it left (and was written its share then)
+        last = rest.events[-1]
+        if conn.steady and conn.id not in rest.ahead:
+            transport = conn.socket
+            if transport.is_closing():
+                conn.lost()
+                return
+            transport.write(rest.data)
+            if transport.get_write_buffer_size() > conn.send_buffer:
+                conn.last_id = last.id
+                conn.overflow()
+            elif last.type == END:
+                conn.last_id = last.id
+                conn.finish_stream(str(last.data.get("reason", "done")))
         else:
-            frame = self.frame
-            data = frame(last) if len(events) == 1 else b"".join(frame(e) for e in events)
-            # Counted before writing: a member that leaves during the loop folds this flush in.
-            self.stream_events += len(events)
-            self.stream_bytes += len(data)
-            self.last_id = last.id
-            is_end = last.type == END
-            for conn in members:
-                if conn.steady and conn.id not in ahead:
-                    transport = conn.socket
-                    if transport.is_closing():
-                        conn.lost()
-                        continue
-                    transport.write(data)
-                    if transport.get_write_buffer_size() > conn.send_buffer:
-                        conn.last_id = last.id
-                        conn.overflow()
-                    elif is_end:
-                        conn.last_id = last.id
-                        conn.finish_stream(str(last.data.get("reason", "done")))
-                else:
-                    self._deliver_each(conn, events, ahead.get(conn.id))
-                    # It counted these itself: none of this flush's shared count is its share.
-                    conn.rebase()
-        elapsed = time.perf_counter() - started
+            self._deliver_each(conn, rest.events, rest.ahead.get(conn.id))
+            # It counted these itself: none of this flush's shared count is its share.
+            conn.rebase()
+
+    def _flushed(self) -> None:
+        elapsed = time.perf_counter() - self._started
         self._slow_flush = elapsed > self._owner.window and elapsed > self._gap
 
     @staticmethod
@@ -215,6 +285,9 @@ class Broadcast:
 
     def remove(self, conn: Member) -> None:
         """Stop writing to ``conn``. Idempotent; the last one out detaches from the bus."""
+        rest = self._rest
+        if rest is not None and self.members.get(conn.id) is conn and conn in rest.pending():
+            self._write_one(conn, rest)  # what it was counted for, before it goes
         if self.members.pop(conn.id, None) is not None:
             conn.leave(self)
             self._ahead.pop(conn.id, None)
@@ -230,6 +303,27 @@ class Broadcasts:
         self.chaos = chaos
         self.window = max(coalesce_ms, 0.0) / 1000.0
         self._groups: dict[tuple[str, str], Broadcast] = {}
+        # Broadcasts with events to write at the next loop turn, flushed by one callback: a
+        # pacer wake publishes to many chats at once, one loop handle serves them all.
+        self._due: list[Broadcast] = []
+        self._due_handle: asyncio.Handle | None = None
+
+    def flush_soon(self, group: Broadcast) -> None:
+        """Flush ``group`` at the next turn of the event loop, with every other one due then."""
+        self._due.append(group)
+        if self._due_handle is None:
+            self._due_handle = asyncio.get_running_loop().call_soon(self._flush_due)
+
+    def _flush_due(self) -> None:
+        self._due_handle = None
+        due, self._due = self._due, []
+        for group in due:
+            if group._scheduled and not group.closed:
+                try:
+                    group.flush()
+                except Exception:
+                    # One broken broadcast must not cost the others their flush.
+                    log.exception("flushing %r failed", group.channel)
 
     def __len__(self) -> int:
         return len(self._groups)
@@ -292,8 +386,13 @@ class Broadcasts:
             if group._handle is not None:
                 group._handle.cancel()
                 group._handle = None
+            group._scheduled = False
 
     def close(self) -> None:
         """Forget every broadcast (at shutdown, after their members ended)."""
         for group in tuple(self._groups.values()):
             self.forget(group)
+        if self._due_handle is not None:
+            self._due_handle.cancel()
+            self._due_handle = None
+        self._due.clear()

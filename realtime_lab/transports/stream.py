@@ -65,6 +65,8 @@ class StreamConnection(LiveConnection):
         "_fast_from",
         "_faults",
         "_replaying",
+        "_corked",
+        "_corked_size",
         "done",
         "end_reason",
         "group",
@@ -103,6 +105,9 @@ class StreamConnection(LiveConnection):
         self._faults: FaultPath | None = None
         self._backlog: Backlog | None = None
         self._replaying = False
+        # A replay's writes, joined into one socket write when it ends (see start_replay).
+        self._corked: list[bytes] | None = None
+        self._corked_size = 0
         self.end_reason: str | None = None  # the channel's end (done, cancelled, error)
         self.last_id: str | None = None  # of the last event written: where to resume from
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -132,7 +137,8 @@ class StreamConnection(LiveConnection):
         if self.done.done():
             return
         if self._backlog or (
-            self._replaying and self.socket.get_write_buffer_size() > self.send_buffer // 2
+            self._replaying
+            and self.socket.get_write_buffer_size() + self._corked_size > self.send_buffer // 2
         ):
             self._queue(event)
         else:
@@ -245,10 +251,15 @@ class StreamConnection(LiveConnection):
         if self._backlog is not None:
             self._backlog.clear()
         self._replaying = True
+        # The bus gives the whole history in one step of the loop: one write for all of it
+        # (a late reader of a chat gets its answer so far in one syscall, not one per token).
+        if self._corked is None:
+            self._corked = []
         self.update_steady()
 
     def end_replay(self) -> None:
         """The attach returned: events from now on are live (see :meth:`start_replay`)."""
+        self._uncork()
         self._replaying = False
         self.update_steady()
 
@@ -266,8 +277,22 @@ class StreamConnection(LiveConnection):
             self.update_steady()
 
     # Writing -----------------------------------------------------------------------------------
+    def _uncork(self) -> None:
+        corked = self._corked
+        if corked is None:
+            return
+        self._corked, self._corked_size = None, 0
+        if corked:
+            self.counters.bytes -= sum(len(piece) for piece in corked)  # write() counts them
+            self.write(corked[0] if len(corked) == 1 else b"".join(corked))
+
     def write(self, data: bytes) -> None:
         """Write bytes to the socket now; a failed write ends the connection, once."""
+        if self._corked is not None:
+            self._corked.append(data)
+            self._corked_size += len(data)
+            self.counters.bytes += len(data)
+            return
         transport = self.socket
         if transport.is_closing():
             self.finish(LOST)
@@ -279,6 +304,7 @@ class StreamConnection(LiveConnection):
 
     def overflow(self) -> None:
         """End a subscriber that fell more than ``send_buffer`` bytes behind."""
+        self._uncork()  # its events before the signal (this may overflow it already)
         if self.done.done():
             return
         log.warning(
@@ -301,6 +327,7 @@ class StreamConnection(LiveConnection):
 
     def finish(self, reason: str) -> None:
         """Mark the connection ended; the handler wakes up and closes it accordingly."""
+        self._uncork()  # what was written before the end goes out before it
         if not self.done.done():
             self.done.set_result(reason)
             self.update_steady()

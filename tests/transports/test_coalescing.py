@@ -57,6 +57,9 @@ class FakeConn:
     def join(self, group: Broadcast) -> None:
         pass
 
+    def leave(self, group: Broadcast) -> None:
+        pass
+
 
 def event(seq: int) -> Event:
     return Event("t", f"e1-{seq}", "token", {"text": str(seq)}, 0.0, seq)
@@ -109,7 +112,9 @@ async def simulate(group: Broadcast, clock: Clock, seqs: range, gap: float) -> R
             group.deliver(event(seq))
             seq += 1
         handle = group._handle
-        run.kinds.append(type(handle).__name__)
+        # A window's flush is the group's own timer; a next-turn flush is batched by the owner.
+        assert group._scheduled
+        run.kinds.append(type(handle).__name__ if handle is not None else "Handle")
         written = group.stream_events
         if isinstance(handle, asyncio.TimerHandle):
             clock.now += group._owner.window
@@ -119,6 +124,8 @@ async def simulate(group: Broadcast, clock: Clock, seqs: range, gap: float) -> R
             group.flush()
         else:
             await asyncio.sleep(0)  # the call_soon flush runs here
+        while group._rest is not None:  # a large fan-out is written a slice per loop turn
+            await asyncio.sleep(0)
         run.batches.append(group.stream_events - written)
         run.worst_wait = max(run.worst_wait, clock.now - due(first))
     return run
@@ -167,3 +174,51 @@ async def test_back_to_one_write_per_event_when_load_drops(
     run = await simulate(group, clock, range(201, 221), gap=0.010)
     assert run.kinds[-10:] == ["Handle"] * 10
     assert run.batches[-10:] == [1] * 10
+
+
+class OwnTransport(FakeTransport):
+    """One member's socket (the shared one cannot tell members apart)."""
+
+
+async def test_a_large_fan_out_is_written_a_slice_per_loop_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 1,200 members: 500 written by the flush, the rest on the next two loop turns, so a request
+    # waiting on the loop (a publisher's next event) is served in between.
+    group, clock, _ = await fan_out(monkeypatch, 0.0, 0, 0.0)
+    sockets = [OwnTransport(clock, 0.0) for _ in range(1200)]
+    for i, sock in enumerate(sockets):
+        group.add(FakeConn(i, sock), "e1", 0)  # type: ignore[arg-type]
+    group.deliver(event(1))
+    group.flush()
+    assert sum(len(s.writes) for s in sockets) == broadcast.SLICE
+    # Events arriving during the fan-out wait for it, then go out together in one write each.
+    group.deliver(event(2))
+    group.deliver(event(3))
+    # A member that leaves before its slice is written what it was counted for first.
+    leaving = group.members[1100]
+    group.remove(leaving)
+    assert sockets[1100].writes == [b"[1]"]
+    for _ in range(20):
+        await asyncio.sleep(0)
+        if group._rest is None and not group.pending and all(len(s.writes) == 2 for s in sockets):
+            break
+    assert sockets[1100].writes == [b"[1]"]  # gone: not written again
+    others = [s for i, s in enumerate(sockets) if i != 1100]
+    assert all(s.writes == [b"[1]", b"[2][3]"] for s in others)
+    assert group.stream_events == 3
+
+
+async def test_closing_mid_fan_out_writes_the_rest_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    group, clock, _ = await fan_out(monkeypatch, 0.0, 0, 0.0)
+    sockets = [OwnTransport(clock, 0.0) for _ in range(1100)]
+    conns = [FakeConn(i, sock) for i, sock in enumerate(sockets)]
+    closed: list[str] = []
+    for conn in conns:
+        conn.close = closed.append  # type: ignore[attr-defined]
+        group.add(conn, "e1", 0)  # type: ignore[arg-type]
+    group.deliver(event(1))
+    group.flush()
+    group.close("expired")
+    assert all(s.writes == [b"[1]"] for s in sockets)
+    assert closed == ["expired"] * 1100
