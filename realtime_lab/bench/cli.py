@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from realtime_lab.bench.runner import BenchConfig
+from realtime_lab.bench.target import BenchConfig
 from realtime_lab.config import COMPRESSION_MODES
 
 TRANSPORT_NAMES = ("sse", "ws", "longpoll", "poll", "fetch", "openai")

@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from realtime_lab.bench.runner import MEASURES
+from realtime_lab.bench.stats import MEASURES
 
 #: Measures whose spread over clients is large enough to read best on a log axis.
 _LOG_Y = {

@@ -34,6 +34,7 @@ from urllib.parse import quote
 
 from realtime_lab.bench.fleet import Fleet, FleetError, env_cpus, plan
 from realtime_lab.bench.stats import latency_summary, spread
+from realtime_lab.bench.target import BenchError, target
 from realtime_lab.errors import RealtimeLabError
 
 #: The application channel the publisher feeds (the ticker's channel is the server's own).
@@ -352,7 +353,6 @@ def run_point(
     Raises:
         BenchError: the server, the load clients or the publisher failed.
     """
-    from realtime_lab.bench.runner import BenchError, target
     from realtime_lab.bench.server import machine_cpu
 
     processes = config.workers or env_cpus()
@@ -464,8 +464,6 @@ def run_publisher(config: Any, binary: str | None, progress: Any = None) -> list
     Raises:
         BenchError: no native load client (the subscribers need it), or a run failed.
     """
-    from realtime_lab.bench.runner import BenchError
-
     if binary is None:
         raise BenchError("--publisher http reads its streams with the native load client")
     points = []

@@ -22,14 +22,12 @@ the report says which limit cut it.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from realtime_lab.bench.fleet import Capacity, Fleet, FleetError, env_cpus, plan
 from realtime_lab.bench.server import http_json, machine_cpu
 from realtime_lab.bench.stats import latency_summary
-
-if TYPE_CHECKING:
-    from realtime_lab.bench.runner import BenchConfig, Target
+from realtime_lab.bench.target import BenchConfig, BenchError, Target, target
 
 #: Heartbeats "off" for the idle baseline: the longest interval ``PATCH /api/config`` takes.
 QUIET_HEARTBEAT_S: Final = 300.0
@@ -81,7 +79,6 @@ def run_subscribers(config: BenchConfig, binary: str) -> dict[str, Any]:
         BenchError: the server or the load clients failed.
     """
     from realtime_lab.bench.publisher import CHANNEL, PublisherProcess, PublishError, stream_path
-    from realtime_lab.bench.runner import BenchError, target
 
     external = config.publisher == "http"
     channel = CHANNEL if external else "ticker"
@@ -193,7 +190,6 @@ def run_idle(config: BenchConfig, binary: str) -> dict[str, Any]:
         BenchError: the server or the load clients failed.
     """
     from realtime_lab.bench.publisher import stream_path
-    from realtime_lab.bench.runner import BenchError, target
 
     count = config.scale_idle
     options = {"ticker_rate": 0.0, "heartbeat": QUIET_HEARTBEAT_S}
@@ -271,8 +267,6 @@ def run_scale(config: BenchConfig, binary: str | None, progress: Any = None) -> 
         BenchError: no native load client (tens of thousands of asyncio clients would take the
             server's cores), or a part failed.
     """
-    from realtime_lab.bench.runner import BenchError
-
     if binary is None:
         raise BenchError("the scale scenario needs the native load client (a C compiler)")
     result: dict[str, Any] = {"subscribers": None, "idle": None}

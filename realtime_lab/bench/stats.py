@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import TypedDict
+from typing import Final, TypedDict
 
 
 class Spread(TypedDict):
@@ -66,3 +66,26 @@ def spread(values: Iterable[float | None]) -> Spread:
     if not present:
         return {"median": None, "min": None, "max": None}
     return {"median": percentile(present, 50.0), "min": present[0], "max": present[-1]}
+
+
+#: The measures of one run, in report order: (key, label, unit).
+MEASURES: Final = (
+    ("events_per_s", "delivered events/s", "events/s"),
+    ("p50_ms", "delivery latency p50", "ms"),
+    ("p95_ms", "delivery latency p95", "ms"),
+    ("p99_ms", "delivery latency p99", "ms"),
+    ("max_ms", "delivery latency max", "ms"),
+    ("ttft_ms", "time to first token (median)", "ms"),
+    ("ttft_p99_ms", "time to first token p99", "ms"),
+    ("gap_p99_ms", "gap between a stream's tokens p99", "ms"),
+    ("chats_per_s", "chats read to their end per second", "chats/s"),
+    ("cpu_us_per_token", "server CPU per delivered token", "µs"),
+    ("rss_mb", "server RSS at the end of the window", "MiB"),
+    ("bytes_per_token", "bytes on the wire (both ways) per delivered token", "bytes"),
+    ("requests_per_token", "HTTP requests per delivered token", "requests"),
+    ("cpu_s_per_1k", "server CPU seconds per 1,000 deliveries", "s"),
+    ("rss_kb_per_conn", "server RSS per open connection", "KiB"),
+    ("lost", "events lost", "events"),
+    ("dup", "events duplicated", "events"),
+    ("reordered", "events out of order", "events"),
+)

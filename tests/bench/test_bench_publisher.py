@@ -16,8 +16,9 @@ import pytest
 
 from realtime_lab.bench import cli, native
 from realtime_lab.bench import publisher as pub
-from realtime_lab.bench.runner import BenchConfig, BenchError, check
+from realtime_lab.bench.runner import check
 from realtime_lab.bench.server import http_json
+from realtime_lab.bench.target import BenchConfig, BenchError
 from tests.conftest import StartServer
 
 WAIT = 10.0

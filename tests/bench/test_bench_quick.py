@@ -12,7 +12,9 @@ import pytest
 from realtime_lab.bench import runner
 from realtime_lab.bench.plots import SKIP
 from realtime_lab.bench.report import markdown, write_results
-from realtime_lab.bench.runner import MEASURES, BenchConfig, BenchError, run_bench
+from realtime_lab.bench.runner import run_bench
+from realtime_lab.bench.stats import MEASURES
+from realtime_lab.bench.target import BenchConfig, BenchError
 
 pytestmark = pytest.mark.slow
 

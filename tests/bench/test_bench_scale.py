@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from realtime_lab.bench import fleet, native, scale
-from realtime_lab.bench.runner import BenchConfig
+from realtime_lab.bench.target import BenchConfig
 
 needs_cc = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
