@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Final
 
 import aiohttp_jinja2
 import jinja2
@@ -211,6 +213,25 @@ async def _end_streams(app: web.Application) -> None:
     await asyncio.sleep(0)
 
 
+#: Allocations between two youngest-generation collections (CPython's default is 700).
+GC_GEN0_THRESHOLD: Final = 20_000
+
+
+def tune_gc() -> None:
+    """Collect less often, and never look at what exists at startup again.
+
+    Every connection and request allocates a few hundred objects, so the default threshold
+    runs a collection every few requests, and the older generations' passes walk every live
+    connection: measured, about 30% of the CPU of opening a connection (732 against 500 µs
+    with the collector off). Frozen startup objects (modules, the app) are skipped by every
+    pass; a higher threshold keeps the collector for what it is for, cycles.
+    """
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 def run(settings: Settings) -> None:
     """Serve until SIGINT/SIGTERM, then stop within ``settings.shutdown_timeout`` seconds.
 
@@ -220,6 +241,7 @@ def run(settings: Settings) -> None:
     """
     access_log = logging.getLogger(ACCESS_LOGGER)
     app = make_app(settings)
+    tune_gc()
     httpserver.run_app(
         app,
         host=settings.host,

@@ -21,7 +21,7 @@ from realtime_lab.auth.tokens import TokenAuthority
 from realtime_lab.errors import LimitReached
 from realtime_lab.feed import chats as chats_module
 from realtime_lab.feed.chats import Chat
-from realtime_lab.feed.llm import Token, answer_text, answer_tokens
+from realtime_lab.feed.llm import answer_text, answer_tokens
 from realtime_lab.openai_api import MODEL_ID, StopScanner
 from realtime_lab.openai_errors import error_type
 from realtime_lab.transports.keys import CHATS_KEY
@@ -607,15 +607,15 @@ async def test_a_non_stream_chat_cancelled_elsewhere_is_a_503(
     assert (exc.status_code, exc.type, exc.code) == (503, "server_error", "generation_cancelled")
 
 
-def _failing_tokens(*args: Any, **kwargs: Any) -> Iterator[Token]:
-    yield Token(0, "Half", 0.0)
+def _failing_plan(*args: Any, **kwargs: Any) -> Iterator[tuple[str, float]]:
+    yield "Half", 0.0
     raise RuntimeError("the simulated model broke")
 
 
 async def test_a_failed_generation_raises_api_error(
     client: openai.AsyncOpenAI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(chats_module, "paced_tokens", _failing_tokens)
+    monkeypatch.setattr(chats_module.SimulatedSource, "plan", _failing_plan)
     stream = await client.chat.completions.create(model="m", messages=USER, stream=True)
     pieces: list[str] = []
     with pytest.raises(openai.APIError) as caught:

@@ -34,7 +34,7 @@ from typing import Any, Final, Literal, Protocol
 
 from realtime_lab.bus import Bus
 from realtime_lab.errors import LimitReached, TooManyChats, UnknownChat, UpstreamError
-from realtime_lab.feed.llm import Token, paced_tokens
+from realtime_lab.feed.llm import paced_plan
 from realtime_lab.feed.pacer import PacedJob, Pacer
 from realtime_lab.protocol.channels import CHAT_PREFIX as CHAT_PREFIX  # re-exported
 from realtime_lab.protocol.envelope import END, ERROR, TOKEN
@@ -117,21 +117,23 @@ class TokenSource(Protocol):
 class SimulatedSource:
     """The deterministic stand-in LLM, paced by the chat's ``ttft_ms`` and ``token_ms``."""
 
-    def plan(self, chat: Chat) -> Iterator[Token]:
-        """The answer's tokens with the pause before each (what :meth:`tokens` sleeps)."""
-        return paced_tokens(
+    def plan(self, chat: Chat) -> Iterator[tuple[str, float]]:
+        """The answer's tokens, each with the pause in seconds before it (what :meth:`tokens`
+        sleeps): pairs, not objects, as a paced chat takes one per token."""
+        texts, delays = paced_plan(
             chat.prompt,
             chat.seed,
             ttft_ms=chat.ttft_ms,
             token_ms=chat.token_ms,
             max_tokens=chat.max_tokens,
         )
+        return zip(texts, delays, strict=True)
 
     async def tokens(self, chat: Chat) -> AsyncGenerator[str, None]:
-        for token in self.plan(chat):
-            if token.delay_s > 0:
-                await asyncio.sleep(token.delay_s)
-            yield token.text
+        for text, delay in self.plan(chat):
+            if delay > 0:
+                await asyncio.sleep(delay)
+            yield text
 
     async def close(self) -> None:
         """Nothing to release."""
@@ -218,7 +220,9 @@ class ChatRegistry:
             chat.task.add_done_callback(lambda _: self._task_done(chat))
         return chat
 
-    def _pace(self, chat: Chat, plan: Iterator[Token], loop: asyncio.AbstractEventLoop) -> None:
+    def _pace(
+        self, chat: Chat, plan: Iterator[tuple[str, float]], loop: asyncio.AbstractEventLoop
+    ) -> None:
         """Run a simulated chat as a job of the shared pacer (see the module docstring)."""
         try:
             self._bus.declare_now(chat.channel, epoch=chat.id)  # as _generate does, see there
@@ -240,7 +244,7 @@ class ChatRegistry:
         def step() -> float | None:
             nonlocal upcoming
             assert upcoming is not None
-            text = upcoming.text
+            text = upcoming[0]
             parts.append(text)
             try:
                 bus.publish_now(channel, TOKEN, {"text": text, "index": len(parts) - 1})
@@ -256,11 +260,11 @@ class ChatRegistry:
             if upcoming is None:
                 self._finish_now(chat, "done")
                 return None
-            return upcoming.delay_s
+            return upcoming[1]
 
         if self._pacer is None:
             self._pacer = Pacer(loop)
-        chat.job = self._pacer.add(upcoming.delay_s, step)
+        chat.job = self._pacer.add(upcoming[1], step)
 
     def _finish_now(self, chat: Chat, reason: Status) -> None:
         """End a paced chat: settle it and publish its ``end`` (once)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -62,14 +61,13 @@ def dumps(value: Any) -> bytes:
 _TEMPLATE: Final = '{"channel":%s,"id":%s,"type":%s,"data":%s,"ts":%s}'
 _QUOTED_TYPES: Final = {kind: _dumps(kind) for kind in (TOKEN, END, ERROR, RESET)}
 _quoted_channels: dict[str, str] = {}
-_PLAIN_ID: Final = re.compile(r"[0-9a-z-]{1,40}")
 _MAX_QUOTED_CHANNELS: Final = 10_000
 
 
 def _quoted_id(event_id: str) -> str:
-    # Ids the bus makes are <epoch>-<seq> in [0-9a-z-]: nothing to escape (json's float repr
-    # and str quoting are what json.dumps writes for them too).
-    if _PLAIN_ID.fullmatch(event_id) is not None:
+    # Ids the bus makes are <epoch>-<seq> in [0-9a-z-]: nothing to escape. (Printable, no quote
+    # or backslash: json.dumps with ensure_ascii=False writes such a string as it is.)
+    if event_id.isprintable() and '"' not in event_id and "\\" not in event_id:
         return f'"{event_id}"'
     return _dumps(event_id)
 

@@ -33,3 +33,9 @@ def test_json_refuses_what_json_cannot_carry() -> None:
         Event("c", "a-1", "token", {}, float("inf"), 1).json  # noqa: B018
     with pytest.raises(TypeError, match="not JSON serializable"):
         dumps({"x": object()})
+
+
+@pytest.mark.parametrize("event_id", ['q"uote-1', "back\\slash-1", "line\u2028sep-1", "del\x7f-1"])
+def test_an_id_the_bus_did_not_make_is_escaped_as_json_escapes_it(event_id: str) -> None:
+    event = Event("c", event_id, "token", {}, 1.5, 1)
+    assert event.json == dumps(event.to_dict())
