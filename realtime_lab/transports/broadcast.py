@@ -153,13 +153,14 @@ class Broadcast:
 
     # Bus sink ----------------------------------------------------------------------------------
     def deliver(self, event: Event) -> None:
-        now = time.perf_counter()
-        self._gap += (now - self._last_event_at - self._gap) * GAP_WEIGHT
-        self._last_event_at = now
+        owner = self._owner
+        if owner.window > 0:  # the pace of events only matters to the coalescing window
+            now = time.perf_counter()
+            self._gap += (now - self._last_event_at - self._gap) * GAP_WEIGHT
+            self._last_event_at = now
         self.pending.append(event)
         if not self._scheduled:
             self._scheduled = True
-            owner = self._owner
             if owner.window > 0 and self._slow_flush:
                 self._handle = asyncio.get_running_loop().call_later(owner.window, self.flush)
             else:
@@ -171,7 +172,7 @@ class Broadcast:
         if rest is not None:  # the fan-out under way: the rest of it at once, now
             self._rest = None
             for conn in rest.pending():
-                self._write_one(conn, rest)
+                self._write_one(conn, rest.events, rest.data, rest.ahead)
             rest.next = len(rest.members)
         self.flush()
         for conn in tuple(self.members.values()):
@@ -195,7 +196,9 @@ class Broadcast:
         events, self.pending = self.pending, []
         if not events:
             return
-        self._started = time.perf_counter()
+        timed = self._owner.window > 0
+        if timed:
+            self._started = time.perf_counter()
         ahead = self._ahead
         if ahead:
             self._ahead = {cid: seq for cid, seq in ahead.items() if seq > events[-1].seq}
@@ -205,7 +208,8 @@ class Broadcast:
             # Faults act per connection: every member takes the slow path.
             for conn in members:
                 self._deliver_each(conn, events, ahead.get(conn.id))
-            self._flushed()
+            if timed:
+                self._flushed()
             return
         frame = self.frame
         data = frame(last) if len(events) == 1 else b"".join(frame(e) for e in events)
@@ -214,8 +218,14 @@ class Broadcast:
         self.stream_events += len(events)
         self.stream_bytes += len(data)
         self.last_id = last.id
-        self._rest = _FanOut(members, 0, events, data, ahead)
-        self._write_rest()
+        if len(members) > SLICE:
+            self._rest = _FanOut(members, 0, events, data, ahead)
+            self._write_rest()
+            return
+        for conn in members:  # the usual fan-out: all of it now
+            self._write_one(conn, events, data, ahead)
+        if timed:
+            self._flushed()
 
     def _write_rest(self) -> None:
         """Write the next slice of the fan-out under way; schedule the one after, or finish."""
@@ -225,26 +235,29 @@ class Broadcast:
         members, stop = rest.members, min(rest.next + SLICE, len(rest.members))
         start, rest.next = rest.next, stop
         for i in range(start, stop):
-            self._write_one(members[i], rest)
+            self._write_one(members[i], rest.events, rest.data, rest.ahead)
         if stop < len(members) and not self.closed:
             asyncio.get_running_loop().call_soon(self._write_rest)
             return
         self._rest = None
-        self._flushed()
+        if self._owner.window > 0:
+            self._flushed()
         if self.pending and not self._scheduled and not self.closed:
             self._scheduled = True
             self._owner.flush_soon(self)
 
-    def _write_one(self, conn: Member, rest: _FanOut) -> None:
+    def _write_one(
+        self, conn: Member, events: list[Event], data: bytes, ahead: dict[int, int]
+    ) -> None:
         if self.members.get(conn.id) is not conn:
             return  # it left (and was written its share then)
-        last = rest.events[-1]
-        if conn.steady and conn.id not in rest.ahead:
+        last = events[-1]
+        if conn.steady and conn.id not in ahead:
             transport = conn.socket
             if transport.is_closing():
                 conn.lost()
                 return
-            transport.write(rest.data)
+            transport.write(data)
             if transport.get_write_buffer_size() > conn.send_buffer:
                 conn.last_id = last.id
                 conn.overflow()
@@ -252,7 +265,7 @@ class Broadcast:
                 conn.last_id = last.id
                 conn.finish_stream(str(last.data.get("reason", "done")))
         else:
-            self._deliver_each(conn, rest.events, rest.ahead.get(conn.id))
+            self._deliver_each(conn, events, ahead.get(conn.id))
             # It counted these itself: none of this flush's shared count is its share.
             conn.rebase()
 
@@ -287,7 +300,7 @@ class Broadcast:
         """Stop writing to ``conn``. Idempotent; the last one out detaches from the bus."""
         rest = self._rest
         if rest is not None and self.members.get(conn.id) is conn and conn in rest.pending():
-            self._write_one(conn, rest)  # what it was counted for, before it goes
+            self._write_one(conn, rest.events, rest.data, rest.ahead)  # its share, before it goes
         if self.members.pop(conn.id, None) is not None:
             conn.leave(self)
             self._ahead.pop(conn.id, None)
