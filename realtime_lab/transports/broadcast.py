@@ -8,7 +8,8 @@ the broadcast counts what it wrote once per flush, and each member's share is de
 it joined (:meth:`StreamConnection.totals`), not paid per write.
 
 Coalescing: events reaching the broadcast are written at the next turn of the event loop, all
-that arrived by then in one write per member. At low load that is one event per write, as soon
+that arrived by then in one write per member (a broadcast of at most :data:`AT_ONCE` members,
+a chat read by its one user, writes each event at once instead). At low load that is one event per write, as soon
 as the loop is free, so latency is untouched; when the server falls behind (a fan-out takes
 longer than the gap between events), several events share one write, which is what keeps the
 kernel's per-write cost from growing with the backlog. ``coalesce_ms`` adds a bounded window on
@@ -52,6 +53,9 @@ Frame = Callable[[Event], bytes]
 #: Members written per loop turn in one fan-out (a few ms of writes): a larger fan-out lets the
 #: loop serve other work between its slices.
 SLICE: Final = 500
+#: A broadcast of at most this many members writes each event at once; a larger one at the next
+#: loop turn, so that events arriving together share one write per member.
+AT_ONCE: Final = 4
 
 
 class _FanOut:
@@ -160,6 +164,11 @@ class Broadcast:
             self._last_event_at = now
         self.pending.append(event)
         if not self._scheduled:
+            if len(self.members) <= AT_ONCE and owner.window == 0 and self._rest is None:
+                # A chat's own stream: write it now, in the publisher's call (a loop turn
+                # later, under load, is what a token's latency would be made of).
+                self.flush()
+                return
             self._scheduled = True
             if owner.window > 0 and self._slow_flush:
                 self._handle = asyncio.get_running_loop().call_later(owner.window, self.flush)
