@@ -50,9 +50,9 @@ MAX_JOIN_ROUNDS: Final = 5
 GAP_WEIGHT: Final = 0.125
 
 Frame = Callable[[Event], bytes]
-#: Members written per loop turn in one fan-out (a few ms of writes): a larger fan-out lets the
+#: Members written per loop turn in one fan-out (about 1 ms of writes): a larger fan-out lets the
 #: loop serve other work between its slices.
-SLICE: Final = 500
+SLICE: Final = 128
 #: A broadcast of at most this many members writes each event at once; a larger one at the next
 #: loop turn, so that events arriving together share one write per member.
 AT_ONCE: Final = 4
