@@ -6,7 +6,6 @@ endpoint is :mod:`realtime_lab.openai_api`.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from typing import Any, Final
@@ -57,28 +56,35 @@ async def create_chat(request: web.Request) -> web.Response:
     return json_response(_chat_json(request, chat), 201, Location=f"/api/chats/{chat.id}")
 
 
-def _chat(request: web.Request) -> Chat:
+async def _chat(request: web.Request) -> Chat:
+    """The chat the path names, on whichever process of the bus generates it."""
     chats, chat_id = request.app[CHATS_KEY], request.match_info["chat_id"]
     try:
-        chat = chats.get(chat_id)
+        chat = await chats.find(chat_id)
     except UnknownChat as exc:
         raise HTTPProblem(404, "unknown-chat", str(exc)) from exc
-    request.app[ACCESS_KEY].check_chat(identity_of(request), chat_id, chats)
+    except BusError as exc:
+        raise HTTPProblem(503, "bus-unavailable", str(exc)) from None
+    await request.app[ACCESS_KEY].check_chat(identity_of(request), chat_id, chats)
     return chat
 
 
 async def get_chat(request: web.Request) -> web.Response:
-    """``GET /api/chats/{id}``: the chat's state and its text so far."""
-    return json_response(_chat_json(request, _chat(request)))
+    """``GET /api/chats/{id}``: the chat's state and its text so far (from any process)."""
+    return json_response(_chat_json(request, await _chat(request)))
 
 
 async def cancel_chat(request: web.Request) -> web.Response:
-    """``DELETE /api/chats/{id}``: cancel the generation; the stream ends with ``cancelled``."""
-    chat = _chat(request)
-    request.app[CHATS_KEY].cancel(chat.id)
-    if chat.done is not None and not chat.done.done():
+    """``DELETE /api/chats/{id}``: cancel the generation (on whichever process runs it); the
+    stream ends with ``cancelled``."""
+    chat = await _chat(request)
+    try:
         # Wait (briefly) so the answer shows the final state.
-        await asyncio.wait([chat.done], timeout=2.0)
+        chat = await request.app[CHATS_KEY].cancel_anywhere(chat.id, wait=2.0)
+    except UnknownChat as exc:
+        raise HTTPProblem(404, "unknown-chat", str(exc)) from exc
+    except BusError as exc:
+        raise HTTPProblem(503, "bus-unavailable", str(exc)) from None
     return json_response(_chat_json(request, chat))
 
 
@@ -242,6 +248,6 @@ async def create_ticket(request: web.Request) -> web.Response:
     channel = body.get("channel")
     if not isinstance(channel, str) or not CHANNEL_RE.fullmatch(channel):
         raise HTTPProblem(400, "invalid-channel", "channel must be a valid channel name")
-    access.check_read(identity, channel, request.app[CHATS_KEY])
+    await access.check_read(identity, channel, request.app[CHATS_KEY])
     ticket, expires_in = await access.tickets.issue(identity, channel)
     return json_response({"ticket": ticket, "expires_in": expires_in, "channel": channel}, 201)

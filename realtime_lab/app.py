@@ -19,6 +19,7 @@ from realtime_lab.bus import Bus, create_bus
 from realtime_lab.config import Settings
 from realtime_lab.cors import setup_cors
 from realtime_lab.feed.chats import ChatRegistry
+from realtime_lab.feed.shared import ChatSharing
 from realtime_lab.feed.ticker import Ticker
 from realtime_lab.feed.upstream import upstream_source
 from realtime_lab.transports import TRANSPORTS, fetch, polling, sse, ws
@@ -182,6 +183,8 @@ def add_routes(app: web.Application) -> None:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     bus, ticker = app[BUS_KEY], app[TICKER_KEY]
     await bus.start()
+    # Chats readable and cancellable on every process of a shared bus (none on memory://).
+    await ChatSharing.open(app[CHATS_KEY], bus, app[SETTINGS_KEY].channel_ttl)
     ticker.start()
     app[HEARTBEAT_KEY].start()
     try:

@@ -39,6 +39,7 @@ from collections.abc import Collection
 from typing import Any, Final, Protocol, TypeVar
 
 from realtime_lab.bus.base import After, ChannelInfo, History
+from realtime_lab.bus.chatstore import ChatStore
 from realtime_lab.errors import LimitReached
 from realtime_lab.protocol.envelope import Event
 
@@ -92,6 +93,12 @@ class Broker(ABC):
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Connect to the backend (no-op for memory)."""
+
+    def chat_store(self) -> ChatStore | None:
+        """Where chats' records and leases are shared between processes, or ``None`` when the
+        backend serves one process (the embedded one): then the chat registry keeps its chats
+        to itself. See :mod:`realtime_lab.bus.chatstore`."""
+        return None
 
     async def health(self) -> str | None:
         """``None`` while the backend answers, else why not (``/api/health`` answers 503 with it).

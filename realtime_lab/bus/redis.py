@@ -84,7 +84,9 @@ from redis.exceptions import RedisError
 
 from realtime_lab.bus.base import After, ChannelInfo, History, epoch_of, is_live, now_ms
 from realtime_lab.bus.broker import DEFAULT_HISTORY_BYTES, DEFAULT_MAX_CHANNELS, Broker
+from realtime_lab.bus.chatstore import ChatStore
 from realtime_lab.bus.memory import new_epoch
+from realtime_lab.bus.redis_chats import RedisChatStore
 from realtime_lab.bus.tasks import Background
 from realtime_lab.errors import (
     BusClosed,
@@ -489,6 +491,7 @@ class RedisBroker(Broker):
         self._marks: OrderedDict[str, tuple[str, int]] = OrderedDict()
         #: Channel lives in which a failover was found to have lost acknowledged events.
         self.lost_lives = 0
+        self._chat_store: ChatStore | None = None
 
     # Failover marks ----------------------------------------------------------------------------
     def _mark(self, channel: str, epoch: str, seq: int) -> None:
@@ -591,6 +594,12 @@ class RedisBroker(Broker):
         except (RedisError, OSError, TimeoutError) as exc:
             return f"redis at {self._where} is unreachable: {exc or 'no answer within 2 s'}"
         return None
+
+    def chat_store(self) -> ChatStore | None:
+        """Chat records and leases in this Redis (:mod:`realtime_lab.bus.redis_chats`)."""
+        if self._chat_store is None:
+            self._chat_store = RedisChatStore(self, _HELPERS_LUA, PUBLISH_LUA)
+        return self._chat_store
 
     def _check_open(self) -> aioredis.Redis:
         if self._closed:

@@ -72,6 +72,12 @@ class Chat:
     job: PacedJob | None = field(default=None, repr=False)
     #: Resolved once the chat's ``end`` is published (``None`` until the registry starts it).
     done: asyncio.Future[None] | None = field(default=None, repr=False)
+    #: The id of the process generating it (``None``: the bus is not shared).
+    process: str | None = None
+    #: Resolved once other processes can find it (``None``: the bus is not shared).
+    shared: asyncio.Future[None] | None = field(default=None, repr=False)
+    #: Another process ended it (this one's lease had passed): no second ``end``.
+    ended_elsewhere: bool = field(default=False, repr=False)
 
     @property
     def channel(self) -> str:
@@ -94,6 +100,7 @@ class Chat:
             "text": self.text,
             "created": self.created,
             "finished": self.finished,
+            "process": self.process,
         }
 
 
@@ -139,6 +146,34 @@ class SimulatedSource:
         """Nothing to release."""
 
 
+class Sharing(Protocol):
+    """What the registry asks of :class:`realtime_lab.feed.shared.ChatSharing`."""
+
+    async def share(self, chat: Chat) -> None:
+        """Put the chat's record where every process finds it."""
+        ...
+
+    async def find(self, chat_id: str) -> Chat:
+        """Another process's chat as it is now."""
+        ...
+
+    async def owner_of(self, chat_id: str) -> str | None:
+        """The owner of another process's chat."""
+        ...
+
+    async def cancel(self, chat_id: str, wait: float) -> Chat:
+        """Have another process's chat cancelled."""
+        ...
+
+    async def stop(self) -> None:
+        """Stop listening and renewing."""
+        ...
+
+    async def leave(self) -> None:
+        """Give the lease back."""
+        ...
+
+
 class ChatRegistry:
     """Starts, cancels and remembers chats; forgets finished ones after ``ttl`` seconds.
 
@@ -173,6 +208,11 @@ class ChatRegistry:
         self._pacer: Pacer | None = None
         #: Refusals so far by code (``too-many-chats``, ``too-many-chats-per-owner``).
         self.limits: Counter[str] = Counter({"too-many-chats": 0, "too-many-chats-per-owner": 0})
+        #: This process's id among those sharing the bus (what a chat's ``process`` names).
+        self.process = secrets.token_hex(6)
+        #: The chats shared with other processes: set by
+        #: :meth:`realtime_lab.feed.shared.ChatSharing.open` on a shared bus, else ``None``.
+        self.sharing: Sharing | None = None
 
     def start(
         self,
@@ -209,6 +249,9 @@ class ChatRegistry:
         chat = Chat(secrets.token_hex(6), prompt, seed, ttft_ms, token_ms, max_tokens, owner=owner)
         loop = asyncio.get_running_loop()
         chat.done = loop.create_future()
+        if self.sharing is not None:
+            chat.process = self.process
+            chat.shared = loop.create_future()
         self._chats[chat.id] = chat
         self._running += 1
         if owner is not None:
@@ -316,6 +359,65 @@ class ChatRegistry:
     def __contains__(self, chat_id: object) -> bool:
         return chat_id in self._chats
 
+    def running_chats(self) -> list[Chat]:
+        """The chats this process is generating now."""
+        return [chat for chat in self._chats.values() if chat.status == "running"]
+
+    async def find(self, chat_id: str) -> Chat:
+        """The chat, on whichever process of the bus it runs: this one's own, or a snapshot of
+        another's (its text rebuilt from the channel's history).
+
+        Raises:
+            UnknownChat: no such chat on any process (never started, or forgotten).
+            BusUnavailable: the shared backend does not answer.
+        """
+        self._forget_expired()
+        chat = self._chats.get(chat_id)
+        if chat is not None:
+            return chat
+        if self.sharing is None:
+            raise UnknownChat(f"no chat {chat_id!r}")
+        return await self.sharing.find(chat_id)
+
+    async def owner_of(self, chat_id: str) -> str | None:
+        """Who owns the chat, on whichever process it runs (``None``: nobody, or no such chat).
+
+        Raises:
+            BusUnavailable: the shared backend does not answer.
+        """
+        self._forget_expired()
+        chat = self._chats.get(chat_id)
+        if chat is not None:
+            return chat.owner
+        if self.sharing is None:
+            return None
+        return await self.sharing.owner_of(chat_id)
+
+    async def cancel_anywhere(self, chat_id: str, *, wait: float = 0.0) -> Chat:
+        """Cancel the chat on whichever process generates it; wait up to ``wait`` seconds for
+        its ``end`` (0: not at all); the chat as it is then.
+
+        Raises:
+            UnknownChat: no such chat on any process.
+            BusUnavailable: the shared backend does not answer.
+        """
+        self._forget_expired()
+        chat = self._chats.get(chat_id)
+        if chat is None:
+            if self.sharing is None:
+                raise UnknownChat(f"no chat {chat_id!r}")
+            return await self.sharing.cancel(chat_id, wait)
+        self.cancel(chat_id)
+        if wait > 0 and chat.done is not None and not chat.done.done():
+            await asyncio.wait([chat.done], timeout=wait)
+        return chat
+
+    async def announced(self, chat: Chat) -> None:
+        """Return once other processes can find ``chat`` (at once on an unshared bus): await it
+        before telling a client about the chat, which may ask another process next."""
+        if chat.shared is not None and not chat.shared.done():
+            await asyncio.wait([chat.shared], timeout=5.0)
+
     def cancel(self, chat_id: str) -> Chat:
         """Stop the generation; the stream ends with ``end`` and ``reason: cancelled``.
 
@@ -333,6 +435,8 @@ class ChatRegistry:
     async def _generate(self, chat: Chat) -> None:
         reason: Status = "done"
         try:
+            if self.sharing is not None:
+                await self.sharing.share(chat)
             # The channel's life is named by the chat: an event id then says which chat it is
             # from (a fetch stream resumes by Last-Event-ID alone). Idempotent: the API may
             # have declared it already.
@@ -343,7 +447,8 @@ class ChatRegistry:
                     chat.parts.append(text)
                     await self._bus.publish(chat.channel, TOKEN, {"text": text, "index": index})
         except asyncio.CancelledError:
-            reason = "cancelled"
+            # Ended elsewhere: another process found this one's lease passed and ended it.
+            reason = "error" if chat.ended_elsewhere else "cancelled"
             # The stream must still end, so the cancellation is re-raised only after `end`.
             await self._finish(chat, reason)
             raise
@@ -393,15 +498,20 @@ class ChatRegistry:
 
     async def _publish_end(self, chat: Chat) -> None:
         try:
-            await self._bus.publish(
-                chat.channel, END, {"reason": chat.status, "tokens": len(chat.parts)}
-            )
+            if not chat.ended_elsewhere:
+                await self._bus.publish(
+                    chat.channel, END, {"reason": chat.status, "tokens": len(chat.parts)}
+                )
         except LimitReached as exc:
             log.warning("could not publish the end of chat %s: %s", chat.id, exc)
         except Exception:
             log.exception("could not publish the end of chat %s", chat.id)
         finally:
-            self._mark_done(chat)
+            try:
+                if self.sharing is not None and not chat.ended_elsewhere:
+                    await self.sharing.share(chat)
+            finally:
+                self._mark_done(chat)
 
     def _task_done(self, chat: Chat) -> None:
         # A task cancelled before its first step never runs _generate: settle it here, or its
@@ -421,6 +531,8 @@ class ChatRegistry:
     async def close(self) -> None:
         """Cancel every running generation, wait for them to publish their ``end``, then close
         the token source."""
+        if self.sharing is not None:
+            await self.sharing.stop()
         for chat in [c for c in self._chats.values() if c.job is not None]:
             self._finish_now(chat, "cancelled")
         if self._pacer is not None:
@@ -431,4 +543,6 @@ class ChatRegistry:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._enders:
             await asyncio.gather(*self._enders, return_exceptions=True)
+        if self.sharing is not None:
+            await self.sharing.leave()
         await self._source.close()

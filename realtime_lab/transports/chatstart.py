@@ -61,4 +61,5 @@ async def start_chat(request: web.Request, body: dict[str, Any]) -> Chat:
     except LimitReached as exc:
         chats.cancel(chat.id)  # no channel for it (the bus is full): it cannot run
         raise limit_problem(exc) from None
+    await chats.announced(chat)  # the client may ask another process about it next
     return chat

@@ -38,7 +38,7 @@ from multidict import CIMultiDict
 
 from realtime_lab.auth import Identity
 from realtime_lab.bus import After, Bus
-from realtime_lab.errors import UnknownChat
+from realtime_lab.errors import BusError, UnknownChat
 from realtime_lab.protocol.channels import CHAT_PREFIX
 from realtime_lab.protocol.deflate import Agreement, ConnectionDeflater, deflate_message, negotiate
 from realtime_lab.protocol.envelope import ERROR, Event, dumps
@@ -381,12 +381,14 @@ class _Session:
                 return self._refuse("not-a-chat", "only chat channels can be cancelled")
             chats, chat_id = self.request.app[CHATS_KEY], self.channel[len(CHAT_PREFIX) :]
             try:
-                self.request.app[ACCESS_KEY].check_chat(self.identity, chat_id, chats)
-                chats.cancel(chat_id)
+                await self.request.app[ACCESS_KEY].check_chat(self.identity, chat_id, chats)
+                await chats.cancel_anywhere(chat_id)  # on whichever process generates it
             except HTTPProblem as exc:
                 return self._refuse(exc.code, exc.message)
             except UnknownChat as exc:
                 return self._refuse("unknown-chat", str(exc))
+            except BusError as exc:
+                return self._refuse("bus-unavailable", str(exc))
         elif kind == "resume":
             raw = message.get("after")
             if raw is not None and not isinstance(raw, str):
