@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 
 .DEFAULT_GOAL := help
-.PHONY: help run h2 test lint style bench e2e clean
+.PHONY: help run h2 cluster test lint style bench e2e clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-7s %s\n", $$1, $$2}'
@@ -23,6 +23,9 @@ run: $(STAMP) ## serve the dashboard on http://127.0.0.1:8080
 
 h2: $(STAMP) ## the dashboard behind nginx: TLS + HTTP/2 on https://127.0.0.1:8443, HTTP/1.1 on :8444
 	PORT=$(PORT) BIN=$(BIN) deploy/h2.sh
+
+cluster: $(STAMP) ## Redis, two processes on :8081 and :8082, nginx in front of both on http://127.0.0.1:8080
+	PORT=$(PORT) BIN=$(BIN) deploy/cluster.sh
 
 test: $(STAMP) ## run the whole suite (browser and nginx tests skip with a reason when absent)
 	$(BIN)/python -m pytest
