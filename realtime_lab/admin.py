@@ -9,6 +9,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from realtime_lab.config import COMPRESSION_MODES
 from realtime_lab.transports import TRANSPORTS
 from realtime_lab.transports.chaos import Chaos
 from realtime_lab.transports.keys import (
@@ -43,6 +44,7 @@ def _config(request: web.Request) -> dict[str, Any]:
         "bus": settings.bus.split("?")[0].split("@")[-1],  # no credentials
         "chaos": settings.chaos,
         "generator": settings.generator,
+        "compression": settings.compression,
         "server_time_ms": time.time() * 1000.0,
     }
 
@@ -53,15 +55,31 @@ async def get_config(request: web.Request) -> web.Response:
 
 
 async def patch_config(request: web.Request) -> web.Response:
-    """``PATCH /api/config``: change live settings (heartbeat, ticker rate, chat pacing)."""
+    """``PATCH /api/config``: change live settings (heartbeat, ticker rate, chat pacing, the
+    compression mode).
+
+    A new ``compression`` applies to connections and requests opened from then on; an open
+    stream keeps the mode it was opened with (its handshake or headers said so). Open the
+    streams to measure after the answer.
+    """
     body = await json_body(request)
     settings = request.app[SETTINGS_KEY]
-    unknown = set(body) - set(TUNABLE)
+    unknown = set(body) - set(TUNABLE) - {"compression"}
     if unknown:
         raise HTTPProblem(400, "invalid-parameter", f"not tunable: {sorted(unknown)}")
+    if "compression" in body:
+        mode = body["compression"]
+        if not isinstance(mode, str) or mode not in COMPRESSION_MODES:
+            raise HTTPProblem(
+                400,
+                "invalid-parameter",
+                f"compression must be one of: {', '.join(COMPRESSION_MODES)}",
+            )
     for name, (low, high) in TUNABLE.items():
         if name in body:
             setattr(settings, name, _number(body, name, low, high))
+    if "compression" in body:
+        settings.compression = body["compression"]
     request.app[TICKER_KEY].rate = settings.ticker_rate
     if "heartbeat" in body:
         request.app[HEARTBEAT_KEY].reschedule()  # not after the old interval has run out

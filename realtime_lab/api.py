@@ -163,6 +163,9 @@ async def stats(request: web.Request) -> web.Response:
     body = hub.snapshot(client_tag(request))
     body["server_time_ms"] = time.time() * 1000.0
     body["chats_running"] = request.app[CHATS_KEY].running
+    # CPU seconds this server process has used (all threads); the dashboard divides the change
+    # over a run by the tokens its panes received: server CPU per token, in the run's mode.
+    body["process_cpu_s"] = time.process_time()
     return json_response(body)
 
 

@@ -36,7 +36,7 @@ import { renderFindings } from "./findings.js";
 import { fmtBytes, fmtMs } from "./format.js";
 import { ConnectionBudget, SideQueue, connectionPlan, createApi, errorText } from "./net.js";
 import { Session, describe as describeSession } from "./session.js";
-import { markdown, renderTable, runSummary } from "./summary.js";
+import { cpuPerToken, markdown, renderTable, runSummary } from "./summary.js";
 import {
   CHANNEL,
   LIMIT,
@@ -140,6 +140,19 @@ async function fetchStats(client) {
   return res.json.client;
 }
 
+/** The server process's CPU seconds so far (`/api/stats` `process_cpu_s`); null if out of
+ * reach. A run's CPU per token is the change over the run divided by the tokens received. */
+async function readCpu() {
+  if (session.signedOut) return null;
+  try {
+    const res = await api("GET", "/api/stats");
+    const cpu = res.ok && res.json ? res.json.process_cpu_s : null;
+    return typeof cpu === "number" ? cpu : null;
+  } catch (err) {
+    return null; // unreachable: the run says its CPU was not measured
+  }
+}
+
 /** The settings the panes read at each use (a slider moved mid-run applies to the next poll). */
 const options = {
   pollIntervalMs: () => Number($("#poll-ms").value),
@@ -235,6 +248,11 @@ const app = {
       startedAt: new Date().toISOString(),
       endedAt: null,
       statsFinal: false,
+      // The mode its streams were opened with (the switch sets it before the run), and the
+      // server's CPU seconds at its start and end.
+      compression: config ? config.compression || null : null,
+      cpu0: extra.cpu0 ?? null,
+      cpu1: null,
       chat: extra.chat || null,
       params: extra.params || null,
       client: {
@@ -243,6 +261,11 @@ const app = {
       },
     };
     this.run = run;
+    if (run.cpu0 === null) {
+      readCpu().then((cpu) => {
+        run.cpu0 ??= cpu;
+      });
+    }
     for (const pane of panes) pane.begin(run);
     $("#copy-md").disabled = false;
     $("#download-json").disabled = false;
@@ -274,7 +297,8 @@ const app = {
     // A 401 while the page thought it was signed in: the cookie expired (or was cleared).
     if (refused.includes("unauthenticated")) readSession();
     setTimeout(() => {
-      pollStats(run).then(() => {
+      pollStats(run).then(async () => {
+        run.cpu1 = await readCpu();
         run.statsFinal = true;
         ui.dirty();
       });
@@ -290,6 +314,7 @@ const app = {
     }
     this.stopAll();
     setStatus("starting a chat…");
+    const cpu0 = await readCpu(); // before the chat: its generation is part of its cost
     let res;
     try {
       res = await api("POST", "/api/chats", params);
@@ -306,7 +331,7 @@ const app = {
       setStatus(`the server refused the chat: ${errorText(res)}`);
       return;
     }
-    this.begin("chat", res.json.channel, { chat: res.json, params, t0: res.sent });
+    this.begin("chat", res.json.channel, { chat: res.json, params, t0: res.sent, cpu0 });
   },
 
   startTicker() {
@@ -392,6 +417,10 @@ function render() {
   const summaries = panes.map((pane) => pane.summary());
   panes.forEach((pane, i) => pane.render(summaries[i]));
   renderTable($("#summary-table"), summaries);
+  $("#run-compression").textContent = run ? (run.compression ?? "?") : "–";
+  const cpu = run ? cpuPerToken(run, summaries) : null;
+  $("#run-cpu").textContent =
+    cpu === null ? "–" : cpu.us_per_token === null ? "–" : `${cpu.us_per_token.toFixed(1)} µs`;
   renderFindings($("#findings"), summaries, run, { peak: budget.peak, limit: budget.limit, plan });
   const series = (points) =>
     panes.map((pane) => ({ label: pane.label, color: pane.color, points: points(pane) }));
@@ -523,6 +552,13 @@ const sliders = {
   ),
 };
 
+// The server's compression mode: streams opened from now on use it, open ones keep theirs.
+$("#compression").addEventListener("change", async (event) => {
+  const mode = event.target.value;
+  await patchConfig({ compression: mode }, `compression ${mode} (for the streams opened next)`);
+  if (config && config.compression) event.target.value = config.compression; // refused: as it is
+});
+
 async function chaos(path, body, label) {
   const status = $("#chaos-status");
   status.textContent = `${label}…`;
@@ -622,6 +658,7 @@ async function readSettings() {
   setSlider(sliders.ttftMs, first.ttft_ms);
   setSlider(sliders.heartbeatS, first.heartbeat);
   setSlider(sliders.tickerRate, first.ticker_rate);
+  if (first.compression) $("#compression").value = first.compression;
   configShown = true;
 }
 

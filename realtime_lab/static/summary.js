@@ -26,6 +26,19 @@ export const COLUMNS = [
 ];
 
 /**
+ * The server's CPU over a run per token its panes received: `{cpu_s, tokens, us_per_token}`,
+ * or null before the run's last figures (or when the server's CPU was out of reach). It is the
+ * whole process's CPU: every pane's stream, the chat's generation, the page's own calls, and
+ * whatever else the server did meanwhile (another tab's run counts too).
+ */
+export function cpuPerToken(run, panes) {
+  if (!run || typeof run.cpu0 !== "number" || typeof run.cpu1 !== "number") return null;
+  const tokens = panes.reduce((sum, pane) => sum + (pane.skipped ? 0 : pane.tokens), 0);
+  const cpu = Math.max(0, run.cpu1 - run.cpu0);
+  return { cpu_s: cpu, tokens, us_per_token: tokens ? (cpu * 1e6) / tokens : null };
+}
+
+/**
  * What "Download JSON" saves (and the test hook's `lab.summary()` returns).
  *
  * @param {object} page
@@ -57,6 +70,8 @@ export function runSummary({
       chat: run.params,
       client: run.client,
       heartbeat_s: config ? config.heartbeat : null,
+      compression: run.compression ?? null,
+      server_cpu: cpuPerToken(run, panes),
     },
     finished: Boolean(run && run.endedAt !== null),
     stats_final: Boolean(run && run.statsFinal),
@@ -94,9 +109,16 @@ export function markdown(summary, panes) {
         ? `chat, token pace ${run.chat.token_ms} ms, TTFT ${run.chat.ttft_ms} ms, ` +
           `seed ${run.chat.seed}, max ${run.chat.max_tokens} tokens`
         : "ticker";
+    const cpu = run.server_cpu;
+    const cost =
+      `compression ${run.compression ?? "?"}` +
+      (cpu && cpu.us_per_token !== null
+        ? `, server CPU ${fmtNum(cpu.us_per_token, 1)} µs per token received`
+        : "");
     lines.push(
       `Realtime Lab run ${run.id} (${what}; short-poll interval ` +
-        `${run.client.poll_interval_ms} ms, long-poll timeout ${run.client.longpoll_timeout_s} s)`,
+        `${run.client.poll_interval_ms} ms, long-poll timeout ${run.client.longpoll_timeout_s} s; ` +
+        `${cost})`,
       "",
     );
   }

@@ -5,7 +5,7 @@ import test from "node:test";
 import { RUN, fourPanes, paneSummary } from "./fixtures.mjs";
 import { load } from "./static.mjs";
 
-const { COLUMNS, markdown, runSummary } = await load("summary.js");
+const { COLUMNS, cpuPerToken, markdown, runSummary } = await load("summary.js");
 
 const page = (run, panes) => ({
   run,
@@ -29,6 +29,8 @@ test("runSummary: the run, its state, and each pane without the server's raw fig
     chat: RUN.params,
     client: RUN.client,
     heartbeat_s: 15,
+    compression: null,
+    server_cpu: null,
   });
   assert.equal(summary.finished, true);
   assert.equal(summary.stats_final, true);
@@ -87,7 +89,7 @@ test("markdown: a line about the run, then one row per pane", () => {
   assert.equal(
     lines[0],
     "Realtime Lab run abc-1 (chat, token pace 80 ms, TTFT 150 ms, seed 3, max 40 tokens; " +
-      "short-poll interval 10 ms, long-poll timeout 25 s)",
+      "short-poll interval 10 ms, long-poll timeout 25 s; compression ?)",
   );
   assert.equal(lines[1], "");
   assert.equal(lines[2], `| ${COLUMNS.map(([, title]) => title).join(" | ")} |`);
@@ -116,4 +118,21 @@ test("markdown of a ticker run, and of a pane with no server figures yet", () =>
   );
   assert.ok(lines[4].startsWith("| WebSocket | closed |"), lines[4]);
   assert.ok(lines[4].endsWith("| 2 | – | – |"), lines[4]);
+});
+
+test("the server's CPU per token received: the run's change over the panes' tokens", () => {
+  const panes = fourPanes(); // 40 tokens each
+  const run = { ...RUN, compression: "connection", cpu0: 1.5, cpu1: 1.516 };
+  assert.equal(cpuPerToken({ ...run, cpu1: null }, panes), null);
+  const cpu = cpuPerToken(run, panes);
+  assert.equal(cpu.tokens, 160);
+  assert.ok(Math.abs(cpu.us_per_token - 100) < 1e-6, cpu.us_per_token);
+  const summary = runSummary(page(run, panes));
+  assert.equal(summary.run.compression, "connection");
+  assert.deepEqual(summary.run.server_cpu, cpu);
+  const line = markdown(summary, panes).split("\n")[0];
+  assert.ok(line.endsWith("; compression connection, server CPU 100.0 µs per token received)"), line);
+  const skipped = [...panes, paneSummary("fetch", "Fetch", { skipped: true, tokens: 7 })];
+  assert.equal(cpuPerToken(run, skipped).tokens, 160);
+  assert.equal(cpuPerToken({ ...run, cpu1: 1.5 }, []).us_per_token, null);
 });
