@@ -172,8 +172,13 @@ async def drop(session: aiohttp.ClientSession, url: str, transports: list[str]) 
 
 
 def served_by_both(stats: list[dict[str, Any]]) -> list[str]:
-    """The streams of which each process has opened at least one connection."""
-    return [key for key in STREAMS if all(s[key]["connections"] >= 1 for s in stats)]
+    """The streams of which each process has opened a connection and delivered events on it
+    (a stream cut before its first event on a process was not served by it)."""
+    return [
+        key
+        for key in STREAMS
+        if all(s[key]["connections"] >= 1 and s[key]["events"] >= 1 for s in stats)
+    ]
 
 
 @pytest.mark.e2e
@@ -189,9 +194,11 @@ async def test_the_dashboard_through_nginx_moves_between_processes_without_loss(
         prompt, seed, max_tokens = "Two processes, one feed", 5, 84
         expected = answer_text(prompt, seed, max_tokens=max_tokens)
         tokens = len(answer_tokens(prompt, seed, max_tokens=max_tokens))
-        # 84 tokens, 150 ms apart: about 12 s of streaming for the cuts to land in.
+        # 84 tokens, 300 ms apart: about 25 s of streaming for the cuts to land in (a round is a
+        # cut and the reconnects it causes; on two busy cores up to a few seconds each, and the
+        # chat must outlast them all, or a pane ends before both processes served it).
         await dash.start_chat(
-            prompt, seed=seed, max_tokens=max_tokens, token_ms=150, ttft_ms=50, poll_ms=50
+            prompt, seed=seed, max_tokens=max_tokens, token_ms=300, ttft_ms=50, poll_ms=50
         )
         for key in PANES:
             await dash.wait_tokens(key, 3)
@@ -238,8 +245,11 @@ async def test_the_dashboard_through_nginx_moves_between_processes_without_loss(
         # Both processes delivered events of the streams, and every cut stream resumed from its
         # id on the process it landed on (a resume position is the bus's: the same on either).
         for i, per in enumerate(stats):
-            for key in ("longpoll", "sse", "ws"):
+            for key in STREAMS:
                 assert per[key]["events"] > 0, (i, key, per)
+        # Long polls go wherever nginx sends each one (it may shun a cut process for a while, so
+        # one of them may have answered them all): they were answered, with events.
+        assert sum(per["longpoll"]["events"] for per in stats) > 0, stats
         resumed = sum(per[key]["reconnects"] for per in stats for key in STREAMS)
         assert resumed >= sum(reconnects.values()), (reconnects, stats)
         # nginx's word: the stream requests went to both upstreams.
