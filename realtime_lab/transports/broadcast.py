@@ -10,13 +10,13 @@ it joined (:meth:`StreamConnection.totals`), not paid per write.
 Coalescing: events reaching the broadcast are written at the next turn of the event loop, all
 that arrived by then in one write per member (a broadcast of at most :data:`AT_ONCE` members,
 a chat read by its one user, writes each event at once instead). At low load that is one
-event per write, as soon as the loop is free, so latency is untouched; when the server falls behind (a fan-out takes
-longer than the gap between events), several events share one write, which is what keeps the
-kernel's per-write cost from growing with the backlog. ``coalesce_ms`` adds a bounded window on
-top, used only while the server is behind: the previous flush took longer than the window *and*
-longer than events are apart (a moving average), so that the next event would have queued behind
-it anyway. A fan-out that finishes before the next event is due is never delayed, however many
-members it has.
+event per write, as soon as the loop is free, so latency is untouched; when the server falls
+behind (a fan-out takes longer than the gap between events), several events share one write,
+which is what keeps the kernel's per-write cost from growing with the backlog. ``coalesce_ms``
+adds a bounded window on top, used only while the server is behind: the previous flush took
+longer than the window *and* longer than events are apart (a moving average), so that the next
+event would have queued behind it anyway. A fan-out that finishes before the next event is due
+is never delayed, however many members it has.
 
 A member that is not *steady* (still replaying history, catching up a backlog, or under a chaos
 fault) gets the events one by one through its ``deliver``, which knows how to pace, hold or delay
