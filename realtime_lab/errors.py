@@ -90,8 +90,6 @@ class BusClosed(BusError):
     """The bus was closed while the caller was using it."""
 
 
-
-
 class FeedError(RealtimeLabError):
     """The simulated LLM or the chat registry refused an operation."""
 
