@@ -48,7 +48,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import threading
 from binascii import crc_hqx
 from collections.abc import Collection
@@ -388,24 +387,7 @@ class RedisClusterBroker(RedisBroker):
                 )
             )
 
-    # Tickets -----------------------------------------------------------------------------------
-    async def put_ticket(self, key: str, value: bytes, ttl_s: float) -> None:
-        cluster = self._check_open()
-        try:
-            if ttl_s <= 0:
-                await cluster.delete(self.ticket_key(key))
-            else:
-                await cluster.set(self.ticket_key(key), value, px=max(1, math.ceil(ttl_s * 1000)))
-        except (RedisError, OSError) as exc:
-            raise self.unavailable(exc) from exc
-
-    async def take_ticket(self, key: str) -> bytes | None:
-        cluster = self._check_open()
-        try:
-            value = await cluster.getdel(self.ticket_key(key))
-        except (RedisError, OSError) as exc:
-            raise self.unavailable(exc) from exc
-        return value.encode() if isinstance(value, str) else value
+    # Tickets: RedisBroker's put_ticket/take_ticket run as they are, each key in its own slot.
 
     # Sharded subscriptions ---------------------------------------------------------------------
     def _drop_sub(self, sub: _Sub) -> None:
