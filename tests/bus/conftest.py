@@ -4,7 +4,8 @@ backends.
 Redis tests share one private ``redis-server`` per session (started on a free port, never the
 shared one on 6379) and get their own key prefix each, so they never see each other's keys. The
 cluster ones share one private cluster (three primaries with a replica each,
-:class:`~tests.redis_server.RedisClusterServers`) the same way.
+:class:`~realtime_lab.bench.redisproc.RedisClusterServers`, the launcher the benchmark uses
+too) the same way.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
+from realtime_lab.bench.redisproc import (
+    RedisClusterServers,
+    redis_cli_binary,
+    redis_server_binary,
+)
 from realtime_lab.bus import Bus, create_bus
 from realtime_lab.protocol.envelope import END, Event
-from tests.redis_server import RedisClusterServers, redis_cli_binary, redis_server_binary
 
 MakeBus = Callable[..., Awaitable[Bus]]
 
