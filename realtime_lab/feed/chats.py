@@ -165,6 +165,10 @@ class Sharing(Protocol):
         """Have another process's chat cancelled."""
         ...
 
+    async def stream_changed(self, chat: Chat, *, opened: bool, cleanly: bool) -> None:
+        """Tell the process generating ``chat`` that a stream of it opened (or ended)."""
+        ...
+
     async def stop(self) -> None:
         """Stop listening and renewing."""
         ...
@@ -213,6 +217,9 @@ class ChatRegistry:
         #: The chats shared with other processes: set by
         #: :meth:`realtime_lab.feed.shared.ChatSharing.open` on a shared bus, else ``None``.
         self.sharing: Sharing | None = None
+        #: Called as ``(chat_id, opened, cleanly)`` when another process says a stream of one of
+        #: this process's chats opened or ended (set by the fetch transport's abort grace).
+        self.stream_watch: Callable[[str, bool, bool], None] | None = None
 
     def start(
         self,

@@ -7,9 +7,11 @@ On a bus that several processes share (``redis://``, ``redis+cluster://``), each
   when it starts and when it ends (:class:`~realtime_lab.bus.chatstore.ChatStore`); never per
   token. A process that does not generate a chat answers for it from the record and the channel's
   history (the text so far, and the ``end`` if there is one).
-- A cancel reaches the generating process on its control channel, ``!ctl.<process>``: an
-  ordinary bus channel (history, catching up after a lost live feed, Redis Cluster moves) whose
-  name no HTTP request can name (``!`` is not in a channel name), so no client reads or writes it.
+- A cancel reaches the generating process on its control channel, ``!ctl.<process>``, and so
+  does the news that a fetch stream of one of its chats opened or ended elsewhere (the abort
+  grace is counted where the chat runs): an ordinary bus channel (history, catching up after a
+  lost live feed, Redis Cluster moves) whose name no HTTP request can name (``!`` is not in a
+  channel name), so no client reads or writes it.
 - Each process renews one lease every second (:data:`~realtime_lab.bus.chatstore.LEASE_RENEW_S`)
   and, in the same step, learns which processes stopped renewing theirs: it ends each of their
   running chats with ``end`` and reason ``error``, once, whichever process gets there first. A
@@ -41,6 +43,9 @@ log = logging.getLogger(__name__)
 CONTROL_PREFIX: Final = "!ctl."
 #: The control event asking a process to cancel one of its chats (``data.chat``: the id).
 CANCEL: Final = "cancel"
+#: The control event telling a process that a stream of one of its chats opened or ended
+#: (``data``: ``chat``, ``open``, ``clean``): the fetch transport's abort grace counts them there.
+STREAM: Final = "stream"
 #: Owners of other processes' chats remembered (an owner never changes), LRU.
 MAX_OWNERS: Final = 10_000
 #: Longest wait for a chat's record to be stored before its 201 goes out anyway.
@@ -171,6 +176,18 @@ class ChatSharing:
                             break
         return (await self._snapshot(chat_id))[0]
 
+    async def stream_changed(self, chat: Chat, *, opened: bool, cleanly: bool) -> None:
+        """Tell the process generating ``chat`` (another one) that a stream of it opened, or
+        ended (``cleanly``: having seen the end). Await an opening before streaming: the two
+        reach the generator in the order they were told.
+
+        Raises:
+            BusUnavailable: the backend does not answer.
+        """
+        if chat.process:
+            data = {"chat": chat.id, "open": opened, "clean": cleanly}
+            await self._bus.publish(CONTROL_PREFIX + chat.process, STREAM, data)
+
     async def _snapshot(self, chat_id: str) -> tuple[Chat, str | None]:
         record = await self.store.get(chat_id)
         if record is None:
@@ -211,12 +228,13 @@ class ChatSharing:
             try:
                 async for event in control:
                     chat_id = event.data.get("chat")
-                    if (
-                        event.type == CANCEL
-                        and isinstance(chat_id, str)
-                        and chat_id in self.registry
-                    ):
+                    if not isinstance(chat_id, str) or chat_id not in self.registry:
+                        continue
+                    if event.type == CANCEL:
                         self.registry.cancel(chat_id)
+                    elif event.type == STREAM and self.registry.stream_watch is not None:
+                        opened, clean = event.data.get("open"), event.data.get("clean")
+                        self.registry.stream_watch(chat_id, opened is True, clean is True)
                 return  # the bus closed
             except SubscriberOverflow:
                 log.warning("the control channel of process %s overflowed", self.process)
@@ -289,4 +307,4 @@ def _record(chat: Chat) -> dict[str, str]:
     }
 
 
-__all__ = ["CANCEL", "CONTROL_PREFIX", "ChatSharing"]
+__all__ = ["CANCEL", "CONTROL_PREFIX", "STREAM", "ChatSharing"]

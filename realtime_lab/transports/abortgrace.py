@@ -1,13 +1,24 @@
-"""Chats whose fetch stream was cut: cancelled after a grace, unless the stream resumes."""
+"""Chats whose fetch stream was cut: cancelled after a grace, unless the stream resumes.
+
+The count of a chat's open fetch streams is kept by the process that generates the chat, on
+whichever process the streams are: a stream of another process's chat (a resume the load
+balancer sent elsewhere) tells the generator when it opens and when it ends, on the generator's
+control channel (:meth:`realtime_lab.feed.shared.ChatSharing.stream_changed`). So the rule is
+the same behind a load balancer as on one process: the chat is cancelled ``grace`` seconds after
+its last fetch stream, wherever it was, went away without seeing the end.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import Counter
 
-from realtime_lab.errors import UnknownChat
+from realtime_lab.errors import BusError, UnknownChat
 from realtime_lab.feed.chats import Chat, ChatRegistry
+
+log = logging.getLogger(__name__)
 
 
 class AbortGrace:
@@ -15,7 +26,8 @@ class AbortGrace:
 
     It counts each chat's open fetch streams: a resume can reach the server before the server
     has noticed the old stream end (a browser retries on an idle keep-alive socket at once), so
-    only the last stream's end may schedule the cancel.
+    only the last stream's end may schedule the cancel. Streams of chats another process
+    generates are counted there (see the module docstring).
     """
 
     def __init__(self, chats: ChatRegistry, grace_s: float) -> None:
@@ -23,13 +35,25 @@ class AbortGrace:
         self._grace = grace_s
         self._open: Counter[str] = Counter()
         self._pending: dict[str, asyncio.TimerHandle] = {}
+        #: Open streams of this process whose chat another process generates (told it).
+        self._remote: Counter[str] = Counter()
+        self._telling: set[asyncio.Task[None]] = set()
+        # The generator's side: streams other processes tell it about.
+        chats.stream_watch = self._told
 
-    def opened(self, chat_id: str) -> None:
-        """A fetch stream of the chat opened: it is not abandoned."""
-        self._open[chat_id] += 1
-        handle = self._pending.pop(chat_id, None)
-        if handle is not None:
-            handle.cancel()
+    async def opened(self, chat: Chat) -> None:
+        """A fetch stream of the chat opened: it is not abandoned. Pair it with one
+        :meth:`closed` when the stream ends.
+
+        Raises:
+            BusUnavailable: the chat runs on another process, which could not be told.
+        """
+        sharing = self._chats.sharing
+        if chat.id in self._chats or sharing is None:
+            self._opened_here(chat.id)
+        elif chat.status == "running" and chat.process:
+            await sharing.stream_changed(chat, opened=True, cleanly=False)
+            self._remote[chat.id] += 1
 
     def closed(self, chat: Chat, *, cleanly: bool) -> None:
         """A fetch stream of ``chat`` ended; ``cleanly``: it saw the chat's end (or shutdown).
@@ -37,6 +61,21 @@ class AbortGrace:
         When it was the chat's last open stream and it did not end cleanly, the chat is
         cancelled after the grace, unless a stream opens again first.
         """
+        if self._remote[chat.id] > 0:
+            self._remote[chat.id] -= 1
+            if not self._remote[chat.id]:
+                del self._remote[chat.id]
+            self._spawn_tell(chat, cleanly)
+            return
+        self._closed_here(chat, cleanly=cleanly)
+
+    def _opened_here(self, chat_id: str) -> None:
+        self._open[chat_id] += 1
+        handle = self._pending.pop(chat_id, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _closed_here(self, chat: Chat, *, cleanly: bool) -> None:
         left = self._open[chat.id] - 1
         if left > 0:
             self._open[chat.id] = left
@@ -46,6 +85,35 @@ class AbortGrace:
             return
         loop = asyncio.get_running_loop()
         self._pending[chat.id] = loop.call_later(self._grace, self._cancel, chat.id)
+
+    def _told(self, chat_id: str, opened: bool, cleanly: bool) -> None:
+        """Another process opened (or ended) a fetch stream of a chat this one generates."""
+        if opened:
+            self._opened_here(chat_id)
+            return
+        with contextlib.suppress(UnknownChat):  # forgotten: nothing left to cancel
+            self._closed_here(self._chats.get(chat_id), cleanly=cleanly)
+
+    def _spawn_tell(self, chat: Chat, cleanly: bool) -> None:
+        # In a task: a stream's end must not wait for the bus (nor fail for it).
+        task = asyncio.create_task(self._tell_closed(chat, cleanly), name=f"grace-{chat.id}")
+        self._telling.add(task)
+        task.add_done_callback(self._telling.discard)
+
+    async def _tell_closed(self, chat: Chat, cleanly: bool) -> None:
+        sharing = self._chats.sharing
+        if sharing is None:
+            return
+        try:
+            await sharing.stream_changed(chat, opened=False, cleanly=cleanly)
+        except (BusError, OSError) as exc:
+            # The generator keeps counting the stream as open: the chat runs to its own end.
+            log.warning(
+                "could not tell process %s a stream of chat %s ended: %s",
+                chat.process,
+                chat.id,
+                exc,
+            )
 
     def _cancel(self, chat_id: str) -> None:
         self._pending.pop(chat_id, None)
@@ -58,3 +126,6 @@ class AbortGrace:
             handle.cancel()
         self._pending.clear()
         self._open.clear()
+        self._remote.clear()
+        for task in self._telling:
+            task.cancel()

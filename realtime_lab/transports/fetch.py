@@ -7,11 +7,15 @@ ids as ``/sse/chat.<id>``. The stream opens with ``retry:`` and one ``chat`` eve
 
 Resuming: a chat channel's epoch is the chat's id, so an event id names its chat. A retry of the
 same request carrying ``Last-Event-ID`` (as ``@microsoft/fetch-event-source`` sends it)
-continues that chat after that id instead of starting a new one.
+continues that chat after that id instead of starting a new one. On a shared bus the retry may
+reach any process: one that does not generate the chat finds its record in the bus backend and
+streams the chat's channel from the cursor (history, then live, through the hub, as ``/sse``
+does), up to the chat's ``end``. A chat no process knows is a 404.
 
 Aborting: when the client goes away before the chat's ``end``, the chat is cancelled, after
 ``--fetch-abort-grace`` seconds unless a resume comes first (a cut connection and an abort look
-the same to the server; the grace is what lets a cut stream resume).
+the same to the server; the grace is what lets a cut stream resume). The generating process
+counts the streams of its chats on every process (:mod:`realtime_lab.transports.abortgrace`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from realtime_lab.errors import UnknownChat
+from realtime_lab.errors import BusError, UnknownChat
 from realtime_lab.feed.chats import Chat
 from realtime_lab.protocol.channels import chat_id_of
 from realtime_lab.protocol.cursor import Cursor
@@ -74,6 +78,7 @@ async def fetch_stream(request: web.Request) -> web.StreamResponse:
         raise
     grace = app[ABORT_GRACE_KEY]
     chat: Chat | None = None
+    counted = False
     reason = "client-gone"
     try:
         try:
@@ -81,10 +86,21 @@ async def fetch_stream(request: web.Request) -> web.StreamResponse:
         except web.HTTPException:
             hub.record("fetch", _client_of(request), Counters(requests=1, errors=1))
             raise
-        grace.opened(chat.id)
+        if chat.id in app[CHATS_KEY]:
+            # At once, before any await: a resume may come before the old stream's end is seen.
+            await grace.opened(chat)
+            counted = True
         opening = await open_request(
             request, "fetch", channel=chat.channel, resume_header=True, inject_faults=False
         )
+        if not counted:
+            # Another process's chat: told only once this request may read it.
+            try:
+                await grace.opened(chat)
+            except BusError as exc:
+                problem = HTTPProblem(503, "bus-unavailable", str(exc))
+                raise opening.refuse(request, problem) from None
+            counted = True
         if await stream_is_over(request, opening):
             # Resumed from the end's own id: nothing more will come (as /sse answers it).
             reason = "done"
@@ -98,7 +114,7 @@ async def fetch_stream(request: web.Request) -> web.StreamResponse:
         return response
     finally:
         slot.release()
-        if chat is not None:
+        if chat is not None and counted:
             grace.closed(chat, cleanly=reason in CLEAN_ENDS)
 
 
@@ -117,16 +133,19 @@ async def _chat_for(request: web.Request) -> Chat:
     cursor = after_param(header, "Last-Event-ID")
     if not isinstance(cursor, Cursor):
         raise HTTPProblem(400, "invalid-cursor", "Last-Event-ID must be an event id")
-    return _resumed_chat(request, cursor)
+    return await _resumed_chat(request, cursor)
 
 
-def _resumed_chat(request: web.Request, cursor: Cursor) -> Chat:
+async def _resumed_chat(request: web.Request, cursor: Cursor) -> Chat:
+    """The chat ``cursor`` names: this process's, or (on a shared bus) another's snapshot."""
     chats = request.app[CHATS_KEY]
     try:
-        chat = chats.get(cursor.epoch)
+        chat = await chats.find(cursor.epoch)
     except UnknownChat:
         raise HTTPProblem(
-            404, "unknown-chat", "Last-Event-ID names no chat here (expired, or never)"
+            404, "unknown-chat", "Last-Event-ID names no chat (expired, or never)"
         ) from None
+    except BusError as exc:
+        raise HTTPProblem(503, "bus-unavailable", str(exc)) from None
     assert chat_id_of(chat.channel) == chat.id
     return chat

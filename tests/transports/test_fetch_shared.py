@@ -1,0 +1,126 @@
+"""Fetch streams behind a load balancer: a resume (``Last-Event-ID``) reaches any process.
+
+Two apps on one private Redis stand for two server processes. A chat started on A, cut, and
+resumed on B streams on from the cursor (history, then live) up to its end, with every token
+once; the abort grace holds across them (the chat runs while B streams it, and is cancelled
+after the grace once B's stream is cut too); a chat no process knows is a 404 on either.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from realtime_lab.feed.llm import answer_text
+from realtime_lab.transports.keys import CHATS_KEY
+from tests.conftest import RunningServer, StartServer
+from tests.transports.collect import Envelope, fetch, text_of, until_count, wait_for
+
+pytestmark = pytest.mark.redis
+
+PROMPT = "Resumed on another process 在另一个进程上继续"
+#: Short against the chat's length: a grace the generator did not hold would cut the chat.
+GRACE = 1.0
+WAIT = 30.0  # generous: two shared cores
+
+
+def body(**extra: Any) -> Envelope:
+    # About 5 s of tokens: several graces long.
+    return {"prompt": PROMPT, "seed": 7, "ttft_ms": 0, "token_ms": 40, "max_tokens": 120, **extra}
+
+
+async def two(start_server: StartServer, url: str) -> tuple[RunningServer, RunningServer]:
+    a = await start_server(bus=url, fetch_abort_grace=GRACE)
+    b = await start_server(bus=url, fetch_abort_grace=GRACE)
+    return a, b
+
+
+def assert_seamless(events: list[Envelope], chat_id: str) -> None:
+    ids = [e["id"] for e in events]
+    assert ids == [f"{chat_id}-{n}" for n in range(1, len(ids) + 1)]  # no gap, none twice
+
+
+async def test_a_chat_cut_on_one_process_resumes_on_another_to_its_end(
+    start_server: StartServer, session: aiohttp.ClientSession, redis_url: str
+) -> None:
+    a, b = await two(start_server, redis_url)
+    first = await fetch(session, a.url, body(), stop=until_count(10), read_to_eof=False)
+    assert first.chat is not None
+    chat_id = first.chat["id"]
+    assert first.chat["process"] == a.app[CHATS_KEY].process
+
+    second = await fetch(session, b.url, body(), last_event_id=first.events[-1]["id"], timeout=WAIT)
+
+    assert second.status == 200, second.error
+    assert second.chat is not None
+    assert second.chat["id"] == chat_id  # the same chat, read where it is not generated
+    assert chat_id not in b.app[CHATS_KEY]
+    assert second.closed_by_server
+    events = first.events + second.events
+    assert_seamless(events, chat_id)
+    assert text_of(events) == answer_text(PROMPT, 7, max_tokens=120)
+    # Graces passed while B streamed it: A knew a stream was open and let the chat run.
+    assert events[-1]["type"] == "end"
+    assert events[-1]["data"]["reason"] == "done"
+    assert a.app[CHATS_KEY].get(chat_id).status == "done"
+
+
+async def test_a_resume_elsewhere_cut_again_cancels_the_chat_after_the_grace(
+    start_server: StartServer, session: aiohttp.ClientSession, redis_url: str
+) -> None:
+    a, b = await two(start_server, redis_url)
+    long = body(max_tokens=2000)
+    first = await fetch(session, a.url, long, stop=until_count(5), read_to_eof=False)
+    assert first.chat is not None
+    chat_id = first.chat["id"]
+    second = await fetch(
+        session,
+        b.url,
+        long,
+        last_event_id=first.events[-1]["id"],
+        stop=until_count(10),
+        read_to_eof=False,
+    )
+    assert second.status == 200, second.error
+    left = time.monotonic()
+    generated = a.app[CHATS_KEY].get(chat_id)
+
+    await wait_for(lambda: generated.status != "running", timeout=WAIT)
+    assert generated.status == "cancelled"
+    assert time.monotonic() - left >= GRACE * 0.9  # not before the grace (timer slack aside)
+    assert_seamless(first.events + second.events, chat_id)
+    # A third resume, on B again, reads the rest and the end that says why.
+    rest = await fetch(session, b.url, long, last_event_id=second.events[-1]["id"], timeout=WAIT)
+    assert rest.status == 200, rest.error
+    assert_seamless(first.events + second.events + rest.events, chat_id)
+    assert rest.events[-1]["type"] == "end"
+    assert rest.events[-1]["data"]["reason"] == "cancelled"
+
+
+async def test_resuming_a_finished_chat_elsewhere_reads_the_rest(
+    start_server: StartServer, session: aiohttp.ClientSession, redis_url: str
+) -> None:
+    a, b = await two(start_server, redis_url)
+    done = await fetch(session, a.url, body(max_tokens=12, token_ms=5), timeout=WAIT)
+    assert done.chat is not None
+    again = await fetch(session, b.url, body(), last_event_id=done.events[3]["id"], timeout=WAIT)
+    assert again.status == 200, again.error
+    assert again.events == done.events[4:]
+    # From the end itself: nothing more will come, as on the generating process.
+    over = await fetch(session, b.url, body(), last_event_id=done.events[-1]["id"])
+    assert over.status == 204
+
+
+async def test_a_chat_no_process_knows_is_404_everywhere(
+    start_server: StartServer, session: aiohttp.ClientSession, redis_url: str
+) -> None:
+    a, b = await two(start_server, redis_url)
+    for server in (a, b):
+        result = await fetch(session, server.url, body(), last_event_id="zzzz9-3")
+        assert result.status == 404
+        assert result.error is not None
+        assert result.error["code"] == "unknown-chat"
+        assert server.app[CHATS_KEY].running == 0
