@@ -72,6 +72,17 @@ def _modes(text: str) -> list[str]:
     return modes
 
 
+def _buses(text: str) -> list[str]:
+    from realtime_lab.bench.buses import BUS_KINDS
+
+    kinds = [part.strip() for part in text.split(",") if part.strip()]
+    if not kinds or set(kinds) - set(BUS_KINDS):
+        raise argparse.ArgumentTypeError(
+            f"buses are a comma-separated subset of {','.join(BUS_KINDS)}"
+        )
+    return list(dict.fromkeys(kinds))
+
+
 def _server_option(text: str) -> tuple[str, str | bool]:
     from dataclasses import fields
 
@@ -132,6 +143,29 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=["off"],
         help="the server's --compression per point: off, message, connection; a list sweeps "
         "(the clients then ask for compression as a browser does); default off",
+    )
+    p.add_argument(
+        "--bus",
+        type=_buses,
+        default=["memory"],
+        help="the bus per point: memory (one process), redis (a private redis-server the "
+        "bench starts), cluster (a private Redis Cluster of three primaries); a list sweeps "
+        "and the report compares each with memory (server and Redis CPU per event); default "
+        "memory",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="server processes of a redis or cluster point, sharing its bus (memory: 1); the "
+        "load spreads over them, and a chat is read on another process than the one that "
+        "generates it; default 1",
+    )
+    p.add_argument(
+        "--cluster-replicas",
+        type=int,
+        default=0,
+        help="replicas per primary of --bus cluster (0)",
     )
     p.add_argument("--duration", type=float, default=None, help="measured s per run (10)")
     p.add_argument("--warmup", type=float, default=None, help="s before measuring (3)")
@@ -294,6 +328,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         rates=list(get("rate")),
         poll_intervals=list(get("poll_interval")),
         compression=list(args.compression),
+        buses=list(args.bus),
+        processes=args.processes,
+        cluster_replicas=args.cluster_replicas,
         duration=duration,
         warmup=float(get("warmup")),
         repeat=int(get("repeat")),
@@ -368,14 +405,17 @@ def run(args: argparse.Namespace) -> int:
 
 def _sections(results: dict[str, Any], out: Path) -> str:
     """The publisher and scale sections (also written to ``sections.md`` beside results.md)."""
-    from realtime_lab.bench import publisher, scale
+    from realtime_lab.bench import buses, publisher, scale
 
     parts = []
+    unit = "tokens" if results["config"]["workload"] == "chats" else "deliveries"
+    parts.append(buses.markdown(results["points"], unit))
     if results.get("publisher"):
         parts.append(publisher.markdown(results["publisher"]))
+        parts.append(buses.markdown(results["publisher"], "deliveries"))
     if results.get("scale"):
         parts.append(scale.markdown(results["scale"]))
-    text = "\n".join(parts)
+    text = "\n".join(part for part in parts if part)
     if text:
         (out / "sections.md").write_text(text)
     return text

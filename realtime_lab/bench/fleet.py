@@ -182,8 +182,11 @@ class Fleet:
         count: int,
         processes: int,
         sources: list[str] | None = None,
+        ports: list[int] | None = None,
     ) -> None:
         self.argv = [binary, host, str(port), transport]
+        #: Several server processes on ``host`` (one bus): connection i reads from the i-th mod n.
+        self.ports = list(ports or [])
         self.path = path
         self.host_header = host_header
         self.shares = [n for n in split(count, max(processes, 1)) if n]
@@ -202,7 +205,7 @@ class Fleet:
         Raises:
             FleetError: a process exited or did not answer within ``timeout``.
         """
-        env = source_env(self.sources)
+        env = source_env(self.sources, ports=self.ports)
         started = time.monotonic()
         for share in self.shares:
             argv = [*self.argv, str(share), self.host_header, self.path]

@@ -81,6 +81,12 @@
  * server port need more source addresses, and Linux routes all of 127/8 to lo. */
 #define SOURCES_ENV "RTL_LOADCLIENT_SOURCES"
 #define MAX_SOURCES 64
+/* RTL_LOADCLIENT_PORTS=8081,8082,...: several server processes on HOST sharing one bus.
+ * Connection i reads its stream from port i % n, and (sse-chat, ws-chat) POSTs its chats to
+ * port (i + 1) % n, so that with two or more processes every token crosses the bus from the
+ * process generating the chat to the one streaming it. Unset: PORT for everything. */
+#define PORTS_ENV "RTL_LOADCLIENT_PORTS"
+#define MAX_PORTS 64
 #define MAX_PENDING (1 << 20) /* largest unparsed remainder one connection may hold */
 #define READ_SIZE (1 << 16)
 #define MAX_ERRORS 5
@@ -960,6 +966,39 @@ static struct sockaddr_storage addr;
 static socklen_t addr_len;
 static struct sockaddr_in sources[MAX_SOURCES];
 static int n_sources;
+static uint16_t ports[MAX_PORTS]; /* network order; n_ports == 0: addr's own port */
+static int n_ports;
+
+/* PORTS_ENV's ports; returns -1 (with a message) on a bad list or a non-IPv4 HOST. */
+static int parse_ports(void) {
+    const char *env = getenv(PORTS_ENV);
+    if (!env || !*env) return 0;
+    if (addr.ss_family != AF_INET) {
+        fprintf(stderr, "loadclient: %s needs an IPv4 HOST\n", PORTS_ENV);
+        return -1;
+    }
+    for (const char *p = env; *p;) {
+        char *end;
+        long port = strtol(p, &end, 10);
+        if (end == p || port < 1 || port > 65535 || (*end && *end != ',') || n_ports == MAX_PORTS) {
+            fprintf(stderr, "loadclient: %s: expected at most %d ports, got %s\n", PORTS_ENV,
+                    MAX_PORTS, env);
+            return -1;
+        }
+        ports[n_ports++] = htons((uint16_t)port);
+        p = *end ? end + 1 : end;
+    }
+    return 0;
+}
+
+/* Where connection c connects: its stream's process, or (ctl) the one it POSTs chats to. */
+static const struct sockaddr *conn_addr(const conn_t *c, int ctl, struct sockaddr_in *scratch) {
+    if (!n_ports) return (const struct sockaddr *)&addr;
+    memcpy(scratch, &addr, sizeof *scratch);
+    long i = (long)(c - conns) + (ctl ? 1 : 0);
+    scratch->sin_port = ports[i % n_ports];
+    return (const struct sockaddr *)scratch;
+}
 
 /* SOURCES_ENV's addresses; returns -1 (with a message) on a bad list. */
 static int parse_sources(void) {
@@ -1025,7 +1064,8 @@ static void start_connect(conn_t *c) {
     c->run = start_run;
     c->started_ms = now_ms(); /* a chat's first token is timed from here, as loadgen.py does */
     if (bind_source(c)) return;
-    if (connect(c->fd, (struct sockaddr *)&addr, addr_len) < 0 && errno != EINPROGRESS) {
+    struct sockaddr_in to;
+    if (connect(c->fd, conn_addr(c, 0, &to), addr_len) < 0 && errno != EINPROGRESS) {
         /* EADDRNOTAVAIL: every port of the ephemeral range is taken for this source address */
         fail_conn(c, errno == EADDRNOTAVAIL
                          ? "connect: no free local port (ip_local_port_range; more sources)"
@@ -1074,7 +1114,8 @@ static void ctl_connect(conn_t *c) {
     int one = 1;
     setsockopt(c->p.ctl_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     c->p.ctl_state = CTL_CONNECTING;
-    if (connect(c->p.ctl_fd, (struct sockaddr *)&addr, addr_len) < 0 && errno != EINPROGRESS) {
+    struct sockaddr_in to;
+    if (connect(c->p.ctl_fd, conn_addr(c, 1, &to), addr_len) < 0 && errno != EINPROGRESS) {
         ctl_fail(c, strerror(errno));
         return;
     }
@@ -1421,7 +1462,7 @@ int main(int argc, char **argv) {
     memcpy(&addr, ai->ai_addr, ai->ai_addrlen);
     addr_len = ai->ai_addrlen;
     freeaddrinfo(ai);
-    if (parse_sources()) return 2;
+    if (parse_sources() || parse_ports()) return 2;
     raise_nofile();
 
     conns = calloc((size_t)(count > 0 ? count : 1), sizeof *conns);

@@ -51,7 +51,12 @@ from urllib.parse import quote
 import aiohttp
 
 from realtime_lab.bench import wire
-from realtime_lab.bench.native import NATIVE_CHAT_MODES, NATIVE_CHATS, NATIVE_TRANSPORTS
+from realtime_lab.bench.native import (
+    NATIVE_CHAT_MODES,
+    NATIVE_CHATS,
+    NATIVE_TRANSPORTS,
+    source_env,
+)
 from realtime_lab.bench.server import raise_fd_limit
 from realtime_lab.errors import WebSocketProtocolError
 from realtime_lab.protocol.deflate import Inflater
@@ -640,6 +645,8 @@ class NativeClients:
             *extra,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            # Several server processes on one bus: the binary spreads its connections.
+            env=source_env([], ports=spec.get("ports")),
         )
         native = cls(proc)
         try:
@@ -857,7 +864,10 @@ class Worker:
         """Start a chat, read it with ``share`` clients to its end, repeat until closed."""
         assert self.session is not None
         spec = self.spec
-        base = f"http://{spec['host']}:{spec['port']}"
+        # Several server processes on one bus (``ports``, this worker's first): the chat is
+        # started on the next process and read on this one, so its tokens cross the bus.
+        ports = spec.get("ports") or [spec["port"]]
+        base = f"http://{spec['host']}:{ports[1 % len(ports)]}"
         round_no = 0
         while not self.stopping:
             round_no += 1

@@ -42,6 +42,9 @@ NATIVE_CHAT_MODES: Final = {
 #: connection i binds to the (i mod n)-th before connecting, so that more connections than one
 #: address has ephemeral ports reach one server port (see :func:`source_env`).
 SOURCES_ENV: Final = "RTL_LOADCLIENT_SOURCES"
+#: The server processes' ports (comma-separated) when several share one bus: connection i reads
+#: from the (i mod n)-th and POSTs its chats to the next one (see :func:`source_env`).
+PORTS_ENV: Final = "RTL_LOADCLIENT_PORTS"
 
 
 class NativeBuildError(RealtimeLabError):
@@ -109,17 +112,24 @@ def build(cc: str | None = None, directory: Path | None = None) -> NativeClient:
     return NativeClient(target, found)
 
 
-def source_env(sources: list[str], base: dict[str, str] | None = None) -> dict[str, str]:
+def source_env(
+    sources: list[str], base: dict[str, str] | None = None, ports: list[int] | None = None
+) -> dict[str, str]:
     """The environment to start the binary with so its connections spread over ``sources``.
 
     ``base``: the environment to extend (default: this process's). An empty ``sources`` leaves
     the choice of source address to the kernel (one address: about 28k connections per server
-    port, the size of ``/proc/sys/net/ipv4/ip_local_port_range``).
+    port, the size of ``/proc/sys/net/ipv4/ip_local_port_range``). ``ports``: several server
+    processes on the binary's HOST (connection i streams from ``ports[i % n]`` and POSTs its
+    chats to ``ports[(i + 1) % n]``); ``None`` or one port: its PORT argument for everything.
     """
     env = dict(os.environ if base is None else base)
     env.pop(SOURCES_ENV, None)
+    env.pop(PORTS_ENV, None)
     if sources:
         env[SOURCES_ENV] = ",".join(sources)
+    if ports and len(ports) > 1:
+        env[PORTS_ENV] = ",".join(str(port) for port in ports)
     return env
 
 
@@ -127,6 +137,7 @@ __all__ = [
     "NATIVE_CHATS",
     "NATIVE_CHAT_MODES",
     "NATIVE_TRANSPORTS",
+    "PORTS_ENV",
     "SOURCES_ENV",
     "NativeBuildError",
     "NativeClient",

@@ -346,20 +346,31 @@ def stream_path(transport: str, channel: str, tag: str) -> str:
 
 
 def run_point(
-    config: Any, binary: str, transport: str, clients: int, rate: float, tag: str
+    config: Any,
+    binary: str,
+    transport: str,
+    clients: int,
+    rate: float,
+    tag: str,
+    bus: str = "memory",
+    buses: Any = None,
 ) -> dict[str, Any]:
     """One run: ``clients`` subscribers of :data:`CHANNEL`, the publisher at ``rate``.
+
+    On a Redis ``bus`` (servers of ``buses``, :mod:`.buses`) with several processes, the
+    publisher posts to the first and the subscribers are spread over all of them.
 
     Raises:
         BenchError: the server, the load clients or the publisher failed.
     """
+    from realtime_lab.bench import buses as bus_measures
     from realtime_lab.bench.server import machine_cpu
 
     processes = config.workers or env_cpus()
     capacity = plan(clients, processes, sources=config.sources)  # before the server starts
     options = {"ticker_rate": 0.0, "history": 1000}
-    with target(config, options) as tgt:
-        before = int(tgt.stats()["transports"][transport]["open"])
+    with target(config, options, bus, buses, tag=tag) as tgt:
+        before = tgt.open_count(transport)
         time.sleep(0.2)  # let the fresh interpreter settle before the baseline
         rss0 = tgt.rss()
         path = stream_path(transport, CHANNEL, tag)
@@ -373,6 +384,7 @@ def run_point(
             capacity.allowed,
             processes,
             capacity.sources,
+            tgt.ports,
         )
         publisher: PublisherProcess | None = None
         try:
@@ -388,9 +400,10 @@ def run_point(
                 )
                 time.sleep(max(start - time.time(), 0.0))
                 fleet.start()
-                cpu0, machine0 = tgt.cpu(), machine_cpu()
+                each0, redis0, machine0 = tgt.cpu_each(), tgt.redis_cpu(), machine_cpu()
                 time.sleep(max(end - time.time(), 0.0))
-                cpu1, machine1 = tgt.cpu(), machine_cpu()
+                each1, redis1, machine1 = tgt.cpu_each(), tgt.redis_cpu(), machine_cpu()
+                rss_end, redis_rss = tgt.rss(), tgt.redis_rss()
                 got = fleet.stop()
                 published = publisher.wait()
         except (FleetError, PublishError) as exc:
@@ -398,13 +411,27 @@ def run_point(
                 publisher.kill()
             raise BenchError(str(exc)) from exc
     open_clients = int(opened["clients"])
-    server_cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
+    server_cpu = sum(each1) - sum(each0) if each0 else None
     events = int(got["events"])
     duration = config.duration
     lat = latency_summary(got["latency"])
     offered = published["rate"] * open_clients
     spent = machine1[2] - machine0[2]
+    on_bus = bus_measures.measures(
+        [b - a for a, b in zip(each0, each1, strict=True)],
+        None if redis0 is None or redis1 is None else redis1 - redis0,
+        redis_rss,
+        events,
+        float(max(open_clients, 1)),
+        duration,
+    )
     return {
+        **on_bus,
+        "bus": bus,
+        "rss_mb": None if rss_end is None else rss_end / 1024,
+        "cpu_us_per_event": server_cpu / events * 1e6
+        if server_cpu is not None and events
+        else None,
         "events_per_s": events / duration,
         "expected_events_per_s": offered,
         "delivered_pct": 100.0 * events / duration / offered if offered else None,
@@ -458,37 +485,53 @@ SUMMARY_KEYS: Final = (
 )
 
 
-def run_publisher(config: Any, binary: str | None, progress: Any = None) -> list[dict[str, Any]]:
-    """Every (transport, rate, clients) point of ``config`` with the publisher; the results.
+def run_publisher(
+    config: Any, binary: str | None, progress: Any = None, buses: Any = None
+) -> list[dict[str, Any]]:
+    """Every (transport, rate, clients, bus) point of ``config`` with the publisher; the results.
+
+    ``buses``: the :class:`~realtime_lab.bench.buses.BusBackends` of ``config.buses``' Redis
+    points.
 
     Raises:
         BenchError: no native load client (the subscribers need it), or a run failed.
     """
     if binary is None:
         raise BenchError("--publisher http reads its streams with the native load client")
+    from realtime_lab.bench.buses import SUMMARY_KEYS as BUS_KEYS
+
     points = []
     for transport in config.transports:
         for rate in config.rates:
             for clients in config.clients:
-                runs = []
-                for rep in range(config.repeat):
-                    if progress is not None:
-                        label = "max" if math.isinf(rate) else f"{rate:g}/s"
-                        progress.set_description(f"publisher {transport} x{clients} @{label}")
-                    tag = f"bench-pub-{transport}-{clients}-{rep}"
-                    runs.append(run_point(config, binary, transport, clients, rate, tag))
-                    if progress is not None:
-                        progress.update(1)
-                summary = {k: spread(run[k] for run in runs) for k in SUMMARY_KEYS}
-                points.append(
-                    {
-                        "transport": transport,
-                        "clients": clients,
-                        "rate": None if math.isinf(rate) else rate,
-                        "runs": runs,
-                        "summary": summary,
-                    }
-                )
+                for bus in config.buses:
+                    runs = []
+                    for rep in range(config.repeat):
+                        if progress is not None:
+                            label = "max" if math.isinf(rate) else f"{rate:g}/s"
+                            progress.set_description(
+                                f"publisher {transport}@{bus} x{clients} @{label}"
+                            )
+                        tag = f"bench-pub-{transport}-{clients}-{bus}-{rep}"
+                        runs.append(
+                            run_point(config, binary, transport, clients, rate, tag, bus, buses)
+                        )
+                        if progress is not None:
+                            progress.update(1)
+                    keys = (*SUMMARY_KEYS, *BUS_KEYS, "rss_mb")
+                    summary = {k: spread(run.get(k) for run in runs) for k in keys}
+                    points.append(
+                        {
+                            "transport": transport,
+                            "label": config.bus_label(transport, bus),
+                            "clients": clients,
+                            "rate": None if math.isinf(rate) else rate,
+                            "bus": bus,
+                            "processes": config.processes_on(bus),
+                            "runs": runs,
+                            "summary": summary,
+                        }
+                    )
     return points
 
 
@@ -536,7 +579,7 @@ def markdown(points: list[dict[str, Any]]) -> str:
 
         target = "max" if point["rate"] is None else f"{point['rate']:g}"
         cells = [
-            point["transport"],
+            point.get("label", point["transport"]),
             str(point["clients"]),
             target,
             fmt(med("publish_rate"), "num"),

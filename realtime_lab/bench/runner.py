@@ -35,7 +35,9 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
+from realtime_lab.bench import buses as bus_measures
 from realtime_lab.bench import native
+from realtime_lab.bench.buses import BusBackends
 from realtime_lab.bench.loadgen import (
     CHANNEL_TRANSPORTS,
     NATIVE_ONLY,
@@ -209,9 +211,16 @@ def naive_target(config: BenchConfig) -> Iterator[Target]:
 
 
 def run_point(
-    config: BenchConfig, pool: WorkerPool, point: dict[str, Any], tag: str
+    config: BenchConfig,
+    pool: WorkerPool,
+    point: dict[str, Any],
+    tag: str,
+    buses: BusBackends | None = None,
 ) -> dict[str, Any]:
-    """One run of one point; the measures of :data:`MEASURES` and the raw counts."""
+    """One run of one point; the measures of :data:`MEASURES` and the raw counts.
+
+    A point on a Redis bus (``point["bus"]``) runs on the servers ``buses`` started.
+    """
     rate = float(point["rate"])
     chats = config.workload == "chats"
     paused_start = not chats and rate <= PAUSED_TICKER_MAX
@@ -228,11 +237,16 @@ def run_point(
         options["max_tokens"] = max(config.chat_tokens, 1)
     clients = int(point["clients"])
     transport = point["transport"]
-    opening = naive_target(config) if transport == "naive" else target(config, options)
+    bus = point.get("bus", "memory")
+    opening = (
+        naive_target(config)
+        if transport == "naive"
+        else target(config, options, bus, buses, tag=tag)
+    )
     with opening as tgt:
         if tgt.server is None and not chats:
             tgt.set_ticker(0.0 if paused_start else rate)
-        before = 0 if chats else tgt.stats()["transports"][transport]["open"]
+        before = 0 if chats else tgt.open_count(transport)
         time.sleep(0.2)  # let the fresh interpreter settle before the baseline
         rss0 = tgt.rss()
         per_worker = chat_readers(transport, clients, config.readers, len(pool)) if chats else []
@@ -251,7 +265,9 @@ def run_point(
                     "chat_readers": [r for r in per_worker[i] if r] if chats else [],
                     "channel": "ticker",
                     "host": tgt.host,
-                    "port": tgt.port,
+                    # Several processes: this worker's connections start at process i mod N.
+                    "port": bus_measures.spread_ports(tgt.ports, i)[0],
+                    "ports": bus_measures.spread_ports(tgt.ports, i),
                     "host_header": tgt.host_header,
                     "tag": tag,
                     "poll_interval": point["poll_interval"],
@@ -281,15 +297,32 @@ def run_point(
             if command is not None:
                 conn.send(window)
         _sleep_until(start)
-        cpu0, machine0 = tgt.cpu(), machine_cpu()
+        each0, redis0, machine0 = tgt.cpu_each(), tgt.redis_cpu(), machine_cpu()
         _sleep_until(end)
-        cpu1, machine1 = tgt.cpu(), machine_cpu()
-        rss_end = tgt.rss()
+        each1, redis1, machine1 = tgt.cpu_each(), tgt.redis_cpu(), machine_cpu()
+        rss_end, redis_rss = tgt.rss(), tgt.redis_rss()
+        cpu0 = sum(each0) if each0 else None
+        cpu1 = sum(each1) if each1 else None
         results = pool.collect([None if c is None else window for c in commands], REPLY_GRACE)
         pool.ask([None if c is None else {"op": "close"} for c in commands], timeout=REPLY_GRACE)
     total = _merge(results)
     measures = _measures(config, point, total, cpu0, cpu1, rss_per_conn, open_clients, opened)
     measures["rss_mb"] = None if rss_end is None else rss_end / 1024
+    # A chat's tokens reach its readers; a broadcast's events, every open client.
+    fanout = (config.readers if transport in CHANNEL_TRANSPORTS else 1) if chats else open_clients
+    redis_s = None if redis0 is None or redis1 is None else redis1 - redis0
+    measures.update(
+        bus_measures.measures(
+            [b - a for a, b in zip(each0, each1, strict=True)],
+            redis_s,
+            redis_rss,
+            int(measures["events"]),
+            float(max(fanout, 1)),
+            config.duration,
+        ),
+        bus=bus,
+        cpu_us_per_event=measures["cpu_us_per_token"],
+    )
     spent = machine1[2] - machine0[2]
     if spent > 0:
         measures["machine_busy_pct"] = 100.0 * (machine1[0] - machine0[0]) / spent
@@ -535,7 +568,8 @@ def check(config: BenchConfig) -> None:
 
     Raises:
         BenchError: an unknown transport, or ``fetch`` in the ticker workload (a fetch stream
-            reads no channel: it starts the chat it streams).
+            reads no channel: it starts the chat it streams), an unknown bus, or a bus of the
+            bench's own with ``--url``.
     """
     unknown = [t for t in config.transports if t not in TRANSPORTS]
     if unknown:
@@ -561,6 +595,14 @@ def check(config: BenchConfig) -> None:
         raise BenchError("--baseline naive is a chats workload: add --workload chats")
     if config.readers < 1:
         raise BenchError("--readers must be at least 1")
+    from realtime_lab.bench.buses import BUS_KINDS
+
+    if not config.buses or set(config.buses) - set(BUS_KINDS):
+        raise BenchError(f"--bus takes {', '.join(BUS_KINDS)}, not {config.buses}")
+    if config.processes < 1 or config.cluster_replicas < 0:
+        raise BenchError("--processes is at least 1 and --cluster-replicas at least 0")
+    if config.url is not None and config.buses != ["memory"]:
+        raise BenchError("--bus starts the bench's own servers: not with --url")
     unknown_modes = [m for m in config.compression if m not in COMPRESSION_MODES]
     if unknown_modes or not config.compression:
         raise BenchError(f"--compression takes {', '.join(COMPRESSION_MODES)}, not {unknown_modes}")
@@ -602,6 +644,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     results: list[dict[str, Any]] = []
     scenario: dict[str, Any] | None = None
     pool = WorkerPool(workers, load_client["binary"])
+    buses = BusBackends(config.cluster_replicas)
     try:
         for number, point in enumerate(points):
             runs = []
@@ -609,7 +652,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                 progress.set_description(
                     f"{point['label']} x{point['clients']} @{point['rate']:g}/s #{rep + 1}"
                 )
-                runs.append(run_point(config, pool, point, f"bench-{number}-{rep}"))
+                runs.append(run_point(config, pool, point, f"bench-{number}-{rep}", buses))
                 progress.update(1)
             summary = {key: spread(run[key] for run in runs) for key, _, _ in MEASURES}
             for extra in (
@@ -620,6 +663,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                 "machine_softirq_pct",
                 "tokens_per_chat",
                 "gap_p50_ms",
+                *bus_measures.SUMMARY_KEYS,
             ):
                 summary[extra] = spread(run.get(extra) for run in runs)
             results.append({**point, "runs": runs, "summary": summary})
@@ -630,7 +674,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         if publishing:
             from realtime_lab.bench.publisher import run_publisher
 
-            sections["publisher"] = run_publisher(config, load_client["binary"], progress)
+            sections["publisher"] = run_publisher(config, load_client["binary"], progress, buses)
         if config.scale:
             from realtime_lab.bench.scale import run_scale
 
@@ -638,6 +682,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     finally:
         progress.close()
         pool.close()
+        buses.close()
     cfg = asdict(config)
     cfg["out"] = str(config.out)
     return {

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from realtime_lab.bench.buses import BusBackends, BusStartError, redis_cpu, redis_rss_kb
 from realtime_lab.bench.loadgen import CHANNEL_TRANSPORTS
 from realtime_lab.bench.server import ServerProcess, http_json
 from realtime_lab.errors import RealtimeLabError
@@ -37,6 +38,12 @@ class BenchConfig:
     #: then ask for compression as a browser does (and are the Python ones: the C client reads
     #: plain streams only).
     compression: list[str] = field(default_factory=lambda: ["off"])
+    #: The bus per point (:mod:`.buses`): ``memory`` (one process), ``redis`` (one private
+    #: redis-server), ``cluster`` (a private Redis Cluster of three primaries).
+    buses: list[str] = field(default_factory=lambda: ["memory"])
+    #: Server processes of a ``redis`` or ``cluster`` point, on one bus (``memory``: always 1).
+    processes: int = 1
+    cluster_replicas: int = 0  # replicas per primary of the ``cluster`` bus
     duration: float = 10.0
     warmup: float = 3.0
     repeat: int = 3
@@ -86,44 +93,94 @@ class BenchConfig:
                                 label = f"poll@{interval:g}s"
                             if self.compression != ["off"]:
                                 label = f"{label}+{mode}"
-                            out.append(
-                                {
-                                    "transport": transport,
-                                    "label": label,
-                                    "clients": clients,
-                                    "rate": rate,
-                                    "poll_interval": interval,
-                                    "compression": mode,
-                                }
-                            )
+                            for bus in self.point_buses(transport):
+                                out.append(
+                                    {
+                                        "transport": transport,
+                                        "label": self.bus_label(label, bus),
+                                        "clients": clients,
+                                        "rate": rate,
+                                        "poll_interval": interval,
+                                        "compression": mode,
+                                        "bus": bus,
+                                        "processes": self.processes_on(bus),
+                                    }
+                                )
         return out
+
+    def point_buses(self, transport: str) -> list[str]:
+        """The buses a transport's points run on (the naive baseline has none of its own)."""
+        return ["memory"] if transport == "naive" else list(self.buses)
+
+    def processes_on(self, bus: str) -> int:
+        """Server processes of a point on ``bus``: one on ``memory``, which nothing shares."""
+        return 1 if bus == "memory" else max(self.processes, 1)
+
+    def bus_label(self, label: str, bus: str) -> str:
+        """``label``, with ``@bus`` (and ``xN`` processes) when the sweep has other buses."""
+        if self.buses == ["memory"]:
+            return label
+        n = self.processes_on(bus)
+        return f"{label}@{bus}" + (f"x{n}" if n > 1 else "")
 
 
 # Target -------------------------------------------------------------------------------------------
 
 
 class Target:
-    """The server a run talks to: our own process, or an existing URL (no CPU/RSS then)."""
+    """The server a run talks to: our own process, or an existing URL (no CPU/RSS then).
 
-    def __init__(self, server: ServerProcess | None, url: str) -> None:
+    ``others``: more processes of ours on the same bus (:mod:`.buses`); :attr:`url` is the
+    first's, and CPU, RSS and open counts are summed over all. ``redis_pids``: the bus's
+    redis-server processes, whose CPU :meth:`redis_cpu` reads.
+    """
+
+    def __init__(
+        self,
+        server: ServerProcess | None,
+        url: str,
+        *,
+        others: list[ServerProcess] | None = None,
+        redis_pids: list[int] | None = None,
+    ) -> None:
         self.server = server
+        self.servers = ([] if server is None else [server]) + list(others or [])
+        self.redis_pids = list(redis_pids or [])
         self.url = url.rstrip("/")
         parts = urlsplit(self.url)
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 80
         self.host_header = parts.netloc
+        #: Every process's port, the first's first (one: just :attr:`port`).
+        self.ports = [s.port for s in self.servers] if self.servers else [self.port]
 
     def cpu(self) -> float | None:
-        return None if self.server is None else self.server.cpu()
+        return sum(self.cpu_each()) if self.servers else None
+
+    def cpu_each(self) -> list[float]:
+        """Each server process's CPU seconds so far (empty: not ours)."""
+        return [s.cpu() for s in self.servers]
 
     def rss(self) -> int | None:
-        return None if self.server is None else self.server.rss()
+        return sum(s.rss() for s in self.servers) if self.servers else None
+
+    def redis_cpu(self) -> float | None:
+        return redis_cpu(self.redis_pids)
+
+    def redis_rss(self) -> int | None:
+        return redis_rss_kb(self.redis_pids)
 
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = http_json(self.url + "/api/stats")
         return result
 
+    def open_count(self, transport: str) -> int:
+        """Open connections of ``transport``, summed over the processes."""
+        urls = [s.url for s in self.servers] if len(self.servers) > 1 else [self.url]
+        return sum(int(http_json(u + "/api/stats")["transports"][transport]["open"]) for u in urls)
+
     def set_ticker(self, rate: float) -> None:
+        # The first process alone: on a shared bus every process's ticker feeds one channel.
         http_json(self.url + "/api/config", "PATCH", {"ticker_rate": rate})
 
     def wait_open(self, transport: str, count: int, timeout: float) -> int:
@@ -133,7 +190,7 @@ class Target:
         deadline = time.monotonic() + timeout
         seen = 0
         while time.monotonic() < deadline:
-            seen = int(self.stats()["transports"][transport]["open"])
+            seen = self.open_count(transport)
             if seen >= count:
                 break
             time.sleep(0.05)
@@ -153,17 +210,46 @@ BENCH_SERVER: Final[dict[str, Any]] = {
 
 
 @contextmanager
-def target(config: BenchConfig, options: dict[str, Any]) -> Iterator[Target]:
-    """A fresh server with ``options`` (or ``config.url``) for one run."""
+def target(
+    config: BenchConfig,
+    options: dict[str, Any],
+    bus: str = "memory",
+    buses: BusBackends | None = None,
+    tag: str = "bench",
+) -> Iterator[Target]:
+    """A fresh server with ``options`` (or ``config.url``) for one run.
+
+    ``bus`` other than ``memory``: :meth:`BenchConfig.processes_on` processes on the bus
+    ``buses`` starts (emptied first; keys under the prefix ``tag``), the ticker on the first.
+
+    Raises:
+        BenchError: a Redis bus without ``buses``, or its servers could not start.
+    """
     if config.url is not None:
         yield Target(None, config.url)
         return
     config.out.mkdir(parents=True, exist_ok=True)
-    server = ServerProcess(
-        {**BENCH_SERVER, **options, **config.server_options}, config.out / "server.log"
-    )
-    server.start()
+    settings = {**BENCH_SERVER, **options, **config.server_options}
+    pids: list[int] = []
+    if bus != "memory":
+        if buses is None:
+            raise BenchError(f"--bus {bus} needs the bench's Redis servers")
+        try:
+            settings["bus"] = buses.url(bus, prefix=tag)
+        except BusStartError as exc:
+            raise BenchError(str(exc)) from exc
+        pids = buses.pids(bus)
+    log = config.out / "server.log"
+    servers = [ServerProcess(settings, log)]
+    # Each process's ticker would publish the same channel: the others' is off.
+    servers += [
+        ServerProcess({**settings, "ticker_rate": 0.0}, log)
+        for _ in range(config.processes_on(bus) - 1)
+    ]
     try:
-        yield Target(server, server.url)
+        for server in servers:
+            server.start()
+        yield Target(servers[0], servers[0].url, others=servers[1:], redis_pids=pids)
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
