@@ -269,6 +269,10 @@ class MemoryBroker(Broker):
             self._idle.pop(channel, None)
             self._ending[channel] = self._clock() + self.ttl
             self._arm()
+            # A finished channel's history is kept for resumes, rarely read again: keeping every
+            # event's transport frames with it doubled a finished chat's memory.
+            for kept in chan.events:
+                kept.shed()
         return event
 
     async def declare(self, channel: str, epoch: str | None = None) -> None:

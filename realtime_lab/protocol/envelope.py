@@ -119,6 +119,19 @@ class Event:
             encoded = self.cache["json"] = text.encode()
         return encoded
 
+    def shed(self) -> None:
+        """Drop the transports' cached encodings, keep the JSON (history's size is counted in it).
+
+        For events that are history more than traffic, such as a finished chat's: its frames were
+        written once, and a late resume encodes them again.
+        """
+        cache = self.cache
+        if len(cache) > 1 or (cache and "json" not in cache):
+            encoded = cache.get("json")
+            cache.clear()
+            if encoded is not None:
+                cache["json"] = encoded
+
     def to_dict(self) -> dict[str, Any]:
         """The envelope as a plain dict (``seq`` and the cache are not part of it)."""
         return {

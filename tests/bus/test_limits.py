@@ -473,3 +473,17 @@ async def test_the_bus_is_the_ticket_store_of_auth(make_bus: MakeBus) -> None:
     with pytest.raises(Unauthenticated) as raised:
         await tickets.redeem(ticket, "news")
     assert raised.value.code == "ticket-used"
+
+
+async def test_memory_a_finished_channel_keeps_its_json_not_its_frames(
+    clocked: tuple[Bus, MemoryBroker, FakeClock],
+) -> None:
+    bus, _, _ = clocked
+    token = await bus.publish("c", "token", {"text": "a"})
+    token.cache["sse"] = b"written once"  # what a transport leaves on it
+    assert "sse" in token.cache
+    await bus.publish("c", "end", {})
+    kept, end = (await bus.replay("c", None)).events
+    assert kept is token
+    assert token.cache == {"json": token.json}
+    assert end.cache.keys() <= {"json"}

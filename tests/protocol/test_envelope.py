@@ -39,3 +39,18 @@ def test_json_refuses_what_json_cannot_carry() -> None:
 def test_an_id_the_bus_did_not_make_is_escaped_as_json_escapes_it(event_id: str) -> None:
     event = Event("c", event_id, "token", {}, 1.5, 1)
     assert event.json == dumps(event.to_dict())
+
+
+def test_shed_keeps_the_json_and_drops_the_transport_frames() -> None:
+    event = Event("c", "a-1", "token", {"text": "x"}, 1.5, 1)
+    encoded = event.json
+    event.cache["sse"] = b"frame"
+    event.cache["ws"] = b"frame"
+    event.shed()
+    assert event.cache == {"json": encoded}
+    event.shed()  # nothing left to drop
+    assert event.cache == {"json": encoded}
+    bare = Event("c", "a-2", "token", {}, 1.5, 2)
+    bare.cache["sse"] = b"frame"
+    bare.shed()
+    assert bare.cache == {}
