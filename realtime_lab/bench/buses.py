@@ -191,10 +191,11 @@ def _ratio(value: float | None, base: float | None) -> str:
     return "—" if value is None or not base else f"{value / base:.2f}x"
 
 
-def markdown(points: list[dict[str, Any]], unit: str = "tokens") -> str:
+def markdown(points: list[dict[str, Any]], unit: str = "tokens", one: str = "token") -> str:
     """The bus section of the report: each point against ``memory`` at the same load.
 
-    ``points``: the sweep's or the publisher's, each with ``bus``, ``transport``, ``clients``,
+    ``unit`` / ``one``: what a delivery is, plural and singular. ``points``: the sweep's or the
+    publisher's, each with ``bus``, ``transport``, ``clients``,
     ``rate`` and the summary of :data:`SUMMARY_KEYS`. Empty when every point is on ``memory``.
     """
     from realtime_lab.bench.report import fmt
@@ -215,7 +216,7 @@ def markdown(points: list[dict[str, Any]], unit: str = "tokens") -> str:
         "% offered",
         "p50 ms",
         "p99 ms",
-        f"server CPU µs/{unit[:-1]}",
+        f"server CPU µs/{one}",
         "server CPU % each",
         "Redis CPU %",
         "Redis CPU µs/event",
@@ -232,7 +233,7 @@ def markdown(points: list[dict[str, Any]], unit: str = "tokens") -> str:
         "redis-server; a Redis Cluster of three primaries), the load spread over them: a "
         "connection reads from process i mod N and a chat is started on the next process, so "
         "its tokens cross Redis. Server CPU: summed over the processes (µs per delivered "
-        f"{unit[:-1]}); each: per process, % of one core. Redis CPU: utime + stime of every "
+        f"{one}); each: per process, % of one core. Redis CPU: utime + stime of every "
         "redis-server over the window, summed over the nodes; per event: over the events it "
         "carried (a chat's token once per chat, a broadcast's event once, whatever the "
         "subscribers). RSS: the server processes' summed; Redis: the nodes'. vs memory: this "

@@ -72,6 +72,17 @@ def _modes(text: str) -> list[str]:
     return modes
 
 
+def _vias(text: str) -> list[str]:
+    from realtime_lab.bench.proxy import VIAS
+
+    vias = [part.strip() for part in text.split(",") if part.strip()]
+    if not vias or set(vias) - set(VIAS):
+        raise argparse.ArgumentTypeError(
+            f"--via takes a comma-separated subset of {','.join(VIAS)}"
+        )
+    return list(dict.fromkeys(vias))
+
+
 def _buses(text: str) -> list[str]:
     from realtime_lab.bench.buses import BUS_KINDS
 
@@ -143,6 +154,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=["off"],
         help="the server's --compression per point: off, message, connection; a list sweeps "
         "(the clients then ask for compression as a browser does); default off",
+    )
+    p.add_argument(
+        "--via",
+        type=_vias,
+        default=["direct"],
+        help="how the load clients reach the server per point: direct, or through nginx "
+        "(deploy/nginx-h2.conf, TLS, started by the bench) over h1 (HTTP/1.1) or h2 (HTTP/2 "
+        "streams multiplexed on shared connections; ws stays HTTP/1.1); a list sweeps, and the "
+        "report compares bytes per token, nginx's $bytes_sent among them; default direct",
     )
     p.add_argument(
         "--bus",
@@ -328,6 +348,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         rates=list(get("rate")),
         poll_intervals=list(get("poll_interval")),
         compression=list(args.compression),
+        via=list(args.via),
         buses=list(args.bus),
         processes=args.processes,
         cluster_replicas=args.cluster_replicas,
@@ -404,15 +425,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _sections(results: dict[str, Any], out: Path) -> str:
-    """The publisher and scale sections (also written to ``sections.md`` beside results.md)."""
+    """The bus, publisher and scale sections (also written to ``sections.md`` beside
+    results.md)."""
     from realtime_lab.bench import buses, publisher, scale
 
     parts = []
-    unit = "tokens" if results["config"]["workload"] == "chats" else "deliveries"
-    parts.append(buses.markdown(results["points"], unit))
+    chats = results["config"]["workload"] == "chats"
+    unit = ("tokens", "token") if chats else ("deliveries", "delivery")
+    parts.append(buses.markdown(results["points"], *unit))
     if results.get("publisher"):
         parts.append(publisher.markdown(results["publisher"]))
-        parts.append(buses.markdown(results["publisher"], "deliveries"))
+        parts.append(buses.markdown(results["publisher"], "deliveries", "delivery"))
     if results.get("scale"):
         parts.append(scale.markdown(results["scale"]))
     text = "\n".join(part for part in parts if part)
