@@ -55,6 +55,17 @@ class HubCollector(Collector):
         yield GaugeMetricFamily(
             "realtime_lab_chats_running", "chats generating now", value=self._app[CHATS_KEY].running
         )
+        chats = self._app[CHATS_KEY]
+        failed = CounterMetricFamily(
+            "realtime_lab_chats_failed",
+            "chats this process ended with reason error, by cause: outage (the bus backend "
+            "stayed away longer than the outage window), orphan (a chat of a process whose lease "
+            "passed, ended by this process's lease watcher)",
+            labels=["cause"],
+        )
+        failed.add_metric(["outage"], chats.outage_ended)
+        failed.add_metric(["orphan"], chats.sharing.orphans_ended if chats.sharing else 0)
+        yield failed
         outcomes = CounterMetricFamily(
             "realtime_lab_stream_outcomes",
             "streams (SSE, WebSocket, fetch, long-poll waits) ended, by transport and how",

@@ -33,11 +33,21 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
 from realtime_lab.bus import Bus
-from realtime_lab.errors import LimitReached, TooManyChats, UnknownChat, UpstreamError
+from realtime_lab.bus.base import now_ms
+from realtime_lab.bus.chatstore import LEASE_TTL_S
+from realtime_lab.errors import (
+    BusUnavailable,
+    LimitReached,
+    RealtimeLabError,
+    TooManyChats,
+    UnknownChat,
+    UpstreamError,
+)
 from realtime_lab.feed.llm import paced_plan
 from realtime_lab.feed.pacer import PacedJob, Pacer
 from realtime_lab.protocol.channels import CHAT_PREFIX as CHAT_PREFIX  # re-exported
-from realtime_lab.protocol.envelope import END, ERROR, TOKEN
+from realtime_lab.protocol.cursor import format_id
+from realtime_lab.protocol.envelope import END, ERROR, TOKEN, Event
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +57,15 @@ Status = Literal["running", "done", "cancelled", "error"]
 DEFAULT_MAX_RUNNING_PER_OWNER: Final = 20
 #: ``retry_after`` of a :class:`TooManyChats`: chats are short, a slot frees up soon.
 RETRY_AFTER_S: Final = 1.0
+#: How long a chat waits for an unreachable bus backend before it ends with ``error``
+#: (``ChatRegistry(outage_s=)``): the lease, after which other processes end it anyway.
+OUTAGE_S: Final = LEASE_TTL_S
+#: Pauses between a waiting chat's tries: the first, and the longest.
+OUTAGE_RETRY_S: Final = (0.05, 0.5)
+
+
+class _Outage(RealtimeLabError):
+    """The bus backend stayed away longer than the outage window: the chat ends with error."""
 
 
 @dataclass(slots=True)
@@ -78,6 +97,8 @@ class Chat:
     shared: asyncio.Future[None] | None = field(default=None, repr=False)
     #: Another process ended it (this one's lease had passed): no second ``end``.
     ended_elsewhere: bool = field(default=False, repr=False)
+    #: Waiting for the bus backend to come back (an outage): its next event is not stored yet.
+    stalled: bool = field(default=False, repr=False)
 
     @property
     def channel(self) -> str:
@@ -149,6 +170,9 @@ class SimulatedSource:
 class Sharing(Protocol):
     """What the registry asks of :class:`realtime_lab.feed.shared.ChatSharing`."""
 
+    #: Chats of dead processes this process's lease watcher ended (``end`` reason ``error``).
+    orphans_ended: int
+
     async def share(self, chat: Chat) -> None:
         """Put the chat's record where every process finds it."""
         ...
@@ -169,6 +193,10 @@ class Sharing(Protocol):
         """Tell the process generating ``chat`` that a stream of it opened (or ended)."""
         ...
 
+    def end_later(self, chat: Chat) -> None:
+        """Store the ``end`` (reason ``error``) of a chat an outage ended, once the bus is back."""
+        ...
+
     async def stop(self) -> None:
         """Stop listening and renewing."""
         ...
@@ -186,6 +214,11 @@ class ChatRegistry:
     Refusals are counted in :attr:`limits` by code. ``clock`` (monotonic seconds) times the
     forgetting; tests inject one. ``source`` generates the answers (default: a
     :class:`SimulatedSource`); the registry closes it in :meth:`close`.
+
+    A chat whose event the bus backend cannot store (``BusUnavailable``: Redis is away) pauses:
+    its source is not read further and the one event is tried again, for at most ``outage_s``
+    seconds. Back in time, the chat goes on where it stood; not, it ends with reason ``error``
+    (see :meth:`_ride_out`), counted in :attr:`outage_ended`.
     """
 
     def __init__(
@@ -197,6 +230,7 @@ class ChatRegistry:
         max_running_per_owner: int | None = DEFAULT_MAX_RUNNING_PER_OWNER,
         clock: Callable[[], float] = time.monotonic,
         source: TokenSource | None = None,
+        outage_s: float = OUTAGE_S,
     ) -> None:
         self._bus = bus
         self._source: TokenSource = SimulatedSource() if source is None else source
@@ -210,6 +244,10 @@ class ChatRegistry:
         self._finished: deque[tuple[float, str]] = deque()  # (finish time, id), oldest first
         self._enders: set[asyncio.Task[None]] = set()
         self._pacer: Pacer | None = None
+        #: Longest wait for the bus backend before a chat ends with ``error`` (seconds).
+        self.outage_s = outage_s
+        #: Chats ended with ``error`` because the bus backend stayed away too long.
+        self.outage_ended = 0
         #: Refusals so far by code (``too-many-chats``, ``too-many-chats-per-owner``).
         self.limits: Counter[str] = Counter({"too-many-chats": 0, "too-many-chats-per-owner": 0})
         #: This process's id among those sharing the bus (what a chat's ``process`` names).
@@ -441,6 +479,7 @@ class ChatRegistry:
 
     async def _generate(self, chat: Chat) -> None:
         reason: Status = "done"
+        storable = True
         try:
             if self.sharing is not None:
                 await self.sharing.share(chat)
@@ -452,7 +491,18 @@ class ChatRegistry:
                 async for text in tokens:
                     index = len(chat.parts)
                     chat.parts.append(text)
-                    await self._bus.publish(chat.channel, TOKEN, {"text": text, "index": index})
+                    data = {"text": text, "index": index}
+                    try:
+                        await self._bus.publish(chat.channel, TOKEN, data)
+                    except BusUnavailable:
+                        # The source waits meanwhile: one unstored token at most.
+                        await self._ride_out(chat, TOKEN, data, index + 1)
+                        if chat.ended_elsewhere:
+                            reason = "error"
+                            break
+        except _Outage:
+            chat.parts.pop()  # never stored: the text is what every reader has
+            reason, storable = "error", False
         except asyncio.CancelledError:
             # Ended elsewhere: another process found this one's lease passed and ended it.
             reason = "error" if chat.ended_elsewhere else "cancelled"
@@ -471,7 +521,7 @@ class ChatRegistry:
         except Exception:
             log.exception("chat %s failed", chat.id)
             reason = "error"
-        await self._finish(chat, reason)
+        await self._finish(chat, reason, storable=storable)
 
     def _settle(self, chat: Chat, reason: Status) -> None:
         """Mark the chat finished and free its running slot (once)."""
@@ -486,9 +536,9 @@ class ChatRegistry:
                 del self._running_by_owner[chat.owner]
         self._finished.append((self._clock(), chat.id))
 
-    async def _finish(self, chat: Chat, reason: Status) -> None:
+    async def _finish(self, chat: Chat, reason: Status, *, storable: bool = True) -> None:
         self._settle(chat, reason)
-        await self._publish_end(chat)
+        await self._publish_end(chat, storable=storable)
 
     async def _publish_error(self, chat: Chat, exc: UpstreamError) -> None:
         data: dict[str, Any] = {"code": exc.code, "message": str(exc)}
@@ -503,22 +553,110 @@ class ChatRegistry:
         except Exception:
             log.exception("could not publish the error of chat %s", chat.id)
 
-    async def _publish_end(self, chat: Chat) -> None:
+    async def _publish_end(self, chat: Chat, *, storable: bool = True) -> None:
+        """Publish the chat's ``end`` (``storable``: false when an outage ended it, then its
+        ``end`` goes to this process's readers only, the bus takes it later)."""
+        stored = not chat.ended_elsewhere
         try:
-            if not chat.ended_elsewhere:
-                await self._bus.publish(
-                    chat.channel, END, {"reason": chat.status, "tokens": len(chat.parts)}
-                )
+            if stored and not storable:
+                raise _Outage
+            if stored:
+                data = {"reason": chat.status, "tokens": len(chat.parts)}
+                try:
+                    await self._bus.publish(chat.channel, END, data)
+                except BusUnavailable:
+                    await self._ride_out(chat, END, data, len(chat.parts) + 1)
+                    if chat.ended_elsewhere:
+                        stored = False
+                        chat.status = "error"  # what the end another process stored says
+        except _Outage:
+            stored = False
+            self._end_here(chat)
         except LimitReached as exc:
             log.warning("could not publish the end of chat %s: %s", chat.id, exc)
         except Exception:
             log.exception("could not publish the end of chat %s", chat.id)
         finally:
             try:
-                if self.sharing is not None and not chat.ended_elsewhere:
+                if self.sharing is not None and stored:
                     await self.sharing.share(chat)
             finally:
                 self._mark_done(chat)
+
+    async def _ride_out(self, chat: Chat, kind: str, data: dict[str, Any], seq: int) -> None:
+        """Store event ``seq`` of ``chat``, whose publish found the bus backend away: try again
+        until it is stored, for at most :attr:`outage_s` seconds (only this chat waits; its
+        source is not read meanwhile).
+
+        The failed try may have been stored after all (its answer lost): the channel's last
+        seq says so, and the event is not published twice. The channel ended meanwhile (this
+        process's lease passed and another process ended the chat as an orphan): it returns
+        with :attr:`Chat.ended_elsewhere` set, the caller stops the chat without an ``end`` of
+        its own. The channel gone (Redis came back empty): nothing of the chat is left to
+        continue, the chat ends as after a long outage.
+
+        Raises:
+            _Outage: not stored in time; the chat ends with ``error``.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.outage_s
+        pause, longest = OUTAGE_RETRY_S
+        log.warning(
+            "chat %s waits for the bus (at most %.1f s): cannot store its event %d",
+            chat.id,
+            self.outage_s,
+            seq,
+        )
+        chat.stalled = True
+        try:
+            while (left := deadline - loop.time()) > 0:
+                await asyncio.sleep(min(pause, left))
+                pause = min(pause * 2, longest)
+                try:
+                    async with asyncio.timeout(max(deadline - loop.time(), 0.001)):
+                        info = await self._bus.info(chat.channel)
+                        if info is None or info.epoch != chat.id:
+                            break  # the channel is gone, or a new life: the chat is lost
+                        if info.finished:
+                            log.warning("chat %s was ended by another process", chat.id)
+                            chat.ended_elsewhere = True
+                            return
+                        if info.last_seq < seq:
+                            await self._bus.publish(chat.channel, kind, data)
+                except (BusUnavailable, TimeoutError):
+                    continue
+                log.warning("chat %s goes on: the bus stored its event %d", chat.id, seq)
+                return
+        finally:
+            chat.stalled = False
+        raise _Outage
+
+    def _end_here(self, chat: Chat) -> None:
+        """End a chat the bus cannot store events of (an outage): its status becomes ``error``;
+        this process's readers get its ``end`` from the hub at once, the other processes' once
+        the bus is back (:meth:`Sharing.end_later`, or their lease watcher)."""
+        chat.status = "error"
+        self.outage_ended += 1
+        tokens = len(chat.parts)
+        seq = tokens + 1
+        log.warning(
+            "chat %s ended with error: the bus was away more than %.1f s", chat.id, self.outage_s
+        )
+        end = Event(
+            chat.channel,
+            format_id(chat.id, seq),
+            END,
+            {"reason": "error", "tokens": tokens},
+            now_ms(),
+            seq,
+        )
+        try:
+            # What the live feed would have done with the stored end: this process's sinks.
+            self._bus.on_event(chat.channel, end)
+        except Exception:
+            log.exception("could not end the local streams of chat %s", chat.id)
+        if self.sharing is not None:
+            self.sharing.end_later(chat)
 
     def _task_done(self, chat: Chat) -> None:
         # A task cancelled before its first step never runs _generate: settle it here, or its

@@ -69,6 +69,8 @@ class ChatSharing:
         self._control: Subscription | None = None
         #: Chats of dead processes this process ended (``end`` reason ``error``).
         self.orphans_ended = 0
+        #: This process's chats an outage ended whose ``end`` the bus has not stored yet.
+        self._unstored: dict[str, Chat] = {}
 
     @classmethod
     async def open(cls, registry: ChatRegistry, bus: Bus, ttl: float) -> ChatSharing | None:
@@ -188,6 +190,23 @@ class ChatSharing:
             data = {"chat": chat.id, "open": opened, "clean": cleanly}
             await self._bus.publish(CONTROL_PREFIX + chat.process, STREAM, data)
 
+    def end_later(self, chat: Chat) -> None:
+        """Store the ``end`` (reason ``error``) of ``chat``, which an outage ended here, at the
+        first renewal that reaches the bus again: the other processes' readers get it then.
+
+        Unless the chat was ended meanwhile: by another process's lease watcher, if this
+        process's lease passed first (the same ``end``), or never, if Redis came back empty.
+        """
+        self._unstored[chat.id] = chat
+
+    async def _store_ends(self) -> None:
+        for chat_id in list(self._unstored):
+            ended = await self.store.end_orphan(chat_id, self.process)
+            await self.store.forget(self.process, [chat_id])
+            del self._unstored[chat_id]
+            if ended:
+                log.warning("stored the end of chat %s, which an outage ended", chat_id)
+
     async def _snapshot(self, chat_id: str) -> tuple[Chat, str | None]:
         record = await self.store.get(chat_id)
         if record is None:
@@ -252,6 +271,8 @@ class ChatSharing:
             await asyncio.sleep(LEASE_RENEW_S)
             try:
                 renewal = await self.store.renew(self.process, LEASE_TTL_S)
+                if self._unstored:
+                    await self._store_ends()
                 if renewal.lapsed:
                     await self._check_own()
                 for dead in renewal.dead:
