@@ -236,6 +236,23 @@ class NginxProxy:
         path = self.prefix / "error.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
+    def settle(self, quiet: float = 0.3, timeout: float = 5.0) -> None:
+        """Wait until the access log has not grown for ``quiet`` s (at most ``timeout`` s).
+
+        nginx logs a request once it notices its client went away, a moment after the client
+        closed; a fast shutdown (:meth:`stop`) logs none of those still open.
+        """
+        path = self.prefix / "access.log"
+        deadline = time.monotonic() + timeout
+        size, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            now_size = path.stat().st_size if path.exists() else 0
+            if now_size != size:
+                size, since = now_size, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return
+            time.sleep(0.05)  # polling a file nginx appends to, with a deadline
+
     def rotate(self) -> None:
         """Start the access log afresh (between two runs on the same nginx)."""
         path = self.prefix / "access.log"
@@ -407,7 +424,8 @@ def front(out: Path, upstream_port: int, via: str, clients: int) -> Iterator[Fro
     try:
         yield seen
     finally:
-        nginx.stop()  # a fast shutdown: requests still open are logged as it closes them
+        nginx.settle()  # the requests whose clients just closed, logged
+        nginx.stop()
         seen.log = nginx.access_log()
 
 

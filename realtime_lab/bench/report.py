@@ -155,6 +155,7 @@ def markdown(results: dict[str, Any]) -> str:
                 lines.append(_row(cells))
             lines.append("")
         lines += _load_table(points, ranges)
+    lines += _via_table(points, ranges)
     scenario = results.get("slow_subscriber")
     if scenario:
         lines += _slow_table(scenario)
@@ -317,6 +318,63 @@ def _load_table(points: list[dict[str, Any]], ranges: bool) -> list[str]:
                 ]
             )
         )
+    lines.append("")
+    return lines
+
+
+#: The via table's columns: (via, measure key, header).
+VIA_COLUMNS = (
+    ("direct", "bytes_down_per_token", "direct: client received"),
+    ("h1", "bytes_down_per_token", "HTTP/1.1: client received"),
+    ("h1", "nginx_bytes_per_token", "HTTP/1.1: nginx sent"),
+    ("h2", "bytes_down_per_token", "HTTP/2: client received"),
+    ("h2", "nginx_bytes_per_token", "HTTP/2: nginx sent"),
+    ("h1", "nginx_head_bytes_per_request", "head/request HTTP/1.1"),
+    ("h2", "nginx_head_bytes_per_request", "head/request HTTP/2"),
+    ("h1", "nginx_requests_per_token", "req/token HTTP/1.1"),
+    ("h2", "nginx_requests_per_token", "req/token HTTP/2"),
+    ("h1", "nginx_cpu_us_per_token", "nginx µs/token HTTP/1.1"),
+    ("h2", "nginx_cpu_us_per_token", "nginx µs/token HTTP/2"),
+)
+
+
+def _via_table(points: list[dict[str, Any]], ranges: bool) -> list[str]:
+    """``--via``: bytes per token of each point direct, and through nginx over HTTP/1.1 and
+    HTTP/2, side by side (the same transport, clients, rate and interval)."""
+    if all(p.get("via", "direct") == "direct" for p in points):
+        return []
+    groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
+    for p in points:
+        same = (p["transport"], p["clients"], p["rate"], p["poll_interval"], p.get("bus"))
+        groups.setdefault(same, {})[p.get("via", "direct")] = p
+    vias = {via for group in groups.values() for via in group}
+    columns = [c for c in VIA_COLUMNS if c[0] in vias]
+    header = ["transport", "clients", "rate"] + [h for _, _, h in columns]
+    lines = [
+        "## Through nginx: bytes per token",
+        "",
+        "The same points with the load clients straight on the server (direct) and through "
+        "nginx with TLS (`--via`, `deploy/nginx-h2.conf`): over HTTP/1.1 (its HTTP/1.1-only "
+        "port), and over HTTP/2 (streams of up to five clients multiplexed on one connection, "
+        "as a browser tab's; WebSocket stays HTTP/1.1 through nginx, which does not do RFC "
+        "8441). Client received: the HTTP bytes the load clients read in the window per token "
+        "(HTTP/2: every frame, its 9-byte header, HPACK-coded HEADERS, SETTINGS, WINDOW_UPDATE "
+        "and PING included; TLS records not). nginx sent: `$bytes_sent` of the point's "
+        "requests in nginx's access log (HTTP/2: the stream's HEADERS and DATA frames), over "
+        "the tokens those requests' clients received in their whole lives. Head/request: "
+        "(`$bytes_sent` - `$body_bytes_sent`) per request, the headers and framing. nginx "
+        "µs/token: nginx's CPU time in the window per token.",
+        "",
+        _row(header),
+        _row(["---"] * len(header)),
+    ]
+    for (_, clients, rate, _, _), group in groups.items():
+        label = next(iter(group.values()))["label"].split(" via ")[0]
+        cells = [label, str(clients), f"{rate:g}"]
+        for via, key, _ in columns:
+            point = group.get(via)
+            cells.append("n/a" if point is None else cell(point["summary"].get(key), "num", ranges))
+        lines.append(_row(cells))
     lines.append("")
     return lines
 

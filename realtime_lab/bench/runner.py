@@ -36,7 +36,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any, Final
 
 from realtime_lab.bench import buses as bus_measures
-from realtime_lab.bench import native
+from realtime_lab.bench import native, proxy
 from realtime_lab.bench.buses import BusBackends
 from realtime_lab.bench.loadgen import (
     CHANNEL_TRANSPORTS,
@@ -71,7 +71,12 @@ STALL_END_WAIT: Final = 20.0  # longest wait, after the phase, for the stalled c
 class WorkerPool:
     """The load worker processes and their command pipes."""
 
-    def __init__(self, count: int, native: str | None = None) -> None:
+    def __init__(
+        self,
+        count: int,
+        native: str | None = None,
+        main: Callable[[Connection, int], None] = worker_main,
+    ) -> None:
         #: The native load client's binary, which the workers run for SSE and WebSocket points
         #: (``None``: they use their asyncio clients for every transport).
         self.native = native
@@ -83,7 +88,7 @@ class WorkerPool:
         for index in range(count):
             parent, child = context.Pipe()
             proc = context.Process(
-                target=worker_main, args=(child, index), name=f"bench-worker-{index}", daemon=True
+                target=main, args=(child, index), name=f"bench-worker-{index}", daemon=True
             )
             proc.start()
             child.close()
@@ -243,7 +248,8 @@ def run_point(
         if transport == "naive"
         else target(config, options, bus, buses, tag=tag)
     )
-    with opening as tgt:
+    via = point.get("via", "direct")
+    with opening as tgt, proxy.front(config.out, tgt.port, via, clients) as front:
         if tgt.server is None and not chats:
             tgt.set_ticker(0.0 if paused_start else rate)
         before = 0 if chats else tgt.open_count(transport)
@@ -279,6 +285,7 @@ def run_point(
                     "native": pool.native if options["compression"] == "off" else None,
                 }
             )
+        front.route(commands)  # through nginx (a --via point): its port, TLS, no C client
         opened = pool.ask(commands, timeout=REPLY_GRACE)
         open_clients = sum(r.get("clients", 0) for r in opened)
         rss_per_conn: float | None = None
@@ -297,17 +304,22 @@ def run_point(
             if command is not None:
                 conn.send(window)
         _sleep_until(start)
+        front.mark()
         each0, redis0, machine0 = tgt.cpu_each(), tgt.redis_cpu(), machine_cpu()
         _sleep_until(end)
+        front.mark()
         each1, redis1, machine1 = tgt.cpu_each(), tgt.redis_cpu(), machine_cpu()
         rss_end, redis_rss = tgt.rss(), tgt.redis_rss()
         cpu0 = sum(each0) if each0 else None
         cpu1 = sum(each1) if each1 else None
         results = pool.collect([None if c is None else window for c in commands], REPLY_GRACE)
-        pool.ask([None if c is None else {"op": "close"} for c in commands], timeout=REPLY_GRACE)
+        closed = pool.ask(
+            [None if c is None else {"op": "close"} for c in commands], timeout=REPLY_GRACE
+        )
     total = _merge(results)
     measures = _measures(config, point, total, cpu0, cpu1, rss_per_conn, open_clients, opened)
     measures["rss_mb"] = None if rss_end is None else rss_end / 1024
+    measures.update(front.measures(tag, closed, measures))  # nginx's log, once it has stopped
     # A chat's tokens reach its readers; a broadcast's events, every open client.
     fanout = (config.readers if transport in CHANNEL_TRANSPORTS else 1) if chats else open_clients
     redis_s = None if redis0 is None or redis1 is None else redis1 - redis0
@@ -603,6 +615,15 @@ def check(config: BenchConfig) -> None:
         raise BenchError("--processes is at least 1 and --cluster-replicas at least 0")
     if config.url is not None and config.buses != ["memory"]:
         raise BenchError("--bus starts the bench's own servers: not with --url")
+    why = proxy.check_vias(
+        config.via,
+        config.transports + ([config.baseline] if config.baseline else []),
+        url=config.url,
+        compression=config.compression,
+        processes=config.processes,
+    )
+    if why is not None:
+        raise BenchError(why)
     unknown_modes = [m for m in config.compression if m not in COMPRESSION_MODES]
     if unknown_modes or not config.compression:
         raise BenchError(f"--compression takes {', '.join(COMPRESSION_MODES)}, not {unknown_modes}")
@@ -627,6 +648,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     started = time.time()
     publishing = config.sweep and config.publisher == "http"
     points = config.points() if config.sweep and not publishing else []
+    points = proxy.via_points(points, config.via)  # each point direct and/or through nginx
     steps = len(points) * config.repeat + (1 if config.slow_subscriber else 0)
     if publishing:
         steps += len(config.transports) * len(config.rates) * len(config.clients) * config.repeat
@@ -643,7 +665,12 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     progress = _progress(steps, config.progress)
     results: list[dict[str, Any]] = []
     scenario: dict[str, Any] | None = None
-    pool = WorkerPool(workers, load_client["binary"])
+    main = worker_main
+    if any(p.get("via", "direct") != "direct" for p in points):
+        from realtime_lab.bench.h2client import proxy_worker_main  # needs h2: --via points only
+
+        main = proxy_worker_main
+    pool = WorkerPool(workers, load_client["binary"], main)
     buses = BusBackends(config.cluster_replicas)
     try:
         for number, point in enumerate(points):
@@ -663,6 +690,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
                 "machine_softirq_pct",
                 "tokens_per_chat",
                 "gap_p50_ms",
+                *proxy.SUMMARY_KEYS,
                 *bus_measures.SUMMARY_KEYS,
             ):
                 summary[extra] = spread(run.get(extra) for run in runs)

@@ -38,6 +38,9 @@ class BenchConfig:
     #: then ask for compression as a browser does (and are the Python ones: the C client reads
     #: plain streams only).
     compression: list[str] = field(default_factory=lambda: ["off"])
+    #: How the load clients reach the server per point: ``direct``, or through nginx with TLS
+    #: over ``h1`` (HTTP/1.1) or ``h2`` (HTTP/2), see :mod:`.proxy` and :mod:`.h2client`.
+    via: list[str] = field(default_factory=lambda: ["direct"])
     #: The bus per point (:mod:`.buses`): ``memory`` (one process), ``redis`` (one private
     #: redis-server), ``cluster`` (a private Redis Cluster of three primaries).
     buses: list[str] = field(default_factory=lambda: ["memory"])
