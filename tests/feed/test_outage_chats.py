@@ -10,6 +10,8 @@ are SSE streams on both processes, heartbeats on, kept open through the outage.
   same ``end`` once Redis is back for A, and both count it (``realtime_lab_chats_failed``).
 - Away longer than A's lease, window longer still: B's lease watcher ends the chat (``orphan``),
   and A, back, stops the chat without a second ``end``.
+- Redis killed and started again empty (no persistence): the chat's history is gone, A ends it
+  with ``error``, and no reader is left hanging.
 """
 
 from __future__ import annotations
@@ -47,6 +49,19 @@ async def proxy(redis_server: RedisServer) -> AsyncIterator[CuttableProxy]:
     await cut.close()
 
 
+_readers: list[asyncio.Task[None]] = []
+
+
+@pytest.fixture(autouse=True)
+async def _stop_readers() -> AsyncIterator[None]:
+    yield
+    for task in _readers:
+        task.cancel()
+    if _readers:
+        await asyncio.wait(_readers)
+    _readers.clear()
+
+
 @dataclass
 class Reader:
     """One SSE stream of a chat channel: its envelopes and heartbeat comments."""
@@ -82,6 +97,7 @@ async def _read(http: aiohttp.ClientSession, url: str, into: Reader) -> None:
 def read(http: aiohttp.ClientSession, server: RunningServer, channel: str) -> Reader:
     reader = Reader()
     reader.task = asyncio.create_task(_read(http, f"{server.url}/sse/{channel}", reader))
+    _readers.append(reader.task)
     return reader
 
 
@@ -232,3 +248,33 @@ async def test_an_outage_past_the_lease_has_the_chat_ended_once_by_another_proce
     assert [e.type for e in replay.events].count("end") == 1  # A published none of its own
     async with aiohttp.ClientSession() as http:
         assert (await failed(http, a))["outage"] == 0
+
+
+async def test_a_redis_that_comes_back_empty_ends_the_chat_with_error(
+    start_server: StartServer,
+) -> None:
+    with RedisServer() as redis:
+        a = await start_server(bus=redis.url(prefix="empty"), heartbeat=HEARTBEAT)
+        b = await start_server(bus=redis.url(prefix="empty"), heartbeat=HEARTBEAT)
+        async with aiohttp.ClientSession() as http:
+            chat = await start_chat(http, a, max_tokens=2000)
+            here, there = read(http, a, chat["channel"]), read(http, b, chat["channel"])
+            await until(lambda: here.tokens >= 5 and there.tokens >= 5)
+            generated = a.app[CHATS_KEY].get(chat["id"])
+
+            redis._kill()  # the process is gone, and with it every key
+            await until(lambda: generated.stalled)
+            await asyncio.to_thread(redis.restart)
+
+            await until(lambda: generated.status != "running")
+            assert generated.status == "error"
+            assert (await failed(http, a))["outage"] == 1
+            # Every stream of the chat is over: closed for its lost life (the hub, catching up,
+            # finds the channel gone), or an end with error (the generator's, if it came first).
+            assert here.task is not None
+            assert there.task is not None
+            await asyncio.wait_for(asyncio.gather(here.task, there.task), WAIT)
+        for reader in (here, there):
+            ends = [e for e in reader.events if e["type"] == "end"]
+            assert all(e["data"]["reason"] == "error" for e in ends)
+            assert reader.text == generated.text[: len(reader.text)]
