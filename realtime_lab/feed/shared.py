@@ -19,7 +19,10 @@ On a bus that several processes share (``redis://``, ``redis+cluster://``), each
   (:data:`~realtime_lab.bus.chatstore.LEASE_TTL_S`) plus one renewal.
 
 A process whose own lease passed (a stall longer than the lease, an outage) learns so at its next
-renewal and stops, without a second ``end``, the chats that others ended meanwhile.
+renewal and stops, without a second ``end``, the chats that others ended meanwhile. A chat that an
+outage ended here (its events could not be stored within the registry's ``outage_s``) had its
+``end`` delivered to this process's readers only: the first renewal that reaches the backend
+again stores it (:meth:`ChatSharing.end_later`), unless another process's watcher did first.
 """
 
 from __future__ import annotations
