@@ -636,7 +636,6 @@ class ProxyWorker(Worker):
             return best
         spec = self.spec
         link = H2Link(tally, spec["host_header"])
-        self.links.append(link)
         await asyncio.get_running_loop().create_connection(
             lambda: link,
             spec["host"],
@@ -644,6 +643,7 @@ class ProxyWorker(Worker):
             ssl=self._tls["h2"],
             server_hostname="localhost",
         )
+        self.links.append(link)  # closed with the others, even if its handshake failed
         await link.ready
         return link
 

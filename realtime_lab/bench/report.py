@@ -362,7 +362,9 @@ def _via_table(points: list[dict[str, Any]], ranges: bool) -> list[str]:
         "and PING included; TLS records not). nginx sent: `$bytes_sent` of the point's "
         "requests in nginx's access log (HTTP/2: the stream's HEADERS and DATA frames), over "
         "the tokens those requests' clients received in their whole lives. Head/request: "
-        "(`$bytes_sent` - `$body_bytes_sent`) per request, the headers and framing. nginx "
+        "(`$bytes_sent` - `$body_bytes_sent`) per request: the response's headers, and over "
+        "HTTP/2 each DATA frame's 9-byte header too (HTTP/1.1's chunk framing counts as body). "
+        "Req/token: the requests nginx logged per token. nginx "
         "µs/token: nginx's CPU time in the window per token.",
         "",
         _row(header),

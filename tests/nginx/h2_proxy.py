@@ -1,5 +1,9 @@
 """nginx with TLS and HTTP/2 in front of a test server, from ``deploy/nginx-h2.conf`` itself.
 
+The configuration, the certificate and the access-log format are the bench's
+(:mod:`realtime_lab.bench.proxy`, what ``realtime-lab bench --via h1,h2`` starts); this module
+starts nginx from a test's event loop.
+
 What ``make h2`` runs (``deploy/h2.sh``), with the ports changed: a self-signed certificate made
 with the ``openssl`` command in the test's directory, the configuration copied there with the
 upstream and both listen ports replaced, and nginx in the foreground as one process
@@ -13,8 +17,6 @@ import contextlib
 import grp
 import os
 import pwd
-import re
-import shutil
 import ssl
 import subprocess
 from dataclasses import dataclass
@@ -24,71 +26,24 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from realtime_lab.bench.proxy import (
+    ACCESS_LINE,
+    Sent,
+    make_certificate,
+    missing,
+    nginx_binary,
+)
+from realtime_lab.bench.proxy import DEPLOY_CONF as DEPLOY
+from realtime_lab.bench.proxy import build_config as _build_config
 from tests.conftest import free_port
-from tests.nginx.nginx_proxy import nginx_binary
 
-DEPLOY: Final = Path(__file__).resolve().parents[2] / "deploy" / "nginx-h2.conf"
-UPSTREAM: Final = re.compile(r"^(\s*server\s+)127\.0\.0\.1:8080;", re.MULTILINE)
-LISTEN_H2: Final = re.compile(r"^(\s*listen\s+)127\.0\.0\.1:8443( ssl http2;)", re.MULTILINE)
-LISTEN_H1: Final = re.compile(r"^(\s*listen\s+)127\.0\.0\.1:8444( ssl;)", re.MULTILINE)
-
-
-def missing() -> str | None:
-    """Why these tests cannot run here, or None."""
-    binary = nginx_binary()
-    if binary is None:
-        return "nginx is not installed (apt-get install nginx-light)"
-    if shutil.which("openssl") is None:
-        return "openssl is not installed (it makes the self-signed certificate)"
-    version = subprocess.run([binary, "-V"], capture_output=True, text=True, check=False)
-    if "--with-http_v2_module" not in version.stderr:
-        return f"{binary} has no HTTP/2 module"
-    return None
-
-
-def make_certificate(directory: Path) -> None:
-    """``cert.pem`` and ``key.pem`` for localhost and 127.0.0.1, as ``deploy/h2.sh`` makes them."""
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-            "-nodes", "-days", "2", "-subj", "/CN=localhost",
-            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout", str(directory / "key.pem"), "-out", str(directory / "cert.pem"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )  # fmt: skip
+__all__ = ["ACCESS_LINE", "DEPLOY", "H2Proxy", "Sent", "make_certificate", "missing"]
 
 
 def build_config(upstream_port: int, h2_port: int, h1_port: int) -> str:
-    """``deploy/nginx-h2.conf`` pointed at the test server, listening on the given ports."""
-    text = DEPLOY.read_text(encoding="utf-8")
-    for pattern, replacement in (
-        (UPSTREAM, rf"\g<1>127.0.0.1:{upstream_port};"),
-        (LISTEN_H2, rf"\g<1>127.0.0.1:{h2_port}\g<2>"),
-        (LISTEN_H1, rf"\g<1>127.0.0.1:{h1_port}\g<2>"),
-    ):
-        text, found = pattern.subn(replacement, text)
-        assert found == 1, f"{DEPLOY} must have one {pattern.pattern!r}"
-    return text
-
-
-#: One line of the ``realtime_lab`` access-log format of ``deploy/nginx-h2.conf``.
-ACCESS_LINE: Final = re.compile(
-    r'"(?P<method>\S+) (?P<uri>\S+) (?P<protocol>HTTP/[\d.]+)" (?P<status>\d+) '
-    r"(?P<bytes_sent>\d+) (?P<body_bytes_sent>\d+) (?P<request_length>\d+)"
-)
-
-
-@dataclass
-class Sent:
-    """What nginx sent the browser for the requests of one client tag."""
-
-    requests: int = 0
-    bytes: int = 0  # $bytes_sent: everything
-    body: int = 0  # $body_bytes_sent: the responses' bodies (the rest: headers and framing)
-    protocols: frozenset[str] = frozenset()
+    """``deploy/nginx-h2.conf`` pointed at the test server, listening on the given ports (the
+    bench's :func:`realtime_lab.bench.proxy.build_config`, which ``bench --via`` runs too)."""
+    return _build_config(upstream_port, h2_port, h1_port)
 
 
 #: The transports' paths: a stats call names a client tag too, but is not the client's stream.
