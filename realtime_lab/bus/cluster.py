@@ -70,6 +70,7 @@ from realtime_lab.bus.redis import (
     RedisBroker,
     _Sub,
 )
+from realtime_lab.bus.tasks import raise_if_cancelling
 from realtime_lab.errors import BusClosed, BusError, BusUnavailable
 
 log = logging.getLogger(__name__)
@@ -475,6 +476,7 @@ class RedisClusterBroker(RedisBroker):
                             shard.handshaking = False
                     response = await shard.pubsub.parse_response(block=True)
                     message = await shard.pubsub.handle_message(response)
+                    raise_if_cancelling()
                 except (RedisError, OSError) as exc:
                     # Logged once per outage, not once per reconnect attempt.
                     level = logging.WARNING if delay == RECONNECT_FIRST_S else logging.DEBUG

@@ -87,7 +87,7 @@ from realtime_lab.bus.broker import DEFAULT_HISTORY_BYTES, DEFAULT_MAX_CHANNELS,
 from realtime_lab.bus.chatstore import ChatStore
 from realtime_lab.bus.memory import new_epoch
 from realtime_lab.bus.redis_chats import RedisChatStore
-from realtime_lab.bus.tasks import Background
+from realtime_lab.bus.tasks import Background, raise_if_cancelling
 from realtime_lab.errors import (
     BusClosed,
     BusError,
@@ -631,9 +631,11 @@ class RedisBroker(Broker):
     async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """Run one of our scripts; Redis failures become :class:`BusUnavailable`."""
         try:
-            return await script(keys=keys, args=args)
+            result = await script(keys=keys, args=args)
         except (RedisError, OSError) as exc:
             raise self.unavailable(exc) from exc
+        raise_if_cancelling()
+        return result
 
     def unavailable(self, exc: BaseException) -> BusUnavailable:
         """The error for a Redis failure (remembered in :attr:`last_failure`)."""
@@ -769,6 +771,7 @@ class RedisBroker(Broker):
                     await pipe.execute()
             except (RedisError, OSError) as exc:
                 raise self.unavailable(exc) from exc
+            raise_if_cancelling()
 
     # Tickets -----------------------------------------------------------------------------------
     async def put_ticket(self, key: str, value: bytes, ttl_s: float) -> None:
@@ -780,6 +783,7 @@ class RedisBroker(Broker):
                 await client.set(self.ticket_key(key), value, px=max(1, math.ceil(ttl_s * 1000)))
         except (RedisError, OSError) as exc:
             raise self.unavailable(exc) from exc
+        raise_if_cancelling()
 
     async def take_ticket(self, key: str) -> bytes | None:
         client = self._check_open()
@@ -787,6 +791,7 @@ class RedisBroker(Broker):
             value = await client.getdel(self.ticket_key(key))
         except (RedisError, OSError) as exc:
             raise self.unavailable(exc) from exc
+        raise_if_cancelling()
         return value.encode() if isinstance(value, str) else value  # bytes: no decode_responses
 
     # Subscriptions -----------------------------------------------------------------------------
@@ -896,6 +901,7 @@ class RedisBroker(Broker):
                     finally:
                         self._handshaking = False
                 message = await pubsub.handle_message(await pubsub.parse_response(block=True))
+                raise_if_cancelling()
             except (RedisError, OSError) as exc:
                 # Logged once per outage, not once per reconnect attempt.
                 level = logging.WARNING if delay == 0.05 else logging.DEBUG

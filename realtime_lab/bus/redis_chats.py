@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 from realtime_lab.bus.base import now_ms
 from realtime_lab.bus.chatstore import DEAD_BATCH, Renewal
 from realtime_lab.bus.memory import new_epoch
+from realtime_lab.bus.tasks import raise_if_cancelling
 from realtime_lab.protocol.channels import chat_channel
 from realtime_lab.protocol.envelope import dumps
 
@@ -168,9 +169,11 @@ class RedisChatStore:
         """Await Redis commands together; a Redis failure becomes ``BusUnavailable``."""
         try:
             # gather: each call is awaited (or cancelled) even when another one fails.
-            return list(await asyncio.gather(*calls))
+            results = list(await asyncio.gather(*calls))
         except (RedisError, OSError) as exc:
             raise self._broker.unavailable(exc) from exc
+        raise_if_cancelling()
+        return results
 
     # ChatStore ---------------------------------------------------------------------------------
     async def put(

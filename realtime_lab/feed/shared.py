@@ -35,6 +35,7 @@ from typing import Final
 
 from realtime_lab.bus import Bus, Subscription
 from realtime_lab.bus.chatstore import LEASE_RENEW_S, LEASE_TTL_S, ChatStore
+from realtime_lab.bus.tasks import cancel_and_wait
 from realtime_lab.errors import BusClosed, BusError, SubscriberOverflow, UnknownChat
 from realtime_lab.feed.chats import Chat, ChatRegistry
 from realtime_lab.protocol.cursor import LIVE, parse_id
@@ -103,11 +104,7 @@ class ChatSharing:
 
     async def stop(self) -> None:
         """Stop listening and renewing (first step of the registry's close)."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        await cancel_and_wait(list(self._tasks))
         if self._control is not None:
             self._control.detach()
 

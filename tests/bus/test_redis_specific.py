@@ -521,3 +521,30 @@ async def test_a_channel_without_a_byte_count_is_counted_once(
     await raw.hdel(meta, "bytes")  # as a channel stored by an older version would be
     events.append(await bus.publish(channel, "token", {"i": 3}))
     assert await raw.hget(meta, "bytes") == str(sum(len(e.json) for e in events)).encode()
+
+
+@pytest.mark.redis
+async def test_a_task_cancelled_mid_command_ends(make_redis_bus: MakeRedisBus) -> None:
+    """redis-py can answer a command whose task was cancelled and drop the cancel; ours end."""
+    bus = await make_redis_bus()
+    broker = bus.broker
+    assert isinstance(broker, RedisBroker)
+    keys = [uuid.uuid4().hex * 2 for _ in range(3)]
+
+    async def polls_forever() -> None:
+        while True:  # as the lease and retain loops do; only a cancel ends it
+            await broker.take_ticket(keys[0])
+            await broker.put_ticket(keys[1], b"v", 30)
+            await broker.chat_store().get(keys[2])  # type: ignore[union-attr]
+
+    loop = asyncio.get_running_loop()
+    for attempt in range(60):
+        task = asyncio.create_task(polls_forever())
+        # Cancel at a different point of the commands each time (never at the first await).
+        due = loop.time() + 0.0005 * (attempt % 12 + 1)
+        while loop.time() < due:
+            await asyncio.sleep(0)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=5)
+        assert done, f"attempt {attempt}: the task ran on after its cancel"
+        assert task.cancelled()
