@@ -20,11 +20,11 @@ from realtime_lab.feed.ticker import TICKER_CHANNEL
 from realtime_lab.protocol.channels import CHAT_PREFIX
 from realtime_lab.protocol.envelope import CONTROL_TYPES, TOKEN
 from realtime_lab.transports.access import USER_PREFIX, identity_of, problem
-from realtime_lab.transports.chatstart import limit_problem, start_chat
+from realtime_lab.transports.chatstart import start_chat
 from realtime_lab.transports.keys import ACCESS_KEY, BUS_KEY, CHATS_KEY, HUB_KEY
 from realtime_lab.transports.params import json_body
 from realtime_lab.transports.preamble import CHANNEL_RE, channel_name, client_tag
-from realtime_lab.transports.problems import HTTPProblem, error_body, json_response
+from realtime_lab.transports.problems import HTTPProblem, error_body, json_response, limit_problem
 
 EVENT_TYPE_RE: Final = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
 

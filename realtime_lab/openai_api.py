@@ -56,10 +56,10 @@ from realtime_lab.feed.llm import answer_tokens
 from realtime_lab.openai_errors import OpenAIProblem, openai_error, openai_error_shape
 from realtime_lab.protocol.envelope import END, TOKEN, Event, dumps
 from realtime_lab.transports.access import Handler, identity_of
-from realtime_lab.transports.chatstart import MAX_PROMPT, limit_problem
+from realtime_lab.transports.chatstart import MAX_PROMPT
 from realtime_lab.transports.keys import BUS_KEY, CHATS_KEY, SETTINGS_KEY
 from realtime_lab.transports.params import field, json_body
-from realtime_lab.transports.problems import HTTPProblem, json_response
+from realtime_lab.transports.problems import HTTPProblem, json_response, limit_problem
 
 #: The one model ``/v1/models`` lists (and the ``model`` echoed when a request names none).
 MODEL_ID: Final = "realtime-lab-sim"

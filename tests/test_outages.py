@@ -209,3 +209,51 @@ async def test_lost_redis_answers_503_and_streams_carry_on(
             stream.close()
         finally:
             await other.close()
+
+
+async def test_new_requests_during_an_outage_get_a_clear_answer_on_every_transport(
+    start_server: StartServer, proxy: CuttableProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Polls, a chat channel's check and a new stream's attach all need Redis: 503, an SSE
+    ``error`` event or a WebSocket 1013, each logged once without a traceback; once Redis is
+    back the same requests are served."""
+    prefix = f"outnew{os.getpid()}x{id(proxy) % 100000}"
+    server = await start_server(bus=proxy.url(prefix=prefix), heartbeat=0.2)
+    async with aiohttp.ClientSession() as http:
+        proxy.cut()
+        for path in ("/poll/news", "/longpoll/news?timeout=1", "/sse/chat.feedfacefeedface"):
+            async with http.get(server.url + path) as answer:
+                assert answer.status == 503, path
+                assert (await answer.json())["error"]["code"] == "bus-unavailable", path
+        # A stream of a channel the process may serve at once: the 200 is sent before the
+        # attach needs Redis, so the stream says why it ends, then ends (once the subscription
+        # has gone unconfirmed for redis.SUBSCRIBE_TIMEOUT: both streams wait on the same one).
+
+        async def sse_body() -> str:
+            async with http.get(f"{server.url}/sse/news") as stream:
+                assert stream.status == 200
+                return (await stream.read()).decode()
+
+        async def ws_close() -> tuple[aiohttp.WSMessage, int | None]:
+            async with http.ws_connect(f"{server.url}/ws/news") as sock:
+                return await sock.receive(), sock.close_code
+
+        async with asyncio.timeout(30):
+            body, (message, close_code) = await asyncio.gather(sse_body(), ws_close())
+        assert "event: error" in body
+        assert '"code":"bus-unavailable"' in body
+        assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert close_code == 1013
+        assert "bus-unavailable" in (message.extra or "")
+        assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+        proxy.restore()
+
+        async def served() -> bool:
+            async with http.get(f"{server.url}/poll/news") as answer:
+                return answer.status == 200
+
+        async with asyncio.timeout(15):
+            while not await served():
+                await asyncio.sleep(0.05)  # polling the condition, with the deadline above

@@ -208,6 +208,15 @@ def _is_valid_close_code(code: int) -> bool:
     return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
+def close_reason(reason: str) -> bytes:
+    """``reason`` as a close frame carries it: UTF-8, cut to 123 bytes at a character boundary.
+
+    Raises:
+        WebSocketProtocolError: ``reason`` cannot be encoded (a lone surrogate).
+    """
+    return _reason_bytes(reason)
+
+
 def _reason_bytes(reason: str) -> bytes:
     try:
         raw = reason.encode()

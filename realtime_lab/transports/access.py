@@ -34,10 +34,10 @@ from realtime_lab.auth import (
     request_is_https,
 )
 from realtime_lab.config import Settings
-from realtime_lab.errors import AuthError, BusError, Unauthenticated
+from realtime_lab.errors import AuthError, BusError, LimitReached, Unauthenticated
 from realtime_lab.feed.chats import ChatRegistry
 from realtime_lab.protocol.channels import CHAT_PREFIX
-from realtime_lab.transports.problems import HTTPProblem
+from realtime_lab.transports.problems import HTTPProblem, bus_problem
 
 USER_PREFIX: Final = "user."
 IDENTITY_KEY: Final = web.RequestKey("identity", Identity)
@@ -223,7 +223,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def guarded(need: Need, access: Callable[[web.Request], Access]) -> Callable[[Handler], Handler]:
     """Wrap a JSON API handler so it runs only when ``need`` is met.
 
-    The identity (``None`` with auth off) is at ``request[IDENTITY_KEY]`` when it is not.
+    The identity (``None`` with auth off) is at ``request[IDENTITY_KEY]`` when it is not. A
+    bus failure or refusal the handler lets through is answered as :func:`bus_problem` says.
     """
 
     def wrap(handler: Handler) -> Handler:
@@ -231,7 +232,10 @@ def guarded(need: Need, access: Callable[[web.Request], Access]) -> Callable[[Ha
             identity = access(request).require(request, need)
             if identity is not None:
                 request[IDENTITY_KEY] = identity
-            return await handler(request)
+            try:
+                return await handler(request)
+            except (BusError, LimitReached) as exc:  # one the handler did not answer itself
+                raise bus_problem(exc) from None
 
         checked.__name__ = handler.__name__
         checked.__doc__ = handler.__doc__

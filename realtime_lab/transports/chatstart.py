@@ -11,17 +11,9 @@ from realtime_lab.feed.chats import Chat
 from realtime_lab.transports.access import identity_of
 from realtime_lab.transports.keys import BUS_KEY, CHATS_KEY, SETTINGS_KEY
 from realtime_lab.transports.params import field
-from realtime_lab.transports.problems import HTTPProblem
+from realtime_lab.transports.problems import HTTPProblem, limit_problem
 
 MAX_PROMPT: Final = 4000
-
-
-def limit_problem(exc: LimitReached) -> HTTPProblem:
-    """The HTTP answer to a bound that was reached (429 with ``Retry-After``, 413, 507)."""
-    headers = None
-    if exc.retry_after is not None:
-        headers = {"Retry-After": str(max(int(exc.retry_after + 0.999), 1))}
-    return HTTPProblem(exc.status, exc.code, str(exc), headers=headers)
 
 
 async def start_chat(request: web.Request, body: dict[str, Any]) -> Chat:

@@ -13,7 +13,7 @@ import asyncio
 from aiohttp import web
 
 from realtime_lab.bus import After, Replay
-from realtime_lab.errors import InvalidCursor
+from realtime_lab.errors import BusError, InvalidCursor, LimitReached
 from realtime_lab.protocol.cursor import Cursor, parse_id
 from realtime_lab.protocol.envelope import Event, dumps
 from realtime_lab.transports.accounting import Counters, Hub, LiveConnection, MeteredResponse
@@ -21,7 +21,7 @@ from realtime_lab.transports.compression import encode_body, mark_compressed
 from realtime_lab.transports.keys import BUS_KEY, CHAOS_KEY, HUB_KEY, SETTINGS_KEY
 from realtime_lab.transports.params import field
 from realtime_lab.transports.preamble import Opening, open_request
-from realtime_lab.transports.problems import HTTPProblem
+from realtime_lab.transports.problems import HTTPProblem, bus_problem
 
 
 def render(replay: Replay) -> bytes:
@@ -51,7 +51,10 @@ async def poll(request: web.Request) -> web.StreamResponse:
     """``GET /poll/{channel}?after=ID&limit=N``: whatever is new, at once."""
     opening, limit = await _begin(request, "poll")
     after, counters = opening.after, opening.counters
-    replay = await request.app[BUS_KEY].replay(opening.channel, after, limit)
+    try:
+        replay = await request.app[BUS_KEY].replay(opening.channel, after, limit)
+    except (BusError, LimitReached) as exc:
+        raise opening.refuse(request, bus_problem(exc)) from None
     if request.app[CHAOS_KEY].paused and replay.events:
         replay = _held(after)
     counters.events += len(replay.events)
@@ -191,5 +194,7 @@ async def longpoll(request: web.Request) -> web.StreamResponse:
             )
         counters.events += len(replay.events)
         return _answer(request, render(replay), "longpoll", client, counters, hub)
+    except (BusError, LimitReached) as exc:  # nothing answered yet: a 503 (or the cap's 507)
+        raise opening.refuse(request, bus_problem(exc)) from None
     finally:
         opening.release()

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from realtime_lab.auth import Identity
 from realtime_lab.bus import After
-from realtime_lab.errors import InvalidCursor
+from realtime_lab.errors import BusError, InvalidCursor, LimitReached
 from realtime_lab.feed.ticker import TICKER_CHANNEL
 from realtime_lab.protocol.channels import CHAT_PREFIX
 from realtime_lab.protocol.cursor import Cursor, parse_after
@@ -31,7 +31,7 @@ from realtime_lab.transports.keys import (
     HUB_KEY,
     SLOTS_KEY,
 )
-from realtime_lab.transports.problems import HTTPProblem
+from realtime_lab.transports.problems import HTTPProblem, bus_problem
 from realtime_lab.transports.slots import Slot
 
 CHANNEL_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -137,14 +137,19 @@ async def existing_channel(request: web.Request) -> str:
     """A channel a client may subscribe to: any valid name, but ``chat.*`` only for real chats.
 
     Raises:
-        HTTPProblem: 400 for a malformed name, 404 for a chat that does not exist (anymore).
+        HTTPProblem: 400 for a malformed name, 404 for a chat that does not exist (anymore),
+            503 when the bus does not answer.
     """
     name = channel_name(request)
     if name.startswith(CHAT_PREFIX):
         chat_id = name[len(CHAT_PREFIX) :]
-        known = chat_id in request.app[CHATS_KEY]
-        if not known and await request.app[BUS_KEY].info(name) is None:
-            raise HTTPProblem(404, "unknown-channel", f"no chat channel {name!r}")
+        if chat_id not in request.app[CHATS_KEY]:
+            try:
+                info = await request.app[BUS_KEY].info(name)
+            except (BusError, LimitReached) as exc:
+                raise bus_problem(exc) from None
+            if info is None:
+                raise HTTPProblem(404, "unknown-channel", f"no chat channel {name!r}")
     return name
 
 

@@ -8,6 +8,7 @@ from typing import Any, Final
 from aiohttp import hdrs, web
 
 from realtime_lab.auth import redact
+from realtime_lab.errors import BusError, LimitReached
 from realtime_lab.protocol.envelope import dumps
 
 log = logging.getLogger("realtime_lab.server")
@@ -43,6 +44,22 @@ class HTTPProblem(web.HTTPException):
 
     def __str__(self) -> str:
         return self.message
+
+
+def limit_problem(exc: LimitReached) -> HTTPProblem:
+    """The HTTP answer to a bound that was reached (429 with ``Retry-After``, 413, 507), or to
+    a bus backend that does not answer (503 with ``Retry-After``)."""
+    headers = None
+    if exc.retry_after is not None:
+        headers = {"Retry-After": str(max(int(exc.retry_after + 0.999), 1))}
+    return HTTPProblem(exc.status, exc.code, str(exc), headers=headers)
+
+
+def bus_problem(exc: BusError | LimitReached) -> HTTPProblem:
+    """The HTTP answer to a bus failure or refusal: :func:`limit_problem`'s, else a 503."""
+    if isinstance(exc, LimitReached):
+        return limit_problem(exc)
+    return HTTPProblem(503, "bus-unavailable", str(exc))
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:

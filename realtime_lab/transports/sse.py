@@ -20,6 +20,7 @@ from typing import Final
 
 from aiohttp import web
 
+from realtime_lab.errors import BusError, LimitReached
 from realtime_lab.protocol.cursor import Cursor
 from realtime_lab.protocol.envelope import TOKEN, Event, dumps
 from realtime_lab.protocol.sse import encode_comment, encode_event, encode_retry
@@ -33,8 +34,10 @@ from realtime_lab.transports.keys import (
     SETTINGS_KEY,
 )
 from realtime_lab.transports.preamble import Opening, open_request
+from realtime_lab.transports.problems import bus_problem
 from realtime_lab.transports.stream import (
     CLEAN_ENDS,
+    UNAVAILABLE,
     StreamConnection,
     schedule_timeout,
     timeout_envelope,
@@ -135,14 +138,12 @@ class SSEConnection(StreamConnection):
         return self.raw(encode_event(dumps(timeout_envelope(self)).decode(), event="end"))
 
     def overflow_signal(self) -> bytes:
-        body = dumps(
-            {
-                "code": "overflow",
-                "message": "this client fell too far behind; "
-                "reconnect with Last-Event-ID to resume",
-                "last_id": self.last_id,
-            }
+        return self.problem_signal(
+            "overflow", "this client fell too far behind; reconnect with Last-Event-ID to resume"
         )
+
+    def problem_signal(self, code: str, message: str) -> bytes:
+        body = dumps({"code": code, "message": message, "last_id": self.last_id})
         return self.raw(encode_event(body.decode(), event="error"))
 
 
@@ -150,7 +151,11 @@ async def sse(request: web.Request) -> web.StreamResponse:
     """``GET /sse/{channel}``: the event stream (see the module docstring)."""
     opening = await open_request(request, "sse", resume_header=True, stream=True)
     try:
-        if await stream_is_over(request, opening):
+        try:
+            over = await stream_is_over(request, opening)
+        except (BusError, LimitReached) as exc:
+            raise opening.refuse(request, bus_problem(exc)) from None
+        if over:
             # 204 tells an EventSource to stop reconnecting: the stream is over.
             hub, counters = request.app[HUB_KEY], opening.counters
             return MeteredResponse(
@@ -210,7 +215,11 @@ async def stream_events(
         # event): the same to an EventSource (a field applies when its line ends), while a block
         # of its own is an empty event to httpx-sse and openai's decoder (event.json() raises).
         conn.write(conn.raw(encode_retry(settings.retry_ms)[:-1] + preface))
-        group = await app[BROADCASTS_KEY].attach(conn, channel, opening.after, key, frame)
+        try:
+            group = await app[BROADCASTS_KEY].attach(conn, channel, opening.after, key, frame)
+        except (BusError, LimitReached) as exc:  # the 200 is sent: say why in the stream
+            problem = bus_problem(exc)
+            conn.fail(problem.code, problem.message)
         reason = await conn.done
     finally:
         if timer is not None:
@@ -220,7 +229,8 @@ async def stream_events(
             group.remove(conn)
         hub.unregister(conn)
     transport = request.transport
-    if reason in CLEAN_ENDS and transport is not None and not transport.is_closing():
+    clean = reason in CLEAN_ENDS or reason == UNAVAILABLE  # the client was told why, then EOF
+    if clean and transport is not None and not transport.is_closing():
         before = writer.output_size
         tail = b""
         if encoder is not None:  # the compressed stream's end (gzip's checksum), then the body's

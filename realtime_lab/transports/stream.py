@@ -43,13 +43,25 @@ TIMEOUT: Final = "timeout"
 OVERFLOW: Final = "overflow"
 DROPPED: Final = "drop"
 LOST: Final = "lost"
+#: The bus could not attach the stream (Redis unreachable, the channel cap): the client retries.
+UNAVAILABLE: Final = "unavailable"
 ABORT_GRACE_S: Final = 2.0
 #: Every way a stream can end, as counted per transport in ``/metrics``.
-OUTCOMES: Final = ("done", "cancelled", "error", "timeout", "client-gone", "overflow", "shutdown")
+OUTCOMES: Final = (
+    "done",
+    "cancelled",
+    "error",
+    "timeout",
+    "client-gone",
+    "overflow",
+    "shutdown",
+    "unavailable",
+)
 _OUTCOME_OF: Final = {
     SHUTDOWN: "shutdown",
     TIMEOUT: "timeout",
     OVERFLOW: "overflow",
+    UNAVAILABLE: "unavailable",
     DROPPED: "client-gone",  # a chaos cut looks like a network failure: the client is gone
     LOST: "client-gone",
 }
@@ -71,6 +83,7 @@ class StreamConnection(LiveConnection):
         "end_reason",
         "group",
         "last_id",
+        "problem",
         "send_buffer",
         "socket",
         "steady",
@@ -110,6 +123,7 @@ class StreamConnection(LiveConnection):
         self._corked_size = 0
         self.end_reason: str | None = None  # the channel's end (done, cancelled, error)
         self.last_id: str | None = None  # of the last event written: where to resume from
+        self.problem = ""  # why the bus could not serve it (see fail)
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         # Broadcast membership: while steady, the broadcast writes for us and counts once for
         # all members; our share is what it counted since ``_fast_from``.
@@ -130,6 +144,11 @@ class StreamConnection(LiveConnection):
 
     def overflow_signal(self) -> bytes:
         """The last bytes written to a subscriber ended for falling behind."""
+        return b""
+
+    def problem_signal(self, code: str, message: str) -> bytes:
+        """The last event written to a stream that could not be served (:meth:`fail`); none
+        where the close itself says it (a WebSocket's close code and reason)."""
         return b""
 
     # Bus sink ----------------------------------------------------------------------------------
@@ -324,6 +343,30 @@ class StreamConnection(LiveConnection):
         self.socket.close()
         # close() waits to flush; a client that never reads would keep the buffer for ever.
         asyncio.get_running_loop().call_later(ABORT_GRACE_S, self.socket.abort)
+
+    def fail(self, code: str, message: str) -> None:
+        """End a stream the bus could not serve: tell the client why; the handler then closes
+        it cleanly (the client retries).
+
+        For a failure once the response has started (its status can no longer say it): a
+        ``bus-unavailable`` or ``too-many-channels`` from the attach. Logged once, no traceback.
+        """
+        if self.done.done():
+            return
+        log.warning(
+            "%s connection %d on %r: %s (%s); ending it",
+            self.transport,
+            self.id,
+            self.channel,
+            message,
+            code,
+        )
+        self.counters.errors += 1
+        self.problem = f"{code}: {message}"
+        signal = self.problem_signal(code, message)
+        if signal:
+            self.write(signal)
+        self.finish(UNAVAILABLE)
 
     def finish(self, reason: str) -> None:
         """Mark the connection ended; the handler wakes up and closes it accordingly."""

@@ -38,7 +38,7 @@ from multidict import CIMultiDict
 
 from realtime_lab.auth import Identity
 from realtime_lab.bus import After, Bus
-from realtime_lab.errors import BusError, UnknownChat
+from realtime_lab.errors import BusError, LimitReached, UnknownChat
 from realtime_lab.protocol.channels import CHAT_PREFIX
 from realtime_lab.protocol.deflate import Agreement, ConnectionDeflater, deflate_message, negotiate
 from realtime_lab.protocol.envelope import ERROR, Event, dumps
@@ -46,6 +46,7 @@ from realtime_lab.protocol.websocket import (
     PING_FRAME,
     close_frame,
     close_frame_size,
+    close_reason,
     deflated_text_frame,
     text_frame,
 )
@@ -62,7 +63,7 @@ from realtime_lab.transports.keys import (
     SETTINGS_KEY,
 )
 from realtime_lab.transports.preamble import Opening, after_param, open_request
-from realtime_lab.transports.problems import HTTPProblem
+from realtime_lab.transports.problems import HTTPProblem, bus_problem
 from realtime_lab.transports.stream import (
     DROPPED,
     END_OF_STREAM,
@@ -70,6 +71,7 @@ from realtime_lab.transports.stream import (
     OVERFLOW,
     SHUTDOWN,
     TIMEOUT,
+    UNAVAILABLE,
     StreamConnection,
     schedule_timeout,
     timeout_envelope,
@@ -270,6 +272,8 @@ async def _serve(
             await _close(sock, WSCloseCode.GOING_AWAY, "server shutting down", conn)
         elif reason == TIMEOUT:
             await _close(sock, WSCloseCode.OK, "timeout: resume on a new connection", conn)
+        elif reason == UNAVAILABLE:
+            await _close(sock, TRY_AGAIN_LATER, conn.problem, conn)
         elif reason not in (OVERFLOW, DROPPED):
             await _close(sock, WSCloseCode.OK, "", conn)
     finally:
@@ -298,7 +302,7 @@ async def _close(
         # Bounded: a client that never answers the close frame must not hold the handler.
         with contextlib.suppress(TimeoutError, ConnectionError):
             async with asyncio.timeout(2.0):
-                await sock.close(code=code, message=message.encode())
+                await sock.close(code=code, message=close_reason(message))
 
 
 class _Session:
@@ -323,11 +327,16 @@ class _Session:
         self.refused = 0  # invalid messages so far
 
     async def attach(self, after: After) -> None:
+        """Serve the channel from ``after``; a bus that cannot closes with 1013 and why."""
         self.detach()
         conn = self.conn
-        self.group = await self.request.app[BROADCASTS_KEY].attach(
-            conn, self.channel, after, conn.group_key, conn.group_frame
-        )
+        try:
+            self.group = await self.request.app[BROADCASTS_KEY].attach(
+                conn, self.channel, after, conn.group_key, conn.group_frame
+            )
+        except (BusError, LimitReached) as exc:
+            problem = bus_problem(exc)
+            conn.fail(problem.code, problem.message)
 
     def detach(self) -> None:
         if self.group is not None:
