@@ -3,7 +3,12 @@
 URL: ``redis://host:port/db?history=1000&ttl=300&prefix=rtlab`` (``rediss://`` for TLS).
 ``history``, ``history_bytes``, ``ttl`` and ``max_channels`` mean what they mean for the memory
 bus; ``prefix`` namespaces every key and pub/sub channel. Any other query option
-(``socket_timeout=5``, ...) is handed to redis-py.
+(``socket_timeout=5``, ``max_connections=100``, ...) is handed to redis-py.
+
+Connections: commands share a redis-py ``BlockingConnectionPool`` of ``max_connections`` (100
+unless the URL says otherwise): at the cap a command waits up to :data:`POOL_WAIT_S` for a free
+connection, then fails as ``BusUnavailable``. (redis-py's default pool refuses at once with
+``MaxConnectionsError``: at 300 chatting users a burst of commands made chats fail to start.)
 
 Keys (``{ch}`` in braces is a hash tag, so that one channel's keys share a Redis Cluster slot;
 the scripts also touch the bus epoch key and the channel index, which live in no channel's slot:
@@ -105,6 +110,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PREFIX: Final = "rtlab"
 #: Longest wait for a SUBSCRIBE confirmation before ``attach`` gives up.
 SUBSCRIBE_TIMEOUT: Final = 10.0
+#: How long a command waits for a free connection of the pool before it fails.
+POOL_WAIT_S: Final = 5.0
 #: Shortest life of the epoch an attach reserves for a channel nobody has published to yet.
 MIN_RESERVATION: Final = 60.0
 #: How long, after it expires, a channel is remembered so that its next life gets a new epoch.
@@ -543,7 +550,11 @@ class RedisBroker(Broker):
             raise BusClosed("the bus is closed")
         if self._redis is not None:
             return
-        client = aioredis.Redis.from_url(self._redis_url, decode_responses=False)
+        client = aioredis.Redis.from_pool(
+            aioredis.BlockingConnectionPool.from_url(
+                self._redis_url, decode_responses=False, timeout=POOL_WAIT_S
+            )
+        )
         # The pub/sub connection never retries by itself: only the reader task reconnects it, so
         # that no two coroutines ever run a connection handshake (or read) at the same time.
         sub_client = aioredis.Redis.from_url(

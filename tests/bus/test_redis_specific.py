@@ -548,3 +548,20 @@ async def test_a_task_cancelled_mid_command_ends(make_redis_bus: MakeRedisBus) -
         done, _ = await asyncio.wait({task}, timeout=5)
         assert done, f"attempt {attempt}: the task ran on after its cancel"
         assert task.cancelled()
+
+
+@pytest.mark.redis
+async def test_commands_beyond_the_pool_wait_for_a_connection(redis_url: str) -> None:
+    """At ``max_connections`` a command waits for a free connection instead of failing."""
+    bus = create_bus(redis_url + "&max_connections=2")
+    await bus.start()
+    try:
+        channels = [new_channel() for _ in range(40)]
+        events = await asyncio.gather(*(bus.publish(name, "token", {}) for name in channels))
+        assert [event.seq for event in events] == [1] * 40
+        broker = bus.broker
+        assert isinstance(broker, RedisBroker)
+        pool = broker._check_open().connection_pool
+        assert pool.max_connections == 2
+    finally:
+        await bus.close()
