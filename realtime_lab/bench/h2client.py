@@ -653,11 +653,13 @@ class ProxyWorker(Worker):
             client.attach(link)
 
     async def post_chat(self, body: dict[str, Any]) -> dict[str, Any]:
-        """``POST /api/chats?client=TAG`` through nginx; the chat it made.
+        """``POST /api/chats?client=TAG`` through nginx (direct: as any worker); the chat it made.
 
         Raises:
             aiohttp.ClientError, H2LinkError, TimeoutError, ValueError: it failed.
         """
+        if self.via == "direct":
+            return await super().post_chat(body)
         spec = self.spec
         path = f"/api/chats?client={quote(spec['tag'], safe='')}"
         raw = json.dumps(body, separators=(",", ":")).encode()
@@ -687,36 +689,11 @@ class ProxyWorker(Worker):
         chat = json.loads(answer)
         return chat
 
-    async def chat_rounds(self, index: int, share: int) -> None:
-        """As :meth:`Worker.chat_rounds`, with the chat started through nginx."""
-        if self.via == "direct":
-            await super().chat_rounds(index, share)
-            return
-        round_no = 0
-        while not self.stopping:
-            round_no += 1
-            posted = _now_ms()
-            try:
-                chat = await self.post_chat(self.chat_request(index, round_no))
-            except (aiohttp.ClientError, H2LinkError, TimeoutError, ValueError) as exc:
-                self.tally.failures += 1
-                self.tally.error(f"POST /api/chats via {self.via}: {exc!r}")
-                await asyncio.sleep(0.5)  # as the direct rounds: the next try in a moment
-                continue
-            clients = [
-                self.client(self.tally, chat["channel"], "", from_start=True) for _ in range(share)
-            ]
-            for c in clients:
-                c.started_ms = posted  # a chat's first token is timed from its creation
-            self.clients.update(clients)
-            await asyncio.gather(*(self.connect(c, restart_clock=False) for c in clients))
-            await asyncio.wait([c.done for c in clients])
-            for c in clients:
-                if not c.saw_end and not self.stopping:
-                    self.tally.incomplete += 1
-                self.clients.discard(c)
-            if self.tally.in_window:
-                self.tally.chats += 1
+    POST_ERRORS = (*Worker.POST_ERRORS, H2LinkError)
+
+    @property
+    def route(self) -> str:
+        return "" if self.via == "direct" else f" via {self.via}"
 
     async def close_all(self) -> None:
         await super().close_all()

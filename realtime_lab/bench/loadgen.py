@@ -860,28 +860,40 @@ class Worker:
         user ``index``: what the native client sends (see :func:`chat_template`)."""
         return {**chat_fields(self.spec), "seed": index * SEED_STRIDE + round_no}
 
-    async def chat_rounds(self, index: int, share: int) -> None:
-        """Start a chat, read it with ``share`` clients to its end, repeat until closed."""
+    #: What a failed :meth:`post_chat` raises (counted as a failure, then tried again).
+    POST_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, TimeoutError, ValueError)
+
+    async def post_chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /api/chats`` with ``body``; the chat it made (counted in the window).
+
+        Several server processes on one bus (``ports``, this worker's first): the chat is
+        started on the next process and read on this one, so its tokens cross the bus.
+
+        Raises:
+            aiohttp.ClientError, TimeoutError, ValueError: it failed (:data:`POST_ERRORS`).
+        """
         assert self.session is not None
         spec = self.spec
-        # Several server processes on one bus (``ports``, this worker's first): the chat is
-        # started on the next process and read on this one, so its tokens cross the bus.
         ports = spec.get("ports") or [spec["port"]]
         base = f"http://{spec['host']}:{ports[1 % len(ports)]}"
+        async with self.session.post(base + "/api/chats", json=body) as response:
+            raw = await response.read()
+            chat: dict[str, Any] = json.loads(raw)
+            self.count_request(response, raw)
+        return chat
+
+    async def chat_rounds(self, index: int, share: int) -> None:
+        """Start a chat, read it with ``share`` clients to its end, repeat until closed."""
         round_no = 0
         while not self.stopping:
             round_no += 1
-            body = self.chat_request(index, round_no)
             posted = _now_ms()
             try:
-                async with self.session.post(base + "/api/chats", json=body) as response:
-                    raw = await response.read()
-                    chat = json.loads(raw)
-                    self.count_request(response, raw)
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                chat = await self.post_chat(self.chat_request(index, round_no))
+            except self.POST_ERRORS as exc:
                 self.tally.failures += 1
-                self.tally.error(f"POST /api/chats: {exc!r}")
-                await asyncio.sleep(0.5)
+                self.tally.error(f"POST /api/chats{self.route}: {exc!r}")
+                await asyncio.sleep(0.5)  # the next try in a moment
                 continue
             clients = [
                 self.client(self.tally, chat["channel"], "", from_start=True) for _ in range(share)
@@ -897,6 +909,11 @@ class Worker:
                 self.clients.discard(c)
             if self.tally.in_window:
                 self.tally.chats += 1
+
+    @property
+    def route(self) -> str:
+        """How this worker's requests reach the server, for its error lines ("" direct)."""
+        return ""
 
     def count_request(self, response: aiohttp.ClientResponse, body: bytes) -> None:
         """Count the request that started a chat, and its bytes both ways, in the window.
