@@ -13,6 +13,14 @@ Layout:
 - :mod:`.loadgen` - the light load clients, run in worker processes (one asyncio loop each);
 - ``loadclient.c`` and :mod:`.native` - the native load client that reads SSE, WebSocket and
   fetch streams for the workers (one epoll loop, one ``recv`` per event), built once with ``cc``;
+- :mod:`.naive` - the tutorial handler ``--baseline naive`` compares with;
+- :mod:`.publisher` and :mod:`.fleet` - ``--publisher http``: the external publisher and the
+  subscribers it feeds; :mod:`.scale` - the scale scenario (many source addresses);
+- :mod:`.redisproc` and :mod:`.buses` - ``--bus redis,cluster``: private redis-server and Redis
+  Cluster processes, several server processes on one bus, Redis's CPU;
+- :mod:`.proxy` and :mod:`.h2client` - ``--via h1,h2``: nginx with TLS in front, and the HTTP/2
+  client (the ``h2`` library) that reads through it;
+- :mod:`.target` - what a run is pointed at (its settings, the server it starts);
 - :mod:`.runner` - the sweep: points, warm-up, measurement windows, repeats, the slow-subscriber
   scenario;
 - :mod:`.report` and :mod:`.plots` - results.json, results.md and one PNG per measure;
