@@ -19,15 +19,21 @@ live in one slot, on one shard:
     the epoch of the first life of the channels of one hash slot (the single-node bus epoch, one
     per slot): a script reads it in the slot it runs in. ``<slot tag>`` is the shortest hex
     string that hashes to that slot (:func:`slot_tag`). A flushed or lost slot starts a new one.
-``<prefix>:channels``
-    the channel index, as on ``redis://``, but touched only when a channel life begins (to count
-    it against ``max_channels``) and, at the cap, to drop names that expired: never per event,
-    so it is no hot spot. A channel's scripts run in the channel's slot and cannot reach it, so
-    a new channel is admitted in two steps: the script answers "admit me" (``{-2}``), the broker
-    adds the name to the index (:data:`ADMIT_LUA`) and runs the script again, admitted. The
-    scores are lower bounds of the channels' expiry (publishes do not refresh them): at the
-    cap, the names whose score has passed are checked against their ``meta`` key and rescored or
-    dropped (:data:`RECONCILE_LUA`) before the channel is refused.
+``<prefix>:{idx<k>}:channels``, ``k`` in ``0..INDEX_BUCKETS-1``
+    the channel index, split into :data:`INDEX_BUCKETS` buckets, each a sorted set in a slot of
+    its own (so on the shards in turn: no key that every process writes to), a channel's name
+    in bucket ``crc32(name) % INDEX_BUCKETS``. It is touched only when a channel life begins (to
+    count it against ``max_channels``) and, at the cap, to drop names that expired: never per
+    event. A channel's scripts run in the channel's slot and cannot reach it, so a new channel
+    is admitted in two steps: the script answers "admit me" (``{-2}``), the broker counts the
+    other buckets (``ZCARD``) and adds the name to its own bucket if the total leaves room
+    (:data:`ADMIT_LUA`, which checks its bucket's own count atomically), then runs the script
+    again, admitted. Two new channels admitted at the same moment on two buckets can both take
+    the last place: the cap is exact for admissions one after the other, and over by at most the
+    admissions in flight otherwise. The scores are lower bounds of the channels' expiry
+    (publishes do not refresh them): at the cap, the names whose score has passed, in every
+    bucket, are checked against their ``meta`` key and rescored or dropped
+    (:data:`RECONCILE_LUA`) before the channel is refused.
 ``<prefix>:ticket:<key>``
     one ticket record, in its own slot.
 
@@ -49,6 +55,7 @@ import asyncio
 import hashlib
 import logging
 import threading
+import zlib
 from binascii import crc_hqx
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -77,6 +84,8 @@ log = logging.getLogger(__name__)
 
 #: Names of the index whose score has passed, checked per attempt at the cap.
 STALE_BATCH: Final = 32
+#: Buckets of the channel index, each in a slot of its own (see the module docstring).
+INDEX_BUCKETS: Final = 16
 #: Reconnect pauses of a shard reader.
 RECONNECT_FIRST_S: Final = 0.05
 RECONNECT_MAX_S: Final = 2.0
@@ -87,10 +96,11 @@ _REDIS_PY_OPTIONS: Final = {
     "password": str,
 }
 
-# KEYS: the channel index. ARGV: channel name, ms it is counted for (a lower bound of its
-# expiry), max channels, names to return at most. Returns {1} when the channel is counted (it
-# was, or there was room), else {-1, ms until the oldest score passes (-1 if none), names whose
-# score has passed...}: check those (RECONCILE_LUA) and try once more.
+# KEYS: one bucket of the channel index. ARGV: channel name, ms it is counted for (a lower
+# bound of its expiry), the room left in this bucket (max channels minus the other buckets'
+# count). Returns {1} when the channel is counted (it was, or there was room), else {-1, now
+# in ms}: the broker then reconciles the names whose score has passed, in every bucket
+# (RECONCILE_LUA), and tries once more.
 ADMIT_LUA: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -101,20 +111,12 @@ if redis.call('ZSCORE', index, name) or redis.call('ZCARD', index) < tonumber(AR
   redis.call('ZADD', index, 'NX', score, name)
   return {1}
 end
-local out = {-1, -1}
-local oldest = redis.call('ZRANGE', index, 0, 0, 'WITHSCORES')
-if oldest[2] then
-  out[2] = math.max(tonumber(oldest[2]) - now, 0)
-end
-for _, stale in ipairs(redis.call('ZRANGEBYSCORE', index, '-inf', '(' .. now, 'LIMIT', 0,
-    tonumber(ARGV[4]))) do
-  out[#out + 1] = stale
-end
-return out
+return {-1, now}
 """
 
-# KEYS: the channel index. ARGV: pairs of (name, PTTL of its meta key). A name whose channel is
-# gone (PTTL < 0) is dropped unless it was counted again meanwhile; the others are rescored.
+# KEYS: one bucket of the channel index. ARGV: pairs of (name, PTTL of its meta key). A name
+# whose channel is gone (PTTL < 0) is dropped unless it was counted again meanwhile; the others
+# are rescored.
 RECONCILE_LUA: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -254,7 +256,7 @@ class RedisClusterBroker(RedisBroker):
         self._unplaced: set[bytes] = set()  # live keys waiting for a slot owner
         self._topology_lock = asyncio.Lock()
         self._rerouting: asyncio.Task[None] | None = None
-        self._index_key = f"{self.prefix}:channels"
+        self._index_keys = [f"{self.prefix}:{{idx{k}}}:channels" for k in range(INDEX_BUCKETS)]
 
     # Keys --------------------------------------------------------------------------------------
     def _keys(self, channel: str) -> list[str]:
@@ -348,29 +350,69 @@ class RedisClusterBroker(RedisBroker):
         args[13] = "1"  # ARGV[14] of both scripts: admitted
         return await self._call(script, keys, args)
 
+    def index_key(self, channel: str) -> str:
+        """The bucket of the channel index that counts ``channel``."""
+        return self._index_keys[zlib.crc32(channel.encode()) % INDEX_BUCKETS]
+
     async def _admit(self, channel: str, life_ms: str) -> None:
         """Count a new channel in the index, or raise the refusal (see the module docstring)."""
         cluster = self._check_open()
+        own = self.index_key(channel)
+        others = [key for key in self._index_keys if key != own]
         for attempt in range(2):
-            result = await self._call(
-                self._admit_script,
-                [self._index_key],
-                [channel, life_ms, self.max_channels, STALE_BATCH],
-            )
-            if result[0] == 1:
-                return
-            stale = list(result[2:])
-            if not stale or attempt:
-                raise self._refusal(channel, b"too-many-channels", int(result[1]))
-            names = [name.decode() for name in stale]
             try:
-                left = await asyncio.gather(*(cluster.pttl(self._keys(n)[0]) for n in names))
+                counts = await asyncio.gather(*(cluster.zcard(key) for key in others))
             except (RedisError, OSError) as exc:
                 raise self.unavailable(exc) from exc
-            pairs: list[Any] = []
-            for name, ms in zip(names, left, strict=True):
-                pairs += [name, int(ms)]
-            await self._call(self._reconcile_script, [self._index_key], pairs)
+            raise_if_cancelling()
+            room = self.max_channels - sum(int(count) for count in counts)
+            result = await self._call(self._admit_script, [own], [channel, life_ms, max(room, 0)])
+            if result[0] == 1:
+                return
+            now_ms = int(result[1])
+            if attempt or not await self._reconcile(now_ms):
+                raise self._refusal(channel, b"too-many-channels", await self._next_room(now_ms))
+
+    async def _next_room(self, now_ms: int) -> int:
+        """Ms until the oldest score of the index passes (-1 if it holds none): a refusal's
+        ``Retry-After``."""
+        cluster = self._check_open()
+        try:
+            oldest = await asyncio.gather(
+                *(cluster.zrange(key, 0, 0, withscores=True) for key in self._index_keys)
+            )
+        except (RedisError, OSError) as exc:
+            raise self.unavailable(exc) from exc
+        raise_if_cancelling()
+        scores = [float(entry[0][1]) for entry in oldest if entry]
+        return max(int(min(scores)) - now_ms, 0) if scores else -1
+
+    async def _reconcile(self, now_ms: int) -> bool:
+        """Check the index's names whose score passed ``now_ms`` against their channels, in
+        every bucket; whether there were any (a second admission may then find room)."""
+        cluster = self._check_open()
+        try:
+            stale = await asyncio.gather(
+                *(
+                    cluster.zrangebyscore(key, "-inf", f"({now_ms}", start=0, num=STALE_BATCH)
+                    for key in self._index_keys
+                )
+            )
+            raise_if_cancelling()
+            found = False
+            for key, raw in zip(self._index_keys, stale, strict=True):
+                if not raw:
+                    continue
+                found = True
+                names = [name.decode() if isinstance(name, bytes) else name for name in raw]
+                left = await asyncio.gather(*(cluster.pttl(self._keys(n)[0]) for n in names))
+                pairs: list[Any] = []
+                for name, ms in zip(names, left, strict=True):
+                    pairs += [name, int(ms)]
+                await self._call(self._reconcile_script, [key], pairs)
+        except (RedisError, OSError) as exc:
+            raise self.unavailable(exc) from exc
+        return found
 
     async def retain(self, channels: Collection[str]) -> None:
         self._check_open()

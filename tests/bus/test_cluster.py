@@ -120,7 +120,7 @@ async def test_publishing_touches_the_index_only_for_a_new_channel(
     channel = new_channel()
     await bus.publish(channel, "token", {})
     cluster = broker._check_open()
-    index = broker._index_key
+    index = broker.index_key(channel)
     first = await cluster.zscore(index, channel)
     assert first is not None
     for _ in range(5):
@@ -129,6 +129,44 @@ async def test_publishing_touches_the_index_only_for_a_new_channel(
     epoch_key = broker._keys(channel)[3]
     assert epoch_key.startswith(f"{broker.prefix}:{{")
     assert (await cluster.get(epoch_key)) is not None
+
+
+async def test_every_key_is_in_the_slot_of_a_channel_or_of_an_index_bucket(
+    make_cluster_bus: MakeBus, redis_cluster: RedisClusterServers
+) -> None:
+    """No key every channel shares: each key of a channel's life is in the channel's slot, the
+    index's buckets spread over the shards; a ticket is a key of its own (the process registry
+    of shared chats, ``<prefix>:procs``, is not made by the bus itself)."""
+    control = ClusterControl(redis_cluster)
+    bus = await make_cluster_bus()
+    broker = broker_of(bus)
+    channels = [new_channel() for _ in range(40)]
+    for channel in channels:
+        await bus.publish(channel, "token", {})
+    await bus.publish(channels[0], END, {})
+    await broker.put_ticket(uuid.uuid4().hex * 2, b"v", 30)
+    keys: list[bytes] = []
+    for port in control.primaries():
+        client = await node_client(port)
+        try:
+            keys += [key async for key in client.scan_iter(match=f"{broker.prefix}:*")]
+        finally:
+            await client.aclose()
+    assert keys
+    ticket = f"{broker.prefix}:ticket:".encode()
+    untagged = [
+        key for key in keys if not key.startswith(ticket) and (b"{" not in key or b"}" not in key)
+    ]
+    assert untagged == [], untagged
+    buckets = {broker.index_key(channel) for channel in channels}
+    assert len(buckets) > 1
+    owners = {control.owner(key_slot(key.encode())) for key in buckets}
+    assert len(owners) > 1  # the buckets are on more than one shard
+    counted = 0
+    cluster = broker._check_open()
+    for bucket in buckets:
+        counted += int(await cluster.zcard(bucket))
+    assert counted == len(channels)
 
 
 async def follow_while_the_slot_moves(

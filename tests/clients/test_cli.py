@@ -32,6 +32,15 @@ def server_url() -> Iterator[str]:
         yield url
 
 
+def interruptible() -> None:
+    """In the child, before it runs: SIGINT to its default, so Python turns it into Ctrl-C.
+
+    A suite started in the background by a script (``bash .ci/run &``) inherits SIGINT ignored,
+    and Python leaves an ignored SIGINT ignored: the Ctrl-C these tests send would do nothing.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "realtime_lab", *args],
@@ -127,6 +136,7 @@ def test_ctrl_c_prints_the_statistics(server_url: str) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=ENV,
+        preexec_fn=interruptible,
     )
     try:
         assert process.stdout is not None
@@ -153,6 +163,7 @@ def test_ctrl_c_on_a_fetch_chat_cancels_it(server_url: str) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=ENV,
+        preexec_fn=interruptible,
     )  # fmt: skip
     try:
         assert process.stderr is not None

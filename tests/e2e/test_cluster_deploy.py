@@ -35,10 +35,10 @@ ROOT: Final = Path(__file__).resolve().parents[2]
 SCRIPT: Final = ROOT / "deploy" / "cluster.sh"
 CONFIG: Final = ROOT / "deploy" / "nginx-cluster.conf"
 BOUND: Final = 30.0  # two shared cores: three processes start at once
-#: The streams the test cuts, which the page resumes on whichever process nginx picks. Not the
-#: fetch pane's: its resume is a POST of the chat it started, answered by the process running
-#: that chat (another process answers 404 until chats are shared across processes).
-STREAMS: Final = ("sse", "ws")
+#: The streams the test cuts, which the page resumes on whichever process nginx picks (the
+#: fetch pane's resume is a POST with Last-Event-ID: a process that does not run the chat
+#: streams it from the bus, and tells the one that does, so its abort grace does not cancel it).
+STREAMS: Final = ("sse", "ws", "fetch")
 MAX_ROUNDS: Final = 12
 UPSTREAM_LINE: Final = re.compile(r"^server 127\.0\.0\.1:8080;$")
 
@@ -132,7 +132,9 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
         **{name: str(port) for name, port in ports.items()},
         "CLUSTER_DIR": str(tmp_path / "cluster"),
         "BIN": str(Path(sys.executable).parent),
-        "SERVE_ARGS": "--chaos --log-level INFO",
+        # The cuts can make nginx leave both processes out for its fail_timeout (10 s), and a
+        # fetch resume is a POST, which nginx does not try on the next one: its chat must wait.
+        "SERVE_ARGS": "--chaos --log-level INFO --fetch-abort-grace 15",
     }
     proc = await asyncio.create_subprocess_exec(
         "bash", str(SCRIPT),
