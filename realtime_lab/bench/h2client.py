@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 import ssl
 from multiprocessing.connection import Connection
 from typing import Any, Final
@@ -54,11 +53,10 @@ from realtime_lab.bench.loadgen import (
     _CONTROL,
     CHAT_EVENT,
     FETCH_PATH,
-    LONGPOLL_TIMEOUT,
-    POLL_LIMIT,
     Client,
     FetchClient,
     PollClient,
+    Polling,
     SSEClient,
     Tally,
     Worker,
@@ -430,29 +428,16 @@ class H2FetchClient(H2SSEClient):
         super().items([item for item in items if item.kind != CHAT_EVENT], now)
 
 
-class H2PollClient(H2Client):
+class H2PollClient(H2Client, Polling):
     """``GET /poll`` or ``/longpoll``, one stream per request on the shared connection."""
 
-    def __init__(self, *args: Any, kind: str, interval: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.kind = kind
-        self.interval = interval
-        self._timer: asyncio.TimerHandle | None = None
         self._pieces: list[bytes] = []
-        self._polls = 0
 
-    def start(self) -> None:
-        self._request()
-
-    def _request(self) -> None:
-        self._timer = None
-        if self.closing:
-            return
-        extra = {"limit": str(POLL_LIMIT)}
-        if self.kind == "longpoll":
-            extra["timeout"] = f"{LONGPOLL_TIMEOUT:g}"
+    def request(self, path: str) -> None:
         self._pieces = []
-        self.submit("GET", f"/{self.kind}/{self.channel}?{self._query(**extra)}", [])
+        self.submit("GET", path, [])
 
     def body(self, data: bytes, now: float) -> None:
         self._pieces.append(data)
@@ -462,29 +447,12 @@ class H2PollClient(H2Client):
         if self.closing or self.head is None:
             return
         try:
-            items, cursor, more = wire.poll_answer(b"".join(self._pieces))
+            self.answered(b"".join(self._pieces), _now_ms())
         except wire.BenchProtocolError as exc:
             self.fail(str(exc))
-            return
-        if cursor is not None:
-            self.after = cursor
-        if items:
-            self.items(items, _now_ms())
-        if self.closing:
-            return
-        self._polls += 1
-        if more or self.kind == "longpoll":
-            self._request()
-            return
-        delay = self.interval
-        if self._polls == 1:
-            delay = random.uniform(0.0, self.interval)  # pollers are not in step
-        self._timer = asyncio.get_running_loop().call_later(delay, self._request)
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.stop_timer()  # H2Client.close ends the stream; Polling's close is not on its way
         super().close()
 
 

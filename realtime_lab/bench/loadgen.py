@@ -452,32 +452,82 @@ class WSClient(Client):
             self.items(items, now)
 
 
-class PollClient(Client):
-    """``GET /poll`` or ``/longpoll``, one request at a time on a keep-alive connection."""
+class Polling(Client):
+    """What every poll client does, whatever carries its requests: one request at a time, the
+    next one at once (``more``, or a long poll) or after ``interval`` (the first wait spread
+    over one interval, since real pollers are not in step)."""
 
     def __init__(self, *args: Any, kind: str, interval: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.kind = kind
         self.interval = interval
         self._timer: asyncio.TimerHandle | None = None
-        self._chunks: wire.ChunkedDecoder | None = None
-        self._pieces: list[bytes] = []
-        self._size = 0
-        self._length = -1
         self._polls = 0
-        self._gzipped = False
 
     def start(self) -> None:
         self._request()
 
     def _request(self) -> None:
         self._timer = None
-        if self.closing:
-            return
+        if not self.closing:
+            self.request(self.poll_path())
+
+    def request(self, path: str) -> None:
+        """Send ``GET path`` (the subclass's transport)."""
+        raise NotImplementedError
+
+    def poll_path(self) -> str:
+        """The next poll's path and query: from the cursor the last answer gave."""
         extra = {"limit": str(POLL_LIMIT)}
         if self.kind == "longpoll":
             extra["timeout"] = f"{LONGPOLL_TIMEOUT:g}"
-        path = f"/{self.kind}/{self.channel}?{self._query(**extra)}"
+        return f"/{self.kind}/{self.channel}?{self._query(**extra)}"
+
+    def answered(self, answer: bytes, now: float) -> None:
+        """Take one whole answer's events, then ask again when it is time.
+
+        Raises:
+            wire.BenchProtocolError: the answer is not a poll answer.
+        """
+        items, cursor, more = wire.poll_answer(answer)
+        if cursor is not None:
+            self.after = cursor
+        if items:
+            self.items(items, now)
+        if self.closing:
+            return
+        self._polls += 1
+        if more or self.kind == "longpoll":
+            self._request()
+            return
+        delay = self.interval
+        if self._polls == 1:
+            delay = random.uniform(0.0, self.interval)
+        self._timer = asyncio.get_running_loop().call_later(delay, self._request)
+
+    def stop_timer(self) -> None:
+        """No next poll (the client is closing)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def close(self) -> None:
+        self.stop_timer()
+        super().close()
+
+
+class PollClient(Polling):
+    """``GET /poll`` or ``/longpoll``, one request at a time on a keep-alive connection."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._chunks: wire.ChunkedDecoder | None = None
+        self._pieces: list[bytes] = []
+        self._size = 0
+        self._length = -1
+        self._gzipped = False
+
+    def request(self, path: str) -> None:
         self.head = None
         self._chunks, self._pieces, self._size, self._length = None, [], 0, -1
         self.send(wire.get_request(path, self.host, GZIP if self.compress else None))
@@ -506,30 +556,9 @@ class PollClient(Client):
         answer = b"".join(self._pieces)
         if self._gzipped:
             answer = zlib.decompress(answer, 16 + zlib.MAX_WBITS)
-        items, cursor, more = wire.poll_answer(answer)
-        if cursor is not None:
-            self.after = cursor
-        if items:
-            self.items(items, now)
-        if self.closing:
-            return
-        self._polls += 1
-        if more or self.kind == "longpoll":
-            self._request()
-        else:
-            delay = self.interval
-            if self._polls == 1:
-                # Real pollers are not in step: spread the first wait over one interval.
-                delay = random.uniform(0.0, self.interval)
-            self._timer = asyncio.get_running_loop().call_later(delay, self._request)
-        if rest:
+        self.answered(answer, now)
+        if rest and not self.closing:
             self.consume(rest)
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        super().close()
 
 
 def make_client(
