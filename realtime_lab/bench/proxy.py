@@ -117,14 +117,18 @@ class Sent:
     protocols: frozenset[str] = frozenset()
 
 
-def sent_by_tag(log: str) -> dict[str, Sent]:
-    """``$bytes_sent`` and ``$body_bytes_sent`` added up per ``client=`` tag of the requests."""
+def sent_by_tag(log: str, paths: tuple[str, ...] = ("/",)) -> dict[str, Sent]:
+    """``$bytes_sent`` and ``$body_bytes_sent`` added up per ``client=`` tag of the requests
+    (of those whose path starts with one of ``paths``)."""
     totals: dict[str, Sent] = {}
     for line in log.splitlines():
         match = ACCESS_LINE.search(line)
         if match is None:
             continue
-        tag = parse_qs(urlsplit(match["uri"]).query).get("client", [None])[0]
+        uri = urlsplit(match["uri"])
+        if not uri.path.startswith(paths):
+            continue
+        tag = parse_qs(uri.query).get("client", [None])[0]
         if tag is None:
             continue
         before = totals.get(tag, Sent())

@@ -100,8 +100,11 @@ async def chat_stream(
 
 
 @contextmanager
-def served(env: Mapping[str, str]) -> Iterator[str]:
-    """``realtime-lab serve`` in a subprocess with ``env``; its URL, once it answers."""
+def serve_process(env: Mapping[str, str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``realtime-lab serve`` in a subprocess with ``env``; its URL and process, once it answers.
+
+    Stopped after (SIGTERM, SIGKILL if it lingers), unless the test ended it itself.
+    """
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "realtime_lab", "serve", "--port", str(port), "--ticker-rate", "0"],
@@ -123,11 +126,19 @@ def served(env: Mapping[str, str]) -> Iterator[str]:
             assert process.poll() is None, "the server exited"
             assert time.monotonic() < deadline, "the server did not come up"
             time.sleep(0.05)  # polling the condition, within the deadline above
-        yield url
+        yield url, process
     finally:
-        process.terminate()
+        if process.poll() is None:
+            process.terminate()
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=10)
+
+
+@contextmanager
+def served(env: Mapping[str, str]) -> Iterator[str]:
+    """``realtime-lab serve`` in a subprocess with ``env``; its URL, once it answers."""
+    with serve_process(env) as (url, _):
+        yield url

@@ -28,7 +28,7 @@ import pytest
 from realtime_lab.feed.llm import answer_text, answer_tokens
 from tests.conftest import free_port
 from tests.e2e.conftest import PANES, TEST_HOOK, VIEWPORT, Dashboard
-from tests.nginx.nginx_proxy import documented_blocks, nginx_binary
+from tests.nginx.nginx_proxy import documented_blocks, lines_of, nginx_binary
 from tests.redis_server import redis_server_binary
 
 ROOT: Final = Path(__file__).resolve().parents[2]
@@ -52,16 +52,6 @@ def _missing() -> str | None:
 
 
 pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
-
-
-def lines_of(text: str) -> list[str]:
-    """The configuration lines of ``text``: stripped, without comments and blank lines."""
-    out = []
-    for line in text.splitlines():
-        code = line.split("#", 1)[0].strip()
-        if code:
-            out.append(re.sub(r"\s+", " ", code))
-    return out
 
 
 def test_the_cluster_config_is_the_readme_blocks_with_two_upstream_servers() -> None:

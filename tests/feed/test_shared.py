@@ -11,14 +11,8 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import aiohttp
@@ -30,7 +24,8 @@ from realtime_lab.bus.chatstore import LEASE_RENEW_S, LEASE_TTL_S
 from realtime_lab.protocol.envelope import END, TOKEN, Event
 from realtime_lab.transports.keys import BUS_KEY, CHATS_KEY
 from tests.bus.conftest import cluster_url, redis_cluster  # noqa: F401 - fixtures
-from tests.conftest import RunningServer, StartServer, free_port
+from tests.clients.helpers import serve_process
+from tests.conftest import RunningServer, StartServer
 
 pytestmark = pytest.mark.redis
 
@@ -246,42 +241,11 @@ async def test_a_dead_generators_chat_ends_once_with_error(shared_url: str) -> N
             await bus.close()
 
 
-@contextmanager
-def serve_subprocess(env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """``realtime-lab serve`` in a subprocess; its URL and process, once it answers."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "realtime_lab", "serve", "--port", str(port), "--ticker-rate", "0"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **env},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/api/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            assert process.poll() is None, "the server exited"
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.05)  # polling the condition, within the deadline above
-        yield url, process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=10)
-
-
 async def test_killing_the_generator_ends_its_chat_with_error_on_the_other_process(
     start_server: StartServer, redis_url: str
 ) -> None:
     reader_side = await start_server(bus=redis_url)
-    with serve_subprocess({"REALTIME_LAB_BUS": redis_url}) as (url, process):
+    with serve_process({**os.environ, "REALTIME_LAB_BUS": redis_url}) as (url, process):
         status, chat = await call(
             "POST",
             url + "/api/chats",

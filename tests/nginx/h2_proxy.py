@@ -22,7 +22,6 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -32,6 +31,7 @@ from realtime_lab.bench.proxy import (
     make_certificate,
     missing,
     nginx_binary,
+    sent_by_tag,
 )
 from realtime_lab.bench.proxy import DEPLOY_CONF as DEPLOY
 from realtime_lab.bench.proxy import build_config as _build_config
@@ -53,25 +53,7 @@ TRANSPORT_PATHS: Final = ("/poll/", "/longpoll/", "/sse/", "/ws/", "/api/chats/s
 def sent_by_client(log: str) -> dict[str, Sent]:
     """``$bytes_sent`` added up per ``client=`` tag of the transports' requests (each pane of
     the dashboard has its own tag)."""
-    totals: dict[str, Sent] = {}
-    for line in log.splitlines():
-        match = ACCESS_LINE.search(line)
-        if match is None:
-            continue
-        uri = urlsplit(match["uri"])
-        if not uri.path.startswith(TRANSPORT_PATHS):
-            continue
-        tag = parse_qs(uri.query).get("client", [None])[0]
-        if tag is None:
-            continue
-        before = totals.get(tag, Sent())
-        totals[tag] = Sent(
-            before.requests + 1,
-            before.bytes + int(match["bytes_sent"]),
-            before.body + int(match["body_bytes_sent"]),
-            before.protocols | {match["protocol"]},
-        )
-    return totals
+    return sent_by_tag(log, TRANSPORT_PATHS)
 
 
 @dataclass

@@ -39,6 +39,16 @@ def nginx_binary() -> str | None:
     return "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
 
 
+def lines_of(text: str) -> list[str]:
+    """The configuration lines of ``text``: stripped, without comments and blank lines."""
+    out = []
+    for line in text.splitlines():
+        code = line.split("#", 1)[0].strip()
+        if code:
+            out.append(re.sub(r"\s+", " ", code))
+    return out
+
+
 def documented_blocks() -> dict[str, list[str]]:
     """The documented configuration blocks, by context (``http`` / ``server``)."""
     blocks: dict[str, list[str]] = {"http": [], "server": []}

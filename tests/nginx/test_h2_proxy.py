@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 import signal
 import socket
@@ -24,23 +23,13 @@ import pytest
 
 from tests.conftest import RunningServer, StartServer, free_port
 from tests.nginx.h2_proxy import DEPLOY, H2Proxy, missing, start_h2_proxy
-from tests.nginx.nginx_proxy import documented_blocks
+from tests.nginx.nginx_proxy import documented_blocks, lines_of
 
 pytestmark = [pytest.mark.nginx, pytest.mark.skipif(missing() is not None, reason=str(missing()))]
 
 BOUND = 15.0
 CURL = shutil.which("curl")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed")
-
-
-def lines_of(text: str) -> list[str]:
-    """The configuration lines of ``text``: stripped, without comments and blank lines."""
-    out = []
-    for line in text.splitlines():
-        code = line.split("#", 1)[0].strip()
-        if code:
-            out.append(re.sub(r"\s+", " ", code))
-    return out
 
 
 def test_the_deploy_config_keeps_the_readme_blocks() -> None:
