@@ -292,8 +292,8 @@ class ChatSharing:
         for chat_id in chat_ids:
             if await self.store.end_orphan(chat_id, dead):
                 ended += 1
+                self.orphans_ended += 1  # counted as it ends, not after the forget below
         await self.store.forget(dead, chat_ids)
-        self.orphans_ended += ended
         if ended:
             log.warning(
                 "process %s stopped renewing its lease: ended %d of its chats with reason error",
