@@ -78,7 +78,14 @@ def sse_chunk(event: Event) -> bytes:
     """``event`` as one SSE message inside one HTTP chunk (cached on the event)."""
     frame = event.cache.get("sse.c")
     if frame is None:
-        frame = event.cache["sse.c"] = chunked(sse_frame(event))
+        if event.type == TOKEN and _plain_id(event.id):
+            # sse_frame's token message inside its chunk in one step (a chat's every token).
+            ident, body = event.id.encode(), event.json
+            size = len(ident) + len(body) + 13  # "id: " ident "\ndata: " body "\n\n"
+            frame = b"%x\r\nid: %s\ndata: %s\n\n\r\n" % (size, ident, body)
+        else:
+            frame = chunked(sse_frame(event))
+        event.cache["sse.c"] = frame
     return frame
 
 
