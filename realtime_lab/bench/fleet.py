@@ -131,37 +131,47 @@ class Capacity:
     sources: list[str]
     ports_per_source: int
     limits: list[str] = field(default_factory=list)
+    #: Load client processes to spread the connections over (each within the limit).
+    processes: int = 1
 
 
-def plan(count: int, processes: int, server_conns: int = 0, sources: int = 0) -> Capacity:
+def plan(
+    count: int, processes: int, server_conns: int = 0, sources: int = 0, servers: int = 1
+) -> Capacity:
     """Raise the descriptor limit for ``count`` connections and check the port range.
 
-    ``server_conns``: connections the server holds besides these (its descriptors count too:
-    it inherits this process's limit). ``sources``: source addresses (0: as many as needed).
+    ``processes``: load client processes, at least (:attr:`Capacity.processes` adds more when
+    one cannot hold its share under the descriptor limit). ``servers``: server processes, which
+    share the connections too (one port each); ``server_conns``: connections each server holds
+    besides these (its descriptors count too: it inherits this process's limit). ``sources``:
+    source addresses (0: as many as needed).
     """
-    addresses = source_addresses(count, sources)
-    per_process = math.ceil(count / max(processes, 1))
-    need = max(per_process, count + server_conns) + FD_SPARE
-    fd_limit = raise_nofile(need)
+    servers = max(servers, 1)
+    addresses = source_addresses(math.ceil(count / servers), sources)
+    per_server = math.ceil(count / servers) + server_conns
+    fd_limit = raise_nofile(max(math.ceil(count / max(processes, 1)), per_server) + FD_SPARE)
+    room = max(fd_limit - FD_SPARE, 1)
+    processes = max(processes, 1, math.ceil(count / room))
     allowed = count
     limits = []
-    by_fds = fd_limit - FD_SPARE - server_conns
+    by_fds = max(room - server_conns, 0) * servers
     if by_fds < allowed:
-        allowed = max(by_fds, 0)
+        allowed = by_fds
         limits.append(
             f"RLIMIT_NOFILE is {fd_limit} and may not be raised here (the hard limit moves only "
-            f"with CAP_SYS_RESOURCE): the server process can hold about {allowed} connections"
+            f"with CAP_SYS_RESOURCE): {servers} server process(es) can hold about {allowed} "
+            "connections (more: --processes N on a shared bus, --bus redis)"
         )
     ports = ports_per_source()
-    by_ports = ports * len(addresses)
+    by_ports = ports * len(addresses) * servers
     if by_ports < allowed:
         allowed = by_ports
         low, high = port_range()
         limits.append(
             f"ip_local_port_range {low}-{high} gives {ports} connections per source address "
-            f"to one server port; {len(addresses)} address(es): {by_ports}"
+            f"to one server port; {len(addresses)} address(es) and {servers} port(s): {by_ports}"
         )
-    return Capacity(count, allowed, fd_limit, addresses, ports, limits)
+    return Capacity(count, allowed, fd_limit, addresses, ports, limits, processes)
 
 
 class Fleet:

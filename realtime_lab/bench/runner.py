@@ -706,7 +706,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
         if config.scale:
             from realtime_lab.bench.scale import run_scale
 
-            sections["scale"] = run_scale(config, load_client["binary"], progress)
+            sections["scale"] = run_scale(config, load_client["binary"], progress, buses)
     finally:
         progress.close()
         pool.close()

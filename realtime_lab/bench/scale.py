@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from typing import Any, Final
 
+from realtime_lab.bench.buses import BusBackends
 from realtime_lab.bench.fleet import Capacity, Fleet, FleetError, env_cpus, plan
 from realtime_lab.bench.server import http_json, machine_cpu
 from realtime_lab.bench.stats import latency_summary
@@ -53,12 +54,13 @@ def _last_seq(tgt: Target, channel: str) -> int | None:
     return int(last.rsplit("-", 1)[1])
 
 
-def _capacity(config: BenchConfig, count: int) -> Capacity:
+def _capacity(config: BenchConfig, count: int, bus: str) -> Capacity:
     # Before the server starts: it inherits the raised descriptor limit.
-    return plan(count, config.workers or env_cpus(), sources=config.sources)
+    workers = config.workers or env_cpus()
+    return plan(count, workers, sources=config.sources, servers=config.processes_on(bus))
 
 
-def _fleet(config: BenchConfig, binary: str, tgt: Target, path: str, capacity: Capacity) -> Fleet:
+def _fleet(binary: str, tgt: Target, path: str, capacity: Capacity) -> Fleet:
     return Fleet(
         binary,
         tgt.host,
@@ -67,12 +69,21 @@ def _fleet(config: BenchConfig, binary: str, tgt: Target, path: str, capacity: C
         path,
         tgt.host_header,
         capacity.allowed,
-        config.workers or env_cpus(),
+        capacity.processes,
         capacity.sources,
+        ports=tgt.ports if len(tgt.ports) > 1 else None,
     )
 
 
-def run_subscribers(config: BenchConfig, binary: str) -> dict[str, Any]:
+def _configure(tgt: Target, body: dict[str, Any]) -> None:
+    """``PATCH /api/config`` on every server process (settings are each process's own)."""
+    for url in tgt.urls():
+        http_json(url + "/api/config", "PATCH", body)
+
+
+def run_subscribers(
+    config: BenchConfig, binary: str, bus: str = "memory", buses: BusBackends | None = None
+) -> dict[str, Any]:
     """Part 1: many subscribers of one channel at a low rate (see the module docstring).
 
     Raises:
@@ -84,14 +95,14 @@ def run_subscribers(config: BenchConfig, binary: str) -> dict[str, Any]:
     channel = CHANNEL if external else "ticker"
     rate = config.scale_rate
     options = {"ticker_rate": 0.0, "history": 1000}
-    capacity = _capacity(config, config.scale_subscribers)
-    with target(config, options) as tgt:
+    capacity = _capacity(config, config.scale_subscribers, bus)
+    with target(config, options, bus, buses, tag="bench-scale") as tgt:
         if tgt.server is None and not external:
             tgt.set_ticker(0.0)
-        before = int(tgt.stats()["transports"]["sse"]["open"])
+        before = tgt.open_count("sse")
         time.sleep(0.2)
         rss0 = tgt.rss()
-        fleet = _fleet(config, binary, tgt, stream_path("sse", channel, "bench-scale"), capacity)
+        fleet = _fleet(binary, tgt, stream_path("sse", channel, "bench-scale"), capacity)
         publisher = None
         try:
             with fleet:
@@ -137,6 +148,8 @@ def run_subscribers(config: BenchConfig, binary: str) -> dict[str, Any]:
     offered = channel_rate * clients
     return {
         "subscribers": config.scale_subscribers,
+        "bus": bus,
+        "processes": len(tgt.ports),
         "clients_open": clients,
         "feed": "publisher http" if external else "ticker",
         "rate": rate,
@@ -183,7 +196,9 @@ def _cpu_window(tgt: Target, seconds: float) -> tuple[float | None, float | None
     return server, softirq
 
 
-def run_idle(config: BenchConfig, binary: str) -> dict[str, Any]:
+def run_idle(
+    config: BenchConfig, binary: str, bus: str = "memory", buses: BusBackends | None = None
+) -> dict[str, Any]:
     """Part 2: many idle SSE connections with heartbeats (see the module docstring).
 
     Raises:
@@ -193,30 +208,32 @@ def run_idle(config: BenchConfig, binary: str) -> dict[str, Any]:
 
     count = config.scale_idle
     options = {"ticker_rate": 0.0, "heartbeat": QUIET_HEARTBEAT_S}
-    capacity = _capacity(config, count)
-    with target(config, options) as tgt:
+    capacity = _capacity(config, count, bus)
+    with target(config, options, bus, buses, tag="bench-idle") as tgt:
         if tgt.server is None:
-            http_json(tgt.url + "/api/config", "PATCH", {"heartbeat": QUIET_HEARTBEAT_S})
-        before = int(tgt.stats()["transports"]["sse"]["open"])
+            _configure(tgt, {"heartbeat": QUIET_HEARTBEAT_S})
+        before_each = tgt.open_each("sse")
+        before = sum(before_each)
         time.sleep(0.2)
         rss0 = tgt.rss()
         quiet0, _ = _cpu_window(tgt, 1.0)  # the server with no connections at all
         path = stream_path("sse", IDLE_CHANNEL, "bench-idle")
-        fleet = _fleet(config, binary, tgt, path, capacity)
+        fleet = _fleet(binary, tgt, path, capacity)
         try:
             with fleet:
                 accept_cpu0 = tgt.cpu()
                 opened = fleet.open()
                 held = _wait_open(tgt, before + int(opened["clients"])) - before
+                held_each = [n - b for n, b in zip(tgt.open_each("sse"), before_each, strict=True)]
                 accept_cpu = _spent(accept_cpu0, tgt.cpu())
                 time.sleep(SETTLE_S)
                 rss1 = tgt.rss()
                 window = config.duration
                 quiet, quiet_softirq = _cpu_window(tgt, window)
-                http_json(tgt.url + "/api/config", "PATCH", {"heartbeat": PROBE_HEARTBEAT_S})
+                _configure(tgt, {"heartbeat": PROBE_HEARTBEAT_S})
                 beating, beating_softirq = _cpu_window(tgt, window)
-                http_json(tgt.url + "/api/config", "PATCH", {"heartbeat": QUIET_HEARTBEAT_S})
-                still = int(tgt.stats()["transports"]["sse"]["open"]) - before
+                _configure(tgt, {"heartbeat": QUIET_HEARTBEAT_S})
+                still = tgt.open_count("sse") - before
                 fleet.start()
                 got = fleet.stop()
         except FleetError as exc:
@@ -231,8 +248,11 @@ def run_idle(config: BenchConfig, binary: str) -> dict[str, Any]:
         at_default_pct = per_beat_us * clients / DEFAULT_HEARTBEAT_S / 1e6 * 100.0
     return {
         "requested": count,
+        "bus": bus,
+        "processes": len(tgt.ports),
         "clients_open": clients,
         "held_by_server": held,
+        "held_each": held_each,
         "still_open_after": still,
         "open_s": opened["seconds"],
         "accept_per_s": clients / opened["seconds"] if opened["seconds"] > 0 else None,
@@ -260,8 +280,17 @@ def run_idle(config: BenchConfig, binary: str) -> dict[str, Any]:
     }
 
 
-def run_scale(config: BenchConfig, binary: str | None, progress: Any = None) -> dict[str, Any]:
+def run_scale(
+    config: BenchConfig,
+    binary: str | None,
+    progress: Any = None,
+    buses: BusBackends | None = None,
+) -> dict[str, Any]:
     """Both parts (a part with a count of 0 is skipped); the scenario's results.
+
+    They run on the first bus of ``config.buses``: on ``redis`` or ``cluster`` (servers of
+    ``buses``) with :meth:`BenchConfig.processes_on` processes, the connections are spread over
+    all of them, so that together they hold more than one process's descriptor limit allows.
 
     Raises:
         BenchError: no native load client (tens of thousands of asyncio clients would take the
@@ -270,16 +299,17 @@ def run_scale(config: BenchConfig, binary: str | None, progress: Any = None) -> 
     if binary is None:
         raise BenchError("the scale scenario needs the native load client (a C compiler)")
     result: dict[str, Any] = {"subscribers": None, "idle": None}
+    bus = config.buses[0] if config.buses else "memory"
     if config.scale_subscribers > 0:
         if progress is not None:
             progress.set_description(f"scale: {config.scale_subscribers} subscribers")
-        result["subscribers"] = run_subscribers(config, binary)
+        result["subscribers"] = run_subscribers(config, binary, bus, buses)
         if progress is not None:
             progress.update(1)
     if config.scale_idle > 0:
         if progress is not None:
             progress.set_description(f"scale: {config.scale_idle} idle")
-        result["idle"] = run_idle(config, binary)
+        result["idle"] = run_idle(config, binary, bus, buses)
         if progress is not None:
             progress.update(1)
     return result
@@ -295,7 +325,8 @@ def markdown(scale: dict[str, Any]) -> str:
         lines += [
             f"**{subs['clients_open']:,} SSE subscribers** of one channel fed by the "
             f"{subs['feed']} at {subs['rate']:g}/s (the channel got "
-            f"{subs['channel_rate']:.1f}/s), over {len(subs['sources'])} source address(es):",
+            f"{subs['channel_rate']:.1f}/s), over {len(subs['sources'])} source address(es)"
+            f"{_servers(subs)}:",
             "",
             "| delivered/s | offered/s | % | p50 ms | p99 ms | max ms | lost | dup | server CPU "
             "| machine busy | RSS KiB/conn | accept/s |",
@@ -326,8 +357,9 @@ def markdown(scale: dict[str, Any]) -> str:
         lines += [
             f"**{idle['clients_open']:,} idle SSE connections** (of {idle['requested']:,} "
             f"asked for; the server held {idle['held_by_server']:,}, "
-            f"{idle['still_open_after']:,} after the heartbeats), over "
-            f"{len(idle['sources'])} source address(es), descriptor limit {idle['fd_limit']}:",
+            f"{idle['still_open_after']:,} after the heartbeats{_held(idle)}), over "
+            f"{len(idle['sources'])} source address(es){_servers(idle)}, descriptor limit "
+            f"{idle['fd_limit']} per process:",
             "",
             f"- opened in {idle['open_s']:.1f} s: {fmt(idle['accept_per_s'], 'num')} "
             f"connections/s accepted, {fmt(idle['accept_cpu_us_per_conn'], 'num')} us of server "
@@ -345,6 +377,16 @@ def markdown(scale: dict[str, Any]) -> str:
         lines += [f"Capped: {m}." for m in idle["limits"]]
         lines += [f"Error: {e}" for e in idle["errors"][:3]]
     return "\n".join(lines) + "\n"
+
+
+def _servers(part: dict[str, Any]) -> str:
+    n = int(part.get("processes") or 1)
+    return "" if n == 1 else f", {n} server processes on {part['bus']}:// (summed)"
+
+
+def _held(idle: dict[str, Any]) -> str:
+    each = idle.get("held_each") or []
+    return "" if len(each) < 2 else "; " + " + ".join(f"{n:,}" for n in each) + " per process"
 
 
 def bad_runs(scale: dict[str, Any]) -> list[str]:

@@ -177,10 +177,19 @@ class Target:
         result: dict[str, Any] = http_json(self.url + "/api/stats")
         return result
 
+    def urls(self) -> list[str]:
+        """Every server process's URL, the first's first (one: just :attr:`url`)."""
+        return [s.url for s in self.servers] if len(self.servers) > 1 else [self.url]
+
     def open_count(self, transport: str) -> int:
         """Open connections of ``transport``, summed over the processes."""
-        urls = [s.url for s in self.servers] if len(self.servers) > 1 else [self.url]
-        return sum(int(http_json(u + "/api/stats")["transports"][transport]["open"]) for u in urls)
+        return sum(self.open_each(transport))
+
+    def open_each(self, transport: str) -> list[int]:
+        """Open connections of ``transport`` on each process, the first's first."""
+        return [
+            int(http_json(u + "/api/stats")["transports"][transport]["open"]) for u in self.urls()
+        ]
 
     def set_ticker(self, rate: float) -> None:
         # The first process alone: on a shared bus every process's ticker feeds one channel.

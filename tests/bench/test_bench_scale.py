@@ -44,6 +44,21 @@ def test_plan_says_when_the_descriptor_limit_caps_the_count(
     assert fleet.plan(50, 2, sources=1).limits == []
 
 
+def test_plan_counts_every_server_process_and_adds_load_clients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fleet, "raise_nofile", lambda wanted: fleet.FD_SPARE + 100)
+    # Three processes hold 300 together, though one may hold only 100; each of the four load
+    # clients needed for 350 holds at most 100 too.
+    capacity = fleet.plan(350, 2, sources=1, servers=3)
+    assert capacity.allowed == 300
+    assert "3 server process(es) can hold about 300" in capacity.limits[0]
+    assert capacity.processes == 4
+    capacity = fleet.plan(300, 2, sources=1, servers=3)
+    assert (capacity.allowed, capacity.limits, capacity.processes) == (300, [], 3)
+    assert fleet.plan(150, 2, sources=1).processes == 2
+
+
 def test_raise_nofile_reaches_at_least_the_soft_limit() -> None:
     import resource
 
@@ -133,3 +148,35 @@ def test_a_small_scale_run(tmp_path: Path) -> None:
     assert "**40 SSE subscribers**" in md
     assert "**60 idle SSE connections**" in md
     assert scale.bad_runs(result) == []
+
+
+@pytest.mark.slow
+@needs_cc
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
+def test_idle_connections_spread_over_the_processes_of_a_shared_bus(tmp_path: Path) -> None:
+    from realtime_lab.bench.buses import BusBackends
+
+    config = BenchConfig(
+        out=tmp_path,
+        duration=1.0,
+        warmup=0.5,
+        workers=2,
+        scale=True,
+        scale_subscribers=0,
+        scale_idle=60,
+        sources=1,
+        buses=["redis"],
+        processes=2,
+        progress=False,
+    )
+    with BusBackends() as buses:
+        result = scale.run_scale(config, str(native.build().path), buses=buses)
+    idle = result["idle"]
+    assert result["subscribers"] is None
+    assert (idle["bus"], idle["processes"]) == ("redis", 2)
+    assert idle["clients_open"] == idle["held_by_server"] == idle["still_open_after"] == 60
+    assert idle["held_each"] == [30, 30]
+    assert idle["failures"] == idle["disconnects"] == 0
+    assert idle["server_cpu_pct_heartbeat"] is not None
+    assert "30 + 30 per process" in scale.markdown(result)
+    assert "2 server processes on redis://" in scale.markdown(result)
