@@ -7,6 +7,7 @@ import contextlib
 import shutil
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,21 +115,16 @@ def test_a_bad_source_address_fails_clearly(tmp_path: Path) -> None:
     assert "bind 192.0.2.1" in opened["errors"][0]
 
 
+def _small(tmp_path: Path, **settings: Any) -> BenchConfig:
+    """A scale scenario of 60 idle connections and short windows, with ``settings``."""
+    base: dict[str, Any] = {"duration": 1.0, "warmup": 0.5, "workers": 2, "scale_idle": 60}
+    return BenchConfig(out=tmp_path, scale=True, progress=False, **{**base, **settings})
+
+
 @pytest.mark.slow
 @needs_cc
 def test_a_small_scale_run(tmp_path: Path) -> None:
-    config = BenchConfig(
-        out=tmp_path,
-        duration=1.0,
-        warmup=0.5,
-        workers=2,
-        scale=True,
-        scale_subscribers=40,
-        scale_rate=20.0,
-        scale_idle=60,
-        sources=3,
-        progress=False,
-    )
+    config = _small(tmp_path, scale_subscribers=40, scale_rate=20.0, sources=3)
     result = scale.run_scale(config, str(native.build().path))
     subs, idle = result["subscribers"], result["idle"]
     assert subs["errors"] == []
@@ -156,19 +152,7 @@ def test_a_small_scale_run(tmp_path: Path) -> None:
 def test_idle_connections_spread_over_the_processes_of_a_shared_bus(tmp_path: Path) -> None:
     from realtime_lab.bench.buses import BusBackends
 
-    config = BenchConfig(
-        out=tmp_path,
-        duration=1.0,
-        warmup=0.5,
-        workers=2,
-        scale=True,
-        scale_subscribers=0,
-        scale_idle=60,
-        sources=1,
-        buses=["redis"],
-        processes=2,
-        progress=False,
-    )
+    config = _small(tmp_path, scale_subscribers=0, sources=1, buses=["redis"], processes=2)
     with BusBackends() as buses:
         result = scale.run_scale(config, str(native.build().path), buses=buses)
     idle = result["idle"]
