@@ -113,7 +113,7 @@ class Dashboard:
             timeout=WAIT_MS,
         )
 
-    async def wait_finished(self) -> dict[str, Any]:
+    async def wait_finished(self, timeout_ms: int = WAIT_MS) -> dict[str, Any]:
         """Wait until every pane has ended and the final server stats are in; the summary."""
         # data-run=final is set when the page has rendered the final figures; data-run-id says
         # of which run (an earlier run's "final" may still be on the page for 100 ms).
@@ -124,7 +124,7 @@ class Dashboard:
                 return run !== null && run.statsFinal && body.run === "final"
                     && body.runId === run.id;
             }""",
-            timeout=WAIT_MS,
+            timeout=timeout_ms,
         )
         summary = await self.summary()
         assert summary["finished"], summary
