@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 #: Jobs due within this many seconds of a wake run in it (shares wakes between chats). A token
 #: is then up to 5 ms early, inside the simulated model's own spacing (1/rate +-33%: +-6.7 ms at
 #: 50 tokens/s), and a wake serves five times the chats it did at 1 ms: at 100 chatting users
-#: (measured with ``bench --workload chats --chats 100``) 11-13% less server CPU per token, each
-#: loop wake being a sleep and a context switch; 10 ms bought little more (4%) for twice the
-#: jitter.
+#: (measured with ``bench --workload chats --chats 100``, A-B-A-B) 7-16% less server CPU per
+#: token on every transport, each loop wake being a sleep and a context switch; 10 ms bought
+#: little more (4%) for twice the jitter.
 DEFAULT_SLACK_S: Final = 0.005
 #: A job this far behind its due time is re-based on now (its pace resumes from there): a busy
 #: loop delays tokens a little, it does not release a burst of them afterwards (about one token
