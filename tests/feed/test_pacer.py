@@ -120,3 +120,28 @@ async def test_close_drops_every_job() -> None:
     pacer.add(0.0, lambda: called.append(2))  # after close: never scheduled
     await asyncio.sleep(0)
     assert called == []
+
+
+async def test_a_job_never_runs_before_its_due_time_and_near_ones_share_a_wake() -> None:
+    loop = asyncio.get_running_loop()
+    pacer = Pacer(loop, slack=0.02)
+    ran: dict[str, float] = {}
+    both = loop.create_future()
+
+    def job(name: str):  # type: ignore[no-untyped-def]
+        def step() -> float | None:
+            ran[name] = loop.time()
+            if len(ran) == 2:
+                both.set_result(None)
+            return None
+
+        return step
+
+    started = loop.time()
+    first, second = pacer.add(0.01, job("first")), pacer.add(0.02, job("second"))
+    await asyncio.wait_for(both, TIMEOUT)
+    # A chat's first token never comes before its ttft: late by up to the slack, never early.
+    assert ran["first"] >= first.due >= started + 0.01
+    assert ran["second"] >= second.due >= started + 0.02
+    assert abs(ran["first"] - ran["second"]) < 0.005  # one wake (the first's due + slack) ran both
+    pacer.close()
