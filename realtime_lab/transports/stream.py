@@ -75,10 +75,10 @@ class StreamConnection(LiveConnection):
         "_chaos",
         "_corked",
         "_corked_size",
-        "_drain",
         "_fast_from",
         "_faults",
         "_replaying",
+        "_writer",
         "done",
         "end_reason",
         "group",
@@ -112,7 +112,8 @@ class StreamConnection(LiveConnection):
         self.send_buffer = send_buffer
         # Pause (and so wake the catch-up writer's drain) at half the overflow limit.
         transport.set_write_buffer_limits(high=max(send_buffer // 2, 1))
-        self._drain = request._payload_writer.drain
+        # The writer, not its bound drain: idle connections are many, and few ever queue.
+        self._writer = request._payload_writer
         self._chaos = chaos
         # Made when needed: idle connections are many.
         self._faults: FaultPath | None = None
@@ -290,7 +291,7 @@ class StreamConnection(LiveConnection):
     def _queue(self, event: Event) -> None:
         if self._backlog is None:
             name = f"{self.transport}-catch-up-{self.id}"
-            self._backlog = Backlog(self, self._drain, name)
+            self._backlog = Backlog(self, self._writer.drain, name)
         self._backlog.add(event, replayed=self._replaying)
         if self.steady:
             self.update_steady()
