@@ -115,9 +115,8 @@ class Pacer:
         self._timer = None
         heap = self._heap
         now = self._loop.time()
-        horizon = now
         pop, push, order = heapq.heappop, heapq.heappush, self._order
-        while heap and heap[0][0] <= horizon:
+        while heap and heap[0][0] <= now:
             job = pop(heap)[2]
             if job.cancelled:
                 continue
