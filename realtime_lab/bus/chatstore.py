@@ -14,7 +14,7 @@ whose lease passed is dead, and any other process ends each of its running chats
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -31,11 +31,14 @@ class Renewal:
     """What renewing a lease found.
 
     ``lapsed``: this process's own lease had passed before the renewal (a stall, an outage):
-    others may have ended its chats, so check them. ``dead``: processes whose lease passed.
+    others may have ended its chats, so check them. ``dead``: processes whose lease passed (up to
+    :data:`DEAD_BATCH`; whoever forgets one first drops it, so not every process sees each).
+    ``gone``: those of the processes the renewal was asked to ``watch`` that have no live lease.
     """
 
     lapsed: bool = False
     dead: list[str] = field(default_factory=list)
+    gone: list[str] = field(default_factory=list)
 
 
 class ChatStore(Protocol):
@@ -58,8 +61,9 @@ class ChatStore(Protocol):
         """The chat's record, or ``None`` when no process has it (never, or expired)."""
         ...
 
-    async def renew(self, process: str, ttl_s: float) -> Renewal:
-        """Extend ``process``'s lease to ``ttl_s`` from now; say what the renewal found."""
+    async def renew(self, process: str, ttl_s: float, watch: Collection[str] = ()) -> Renewal:
+        """Extend ``process``'s lease to ``ttl_s`` from now; say what the renewal found, and
+        which of the processes in ``watch`` are gone (in the same round trip)."""
         ...
 
     async def orphans(self, process: str) -> list[str]:

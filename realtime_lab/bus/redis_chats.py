@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Collection, Mapping
 from typing import Any, Final, Protocol, TypeVar
 
 from redis.exceptions import RedisError
@@ -95,14 +95,15 @@ end
 return 0
 """
 
-# KEYS: the leases. ARGV: process, lease ms, most dead ones to return.
-# Returns {1 if the process had a lease, 1 if it had passed, dead processes...}.
+# KEYS: the leases. ARGV: process, lease ms, most dead ones to return, processes to watch...
+# Returns {1 if the process had a lease, 1 if it had passed, how many dead, dead processes...,
+# watched processes without a live lease...}.
 RENEW_LUA: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local prev = redis.call('ZSCORE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
-local out = {0, 0}
+local out = {0, 0, 0}
 if prev then
   out[1] = 1
   if tonumber(prev) < now then
@@ -112,6 +113,13 @@ end
 for _, dead in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. now, 'LIMIT', 0,
     tonumber(ARGV[3]))) do
   out[#out + 1] = dead
+  out[3] = out[3] + 1
+end
+for i = 4, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if not score or tonumber(score) < now then
+    out[#out + 1] = ARGV[i]
+  end
 end
 return out
 """
@@ -201,14 +209,16 @@ class RedisChatStore:
             return None
         return {_text(k): _text(v) for k, v in raw.items()}
 
-    async def renew(self, process: str, ttl_s: float) -> Renewal:
+    async def renew(self, process: str, ttl_s: float, watch: Collection[str] = ()) -> Renewal:
         keys = [self._leases_key()]
-        args = [process, math.ceil(ttl_s * 1000), DEAD_BATCH]  # <= 0: passed already
+        args = [process, math.ceil(ttl_s * 1000), DEAD_BATCH, *watch]  # <= 0: passed already
         result = await self._broker._call(self._script(1), keys, args)
-        had, passed, *dead = result
+        had, passed, count, *names = result
         lapsed = bool(passed) or (not had and process in self._leased)
         self._leased.add(process)
-        return Renewal(lapsed, [_text(name) for name in dead if _text(name) != process])
+        dead = [_text(name) for name in names[:count]]
+        gone = [_text(name) for name in names[count:]]
+        return Renewal(lapsed, [name for name in dead if name != process], gone)
 
     async def orphans(self, process: str) -> list[str]:
         (members,) = await self._do(self._client().smembers(self._chats_key(process)))

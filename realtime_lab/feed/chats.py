@@ -28,7 +28,7 @@ import logging
 import secrets
 import time
 from collections import Counter, deque
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, Protocol
 
@@ -167,6 +167,23 @@ class SimulatedSource:
         """Nothing to release."""
 
 
+class StreamWatch(Protocol):
+    """Who follows the fetch streams other processes hold of this process's chats (the fetch
+    transport's abort grace): told when one opens or ends, and when its process went away."""
+
+    def told(self, chat_id: str, *, opened: bool, cleanly: bool, process: str) -> None:
+        """Process ``process`` opened (or ended; ``cleanly``: having seen the end) a stream."""
+        ...
+
+    def holders(self) -> Collection[str]:
+        """The processes holding open streams of this process's chats: check they are alive."""
+        ...
+
+    def gone(self, processes: Collection[str]) -> None:
+        """These processes went away (their lease passed): their streams ended, not cleanly."""
+        ...
+
+
 class Sharing(Protocol):
     """What the registry asks of :class:`realtime_lab.feed.shared.ChatSharing`."""
 
@@ -255,9 +272,9 @@ class ChatRegistry:
         #: The chats shared with other processes: set by
         #: :meth:`realtime_lab.feed.shared.ChatSharing.open` on a shared bus, else ``None``.
         self.sharing: Sharing | None = None
-        #: Called as ``(chat_id, opened, cleanly)`` when another process says a stream of one of
-        #: this process's chats opened or ended (set by the fetch transport's abort grace).
-        self.stream_watch: Callable[[str, bool, bool], None] | None = None
+        #: Told when another process says a stream of one of this process's chats opened or
+        #: ended, or when such a process went away (set by the fetch transport's abort grace).
+        self.stream_watch: StreamWatch | None = None
 
     def start(
         self,

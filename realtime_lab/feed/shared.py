@@ -17,6 +17,9 @@ On a bus that several processes share (``redis://``, ``redis+cluster://``), each
   running chats with ``end`` and reason ``error``, once, whichever process gets there first. A
   client of a chat whose generator died thus gets its ``end`` within the lease
   (:data:`~realtime_lab.bus.chatstore.LEASE_TTL_S`) plus one renewal.
+- The same renewal checks the leases of the processes that hold open fetch streams of this
+  process's chats: a stream whose process died without saying it ended counts as cut, so the
+  abort grace runs as if that process had said so (a chat read by nobody does not run on).
 
 A process whose own lease passed (a stall longer than the lease, an outage) learns so at its next
 renewal and stops, without a second ``end``, the chats that others ended meanwhile. A chat that an
@@ -187,7 +190,9 @@ class ChatSharing:
             BusUnavailable: the backend does not answer.
         """
         if chat.process:
-            data = {"chat": chat.id, "open": opened, "clean": cleanly}
+            # "from": the generator counts the stream against this process, and counts it cut
+            # if this process's lease passes before it says the stream ended.
+            data = {"chat": chat.id, "open": opened, "clean": cleanly, "from": self.process}
             await self._bus.publish(CONTROL_PREFIX + chat.process, STREAM, data)
 
     def end_later(self, chat: Chat) -> None:
@@ -253,7 +258,13 @@ class ChatSharing:
                         self.registry.cancel(chat_id)
                     elif event.type == STREAM and self.registry.stream_watch is not None:
                         opened, clean = event.data.get("open"), event.data.get("clean")
-                        self.registry.stream_watch(chat_id, opened is True, clean is True)
+                        sender = event.data.get("from")
+                        self.registry.stream_watch.told(
+                            chat_id,
+                            opened=opened is True,
+                            cleanly=clean is True,
+                            process=sender if isinstance(sender, str) else "",
+                        )
                 return  # the bus closed
             except SubscriberOverflow:
                 log.warning("the control channel of process %s overflowed", self.process)
@@ -265,12 +276,17 @@ class ChatSharing:
 
     # Leases ------------------------------------------------------------------------------------
     async def _watch(self) -> None:
-        """Every second: renew this process's lease, end the chats of processes that died."""
+        """Every second: renew this process's lease, end the chats of processes that died, and
+        count the streams of this process's chats that a dead process held as cut."""
         failing = False
         while True:
             await asyncio.sleep(LEASE_RENEW_S)
+            watch = self.registry.stream_watch
             try:
-                renewal = await self.store.renew(self.process, LEASE_TTL_S)
+                holders = () if watch is None else watch.holders()
+                renewal = await self.store.renew(self.process, LEASE_TTL_S, holders)
+                if watch is not None and renewal.gone:
+                    watch.gone(renewal.gone)
                 if self._unstored:
                     await self._store_ends()
                 if renewal.lapsed:

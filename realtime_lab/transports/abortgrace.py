@@ -5,7 +5,9 @@ whichever process the streams are: a stream of another process's chat (a resume 
 balancer sent elsewhere) tells the generator when it opens and when it ends, on the generator's
 control channel (:meth:`realtime_lab.feed.shared.ChatSharing.stream_changed`). So the rule is
 the same behind a load balancer as on one process: the chat is cancelled ``grace`` seconds after
-its last fetch stream, wherever it was, went away without seeing the end.
+its last fetch stream, wherever it was, went away without seeing the end. A process that dies
+cannot say its streams ended: the generator counts each stream against the process that told it,
+and when that process's lease passes (:meth:`AbortGrace.gone`) its streams count as cut.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Collection
 
 from realtime_lab.errors import BusError, UnknownChat
 from realtime_lab.feed.chats import Chat, ChatRegistry
@@ -38,8 +41,9 @@ class AbortGrace:
         #: Open streams of this process whose chat another process generates (told it).
         self._remote: Counter[str] = Counter()
         self._telling: set[asyncio.Task[None]] = set()
-        # The generator's side: streams other processes tell it about.
-        chats.stream_watch = self._told
+        #: The generator's side: open streams other processes told it about, by process.
+        self._held: dict[str, Counter[str]] = {}
+        chats.stream_watch = self
 
     async def opened(self, chat: Chat) -> None:
         """A fetch stream of the chat opened: it is not abandoned. Pair it with one
@@ -86,11 +90,43 @@ class AbortGrace:
         loop = asyncio.get_running_loop()
         self._pending[chat.id] = loop.call_later(self._grace, self._cancel, chat.id)
 
-    def _told(self, chat_id: str, opened: bool, cleanly: bool) -> None:
+    # StreamWatch: the generator's side ---------------------------------------------------------
+    def told(self, chat_id: str, *, opened: bool, cleanly: bool, process: str) -> None:
         """Another process opened (or ended) a fetch stream of a chat this one generates."""
         if opened:
+            self._held.setdefault(process, Counter())[chat_id] += 1
             self._opened_here(chat_id)
             return
+        held = self._held.get(process)
+        if held is not None and held[chat_id] > 0:
+            held[chat_id] -= 1
+            if not held[chat_id]:
+                del held[chat_id]
+                if not held:
+                    del self._held[process]
+        self._closed_remote(chat_id, cleanly=cleanly)
+
+    def holders(self) -> Collection[str]:
+        """The processes holding open streams of this process's chats."""
+        return [process for process in self._held if process]
+
+    def gone(self, processes: Collection[str]) -> None:
+        """Those processes died: each stream they held ends, not cleanly (the grace starts)."""
+        for process in processes:
+            held = self._held.pop(process, None)
+            if not held:
+                continue
+            log.warning(
+                "process %s went away holding %d fetch stream(s) of this process's chats: "
+                "they count as cut",
+                process,
+                held.total(),
+            )
+            for chat_id, count in held.items():
+                for _ in range(count):
+                    self._closed_remote(chat_id, cleanly=False)
+
+    def _closed_remote(self, chat_id: str, *, cleanly: bool) -> None:
         with contextlib.suppress(UnknownChat):  # forgotten: nothing left to cancel
             self._closed_here(self._chats.get(chat_id), cleanly=cleanly)
 
@@ -127,5 +163,6 @@ class AbortGrace:
         self._pending.clear()
         self._open.clear()
         self._remote.clear()
+        self._held.clear()
         for task in self._telling:
             task.cancel()

@@ -241,6 +241,27 @@ async def test_a_dead_generators_chat_ends_once_with_error(shared_url: str) -> N
             await bus.close()
 
 
+async def test_a_renewal_says_which_watched_processes_are_gone(shared_url: str) -> None:
+    """Streams' holders are checked in the renewal: a passed lease and no lease are gone."""
+    bus = create_bus(shared_url)
+    await bus.start()
+    try:
+        store = bus.broker.chat_store()
+        assert store is not None
+        alive, passed, never = (uuid.uuid4().hex[:12] for _ in range(3))
+        await store.renew(alive, LEASE_TTL_S)
+        await store.renew(passed, -1.0)
+        renewal = await store.renew("watcher", LEASE_TTL_S, [alive, passed, never])
+        assert sorted(renewal.gone) == sorted([passed, never])
+        assert passed in renewal.dead  # and still listed apart, for its chats' orphan ends
+        assert never not in renewal.dead
+        assert (await store.renew("watcher", LEASE_TTL_S)).gone == []
+        await store.leave(alive)  # a clean shutdown drops the lease: gone too
+        assert (await store.renew("watcher", LEASE_TTL_S, [alive])).gone == [alive]
+    finally:
+        await bus.close()
+
+
 async def test_killing_the_generator_ends_its_chat_with_error_on_the_other_process(
     start_server: StartServer, redis_url: str
 ) -> None:

@@ -3,17 +3,21 @@
 Two apps on one private Redis stand for two server processes. A chat started on A, cut, and
 resumed on B streams on from the cursor (history, then live) up to its end, with every token
 once; the abort grace holds across them (the chat runs while B streams it, and is cancelled
-after the grace once B's stream is cut too); a chat no process knows is a 404 on either.
+after the grace once B's stream is cut too, or once B dies holding it); a chat no process knows
+is a 404 on either.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import aiohttp
 import pytest
 
+from realtime_lab.bus.chatstore import LEASE_TTL_S
+from realtime_lab.feed.chats import Chat
 from realtime_lab.feed.llm import answer_text
 from realtime_lab.transports.keys import CHATS_KEY
 from tests.conftest import RunningServer, StartServer
@@ -98,6 +102,50 @@ async def test_a_resume_elsewhere_cut_again_cancels_the_chat_after_the_grace(
     assert_seamless(first.events + second.events + rest.events, chat_id)
     assert rest.events[-1]["type"] == "end"
     assert rest.events[-1]["data"]["reason"] == "cancelled"
+
+
+async def test_a_stream_held_by_a_process_that_died_counts_as_cut(
+    start_server: StartServer,
+    session: aiohttp.ClientSession,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a, b = await two(start_server, redis_url)
+    long = body(token_ms=600)  # 40 tokens, about 24 s: only a cancel ends it within 15 s
+    first = await fetch(session, a.url, long, stop=until_count(2), read_to_eof=False)
+    assert first.chat is not None
+    chat_id = first.chat["id"]
+    sharing = b.app[CHATS_KEY].sharing
+    assert sharing is not None
+    tell = sharing.stream_changed
+
+    async def dying(chat: Chat, *, opened: bool, cleanly: bool) -> None:
+        if opened:  # B dies before it can say the stream ended
+            await tell(chat, opened=opened, cleanly=cleanly)
+
+    monkeypatch.setattr(sharing, "stream_changed", dying)
+    second = await fetch(
+        session,
+        b.url,
+        long,
+        last_event_id=first.events[-1]["id"],
+        stop=until_count(4),
+        read_to_eof=False,
+    )
+    assert second.status == 200, second.error
+    await sharing.stop()  # and stops renewing its lease, as a dead process does
+    left = time.monotonic()
+    generated = a.app[CHATS_KEY].get(chat_id)
+
+    with caplog.at_level(logging.WARNING, logger="realtime_lab.transports.abortgrace"):
+        await wait_for(lambda: generated.status != "running", timeout=15)
+    assert generated.status == "cancelled"
+    # Not before B's lease passed and the grace after it (timer slack aside).
+    assert time.monotonic() - left >= (LEASE_TTL_S + GRACE) * 0.9
+    gone = [r for r in caplog.records if "went away holding 1 fetch stream" in r.getMessage()]
+    assert len(gone) == 1, caplog.text
+    assert_seamless(first.events + second.events, chat_id)
 
 
 async def test_resuming_a_finished_chat_elsewhere_reads_the_rest(
