@@ -19,9 +19,9 @@ REDIS_PORT=${REDIS_PORT:-6390}
 SERVE_ARGS=${SERVE_ARGS:-}
 
 [ "$REDIS_PORT" != 6379 ] || { echo "REDIS_PORT=6379 is the shared Redis: pick another" >&2; exit 1; }
-nginx=$(command -v nginx || true)
-[ -n "$nginx" ] || { [ -x /usr/sbin/nginx ] && nginx=/usr/sbin/nginx; } || true
-[ -n "$nginx" ] || { echo "nginx is not installed (Debian: apt-get install nginx-light)" >&2; exit 1; }
+# shellcheck source=deploy/nginx-lib.sh
+. deploy/nginx-lib.sh
+find_nginx
 redis=$(command -v redis-server || true)
 [ -n "$redis" ] || { echo "redis-server is not installed (Debian: apt-get install redis-server)" >&2; exit 1; }
 
@@ -37,10 +37,7 @@ sed -e "s/server 127\.0\.0\.1:8081;/server 127.0.0.1:$PORT1;/" \
     -e "s/server 127\.0\.0\.1:8082;/server 127.0.0.1:$PORT2;/" \
     -e "s/listen 127\.0\.0\.1:8080;/listen 127.0.0.1:$PORT;/" \
     deploy/nginx-cluster.conf >"$DIR/nginx.conf"
-args=(-p "$DIR/" -c "$DIR/nginx.conf" -e "$DIR/error.log")
-# As root nginx would work as "nobody", who cannot read $DIR: stay who we are.
-[ "$(id -u)" = 0 ] && args+=(-g "user $(id -un) $(id -gn);")
-"$nginx" -t -q "${args[@]}"
+nginx_args "$DIR"
 
 pids=()
 stop() {
@@ -91,7 +88,7 @@ for port in "$PORT1" "$PORT2"; do
   servers+=($!)
 done
 wait_for "health $PORT1 && health $PORT2" "realtime-lab on $PORT1 and $PORT2 (see $DIR/serve-*.log)"
-"$nginx" "${args[@]}" &
+"$nginx" "${nginx_args[@]}" &
 nginx_pid=$!
 pids+=("$nginx_pid")
 

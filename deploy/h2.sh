@@ -12,12 +12,9 @@ H2_PORT=${H2_PORT:-8443}
 H1_PORT=${H1_PORT:-8444}
 DIR=${H2_DIR:-.h2}
 
-nginx=$(command -v nginx || true)
-[ -n "$nginx" ] || { [ -x /usr/sbin/nginx ] && nginx=/usr/sbin/nginx; } || true
-if [ -z "$nginx" ]; then
-  echo "nginx is not installed (Debian: apt-get install nginx-light)" >&2
-  exit 1
-fi
+# shellcheck source=deploy/nginx-lib.sh
+. deploy/nginx-lib.sh
+find_nginx
 if ! "$nginx" -V 2>&1 | grep -q -- --with-http_v2_module; then
   echo "$nginx has no HTTP/2 module (--with-http_v2_module)" >&2
   exit 1
@@ -38,10 +35,7 @@ sed -e "s/127\.0\.0\.1:8080;/127.0.0.1:$PORT;/" \
     -e "s/listen 127\.0\.0\.1:8443 /listen 127.0.0.1:$H2_PORT /" \
     -e "s/listen 127\.0\.0\.1:8444 /listen 127.0.0.1:$H1_PORT /" \
     deploy/nginx-h2.conf >"$DIR/nginx.conf"
-args=(-p "$DIR/" -c "$DIR/nginx.conf" -e "$DIR/error.log")
-# As root nginx would work as "nobody", who cannot read $DIR: stay who we are.
-[ "$(id -u)" = 0 ] && args+=(-g "user $(id -un) $(id -gn);")
-"$nginx" -t -q "${args[@]}"
+nginx_args "$DIR"
 
 pids=()
 stop() {
@@ -54,7 +48,7 @@ trap stop INT TERM EXIT
 # is https://... for its Origin checks, URLs say https:/wss:, and the session cookie is Secure.
 "$BIN/realtime-lab" serve --host 127.0.0.1 --port "$PORT" --trusted-proxies 127.0.0.1 &
 pids+=($!)
-"$nginx" "${args[@]}" &
+"$nginx" "${nginx_args[@]}" &
 pids+=($!)
 echo "HTTP/2:   https://127.0.0.1:$H2_PORT/   (curl -k --http2 https://127.0.0.1:$H2_PORT/api/config)"
 echo "HTTP/1.1: https://127.0.0.1:$H1_PORT/   (the same page: open it in three tabs to see the six-connection limit)"
