@@ -21,7 +21,7 @@ from realtime_lab.feed.chats import Chat
 from realtime_lab.feed.llm import answer_text
 from realtime_lab.transports.keys import CHATS_KEY
 from tests.conftest import RunningServer, StartServer
-from tests.transports.collect import Envelope, fetch, text_of, until_count, wait_for
+from tests.transports.collect import Envelope, FetchResult, fetch, text_of, until_count, wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -42,6 +42,15 @@ async def two(start_server: StartServer, url: str) -> tuple[RunningServer, Runni
     return a, b
 
 
+async def cut_after(
+    session: aiohttp.ClientSession, url: str, chat: Envelope, count: int, after: str | None = None
+) -> FetchResult:
+    """Read ``count`` events of the fetch stream (resuming ``after`` that id), then cut it."""
+    return await fetch(
+        session, url, chat, last_event_id=after, stop=until_count(count), read_to_eof=False
+    )
+
+
 def assert_seamless(events: list[Envelope], chat_id: str) -> None:
     ids = [e["id"] for e in events]
     assert ids == [f"{chat_id}-{n}" for n in range(1, len(ids) + 1)]  # no gap, none twice
@@ -51,7 +60,7 @@ async def test_a_chat_cut_on_one_process_resumes_on_another_to_its_end(
     start_server: StartServer, session: aiohttp.ClientSession, redis_url: str
 ) -> None:
     a, b = await two(start_server, redis_url)
-    first = await fetch(session, a.url, body(), stop=until_count(10), read_to_eof=False)
+    first = await cut_after(session, a.url, body(), 10)
     assert first.chat is not None
     chat_id = first.chat["id"]
     assert first.chat["process"] == a.app[CHATS_KEY].process
@@ -77,17 +86,10 @@ async def test_a_resume_elsewhere_cut_again_cancels_the_chat_after_the_grace(
 ) -> None:
     a, b = await two(start_server, redis_url)
     long = body(max_tokens=2000)
-    first = await fetch(session, a.url, long, stop=until_count(5), read_to_eof=False)
+    first = await cut_after(session, a.url, long, 5)
     assert first.chat is not None
     chat_id = first.chat["id"]
-    second = await fetch(
-        session,
-        b.url,
-        long,
-        last_event_id=first.events[-1]["id"],
-        stop=until_count(10),
-        read_to_eof=False,
-    )
+    second = await cut_after(session, b.url, long, 10, after=first.events[-1]["id"])
     assert second.status == 200, second.error
     left = time.monotonic()
     generated = a.app[CHATS_KEY].get(chat_id)
@@ -113,7 +115,7 @@ async def test_a_stream_held_by_a_process_that_died_counts_as_cut(
 ) -> None:
     a, b = await two(start_server, redis_url)
     long = body(token_ms=600)  # 40 tokens, about 24 s: only a cancel ends it within 15 s
-    first = await fetch(session, a.url, long, stop=until_count(2), read_to_eof=False)
+    first = await cut_after(session, a.url, long, 2)
     assert first.chat is not None
     chat_id = first.chat["id"]
     sharing = b.app[CHATS_KEY].sharing
@@ -125,14 +127,7 @@ async def test_a_stream_held_by_a_process_that_died_counts_as_cut(
             await tell(chat, opened=opened, cleanly=cleanly)
 
     monkeypatch.setattr(sharing, "stream_changed", dying)
-    second = await fetch(
-        session,
-        b.url,
-        long,
-        last_event_id=first.events[-1]["id"],
-        stop=until_count(4),
-        read_to_eof=False,
-    )
+    second = await cut_after(session, b.url, long, 4, after=first.events[-1]["id"])
     assert second.status == 200, second.error
     await sharing.stop()  # and stops renewing its lease, as a dead process does
     left = time.monotonic()
