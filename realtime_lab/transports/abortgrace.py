@@ -84,11 +84,15 @@ class AbortGrace:
         if left > 0:
             self._open[chat.id] = left
             return
-        del self._open[chat.id]
+        self._open.pop(chat.id, None)
         if cleanly or chat.status != "running" or chat.id in self._pending:
             return
         loop = asyncio.get_running_loop()
         self._pending[chat.id] = loop.call_later(self._grace, self._cancel, chat.id)
+
+    def cancelling(self, chat_id: str) -> bool:
+        """Whether the chat is to be cancelled when its grace ends (no stream of it is open)."""
+        return chat_id in self._pending
 
     # StreamWatch: the generator's side ---------------------------------------------------------
     def told(self, chat_id: str, *, opened: bool, cleanly: bool, process: str) -> None:
@@ -98,12 +102,14 @@ class AbortGrace:
             self._opened_here(chat_id)
             return
         held = self._held.get(process)
-        if held is not None and held[chat_id] > 0:
-            held[chat_id] -= 1
-            if not held[chat_id]:
-                del held[chat_id]
-                if not held:
-                    del self._held[process]
+        if held is None or held[chat_id] <= 0:
+            # Counted as cut already: its process's lease passed (an outage) before it told.
+            return
+        held[chat_id] -= 1
+        if not held[chat_id]:
+            del held[chat_id]
+            if not held:
+                del self._held[process]
         self._closed_remote(chat_id, cleanly=cleanly)
 
     def holders(self) -> Collection[str]:
