@@ -79,8 +79,8 @@ class AbortGrace:
         if handle is not None:
             handle.cancel()
 
-    def _closed_here(self, chat: Chat, *, cleanly: bool) -> None:
-        left = self._open[chat.id] - 1
+    def _closed_here(self, chat: Chat, *, cleanly: bool, streams: int = 1) -> None:
+        left = self._open[chat.id] - streams
         if left > 0:
             self._open[chat.id] = left
             return
@@ -129,12 +129,11 @@ class AbortGrace:
                 held.total(),
             )
             for chat_id, count in held.items():
-                for _ in range(count):
-                    self._closed_remote(chat_id, cleanly=False)
+                self._closed_remote(chat_id, cleanly=False, streams=count)
 
-    def _closed_remote(self, chat_id: str, *, cleanly: bool) -> None:
+    def _closed_remote(self, chat_id: str, *, cleanly: bool, streams: int = 1) -> None:
         with contextlib.suppress(UnknownChat):  # forgotten: nothing left to cancel
-            self._closed_here(self._chats.get(chat_id), cleanly=cleanly)
+            self._closed_here(self._chats.get(chat_id), cleanly=cleanly, streams=streams)
 
     def _spawn_tell(self, chat: Chat, cleanly: bool) -> None:
         # In a task: a stream's end must not wait for the bus (nor fail for it).
