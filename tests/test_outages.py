@@ -21,6 +21,7 @@ from realtime_lab.errors import BusUnavailable
 from realtime_lab.protocol.envelope import Event
 from tests.conftest import StartServer, refusing_port
 from tests.redis_server import RedisServer
+from tests.transports.collect import wait_for
 
 pytestmark = pytest.mark.redis
 
@@ -130,13 +131,6 @@ async def read_sse(response: aiohttp.ClientResponse, into: list[str]) -> None:
         line = raw.decode().rstrip("\r\n")
         if line.startswith(("data:", ":")):
             into.append(line)
-
-
-async def wait_for(check: object, timeout: float = 10.0) -> None:
-    assert callable(check)
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.02)
 
 
 async def test_lost_redis_answers_503_and_streams_carry_on(

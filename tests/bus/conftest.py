@@ -11,6 +11,7 @@ too) the same way.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -119,11 +120,16 @@ class Recorder:
 
 
 async def wait_until(
-    check: Callable[[], Awaitable[bool]], timeout: float = 5.0, interval: float = 0.02
+    check: Callable[[], bool | Awaitable[bool]], timeout: float = 5.0, interval: float = 0.02
 ) -> None:
-    """Poll ``check()`` until it returns ``True``; fail after ``timeout`` seconds."""
+    """Poll ``check()`` (sync or async) until it returns ``True``; fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
-    while not await check():
+    while not await _checked(check):
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+async def _checked(check: Callable[[], bool | Awaitable[bool]]) -> bool:
+    value = check()
+    return await value if inspect.isawaitable(value) else value

@@ -16,7 +16,7 @@ from realtime_lab.errors import UnknownBusBackend
 from realtime_lab.protocol.envelope import END, Event
 from tests.redis_server import ClusterControl, RedisClusterServers
 
-from .conftest import Recorder
+from .conftest import Recorder, wait_until
 
 pytestmark = pytest.mark.redis
 
@@ -237,9 +237,7 @@ async def test_a_moved_subscription_tells_the_hub_of_a_gap(
     slot = key_slot(broker.live_key(channel))
     target = next(port for port in control.primaries() if port != control.owner(slot))
     await asyncio.to_thread(control.migrate_slot, slot, target)
-    async with asyncio.timeout(10):
-        while channel not in gaps:
-            await asyncio.sleep(0.01)
+    await wait_until(lambda: channel in gaps, timeout=10)
     assert broker._key_shard[broker.live_key(channel)].name == f"127.0.0.1:{target}"
     last = await publisher.publish(channel, "token", {"i": 2})
     await rec.wait_for(lambda r: len(r.events) == 2)

@@ -315,7 +315,8 @@ async def test_attach_seam_under_concurrent_publishing(bus: Bus) -> None:
     task = asyncio.create_task(producer())
     sinks: list[tuple[Any, Recorder]] = []
     for round_ in range(6):
-        await asyncio.sleep(0.002)
+        seen = len(published)  # attach once the producer has moved on: at another position
+        await wait_until(lambda seen=seen: len(published) > seen or task.done())
         middle = parse_id(published[len(published) // 2].id) if published else None
         # Several attaches at once, at different resume positions.
         sinks += await asyncio.gather(attach(None), attach(LIVE), attach(middle))

@@ -247,6 +247,8 @@ async def test_subscribes_on_first_attach_and_unsubscribes_after_last(
     two = await bus.attach(channel, None, Recorder())
     assert await numsub(raw, key) == 1  # one subscription per process, not per sink
     one.detach()
+    # A negative check: nothing to wait for if the bus is right, so a short bounded pause in
+    # which a wrong unsubscribe would have reached Redis.
     await asyncio.sleep(0.01)
     assert await numsub(raw, key) == 1
     two.detach()
