@@ -43,31 +43,64 @@ def new_epoch() -> str:
     return secrets.token_hex(4)
 
 
-class _Channel:
-    """History of one channel life: exactly the retained events, oldest first."""
+#: A finished channel's ``events``: empty for good (a deque of maxlen 0 keeps nothing).
+_DRAINED: Final[deque[Event]] = deque(maxlen=0)
 
-    __slots__ = ("bytes", "epoch", "events", "finished", "last_seq", "name")
+
+class _Channel:
+    """History of one channel life: exactly the retained events, oldest first.
+
+    A live channel keeps its :class:`Event` objects, shared by every reader and carrying each
+    transport's frames, encoded once. A finished one (from its first ``end``) keeps only their
+    JSON, a tuple of bytes, and makes the events again for each read (see :meth:`finish`).
+    """
+
+    __slots__ = ("bytes", "epoch", "events", "finished", "kept", "last_seq", "name")
 
     def __init__(self, name: str, epoch: str) -> None:
         self.name = name
         self.epoch = epoch
-        self.events: deque[Event] = deque()
-        self.bytes = 0  # sum of len(event.json) over ``events``
+        self.events: deque[Event] = deque()  # while live
+        self.kept: tuple[bytes, ...] = ()  # once finished: each event's JSON
+        self.bytes = 0  # sum of the envelopes' JSON sizes over what is retained
         self.last_seq = 0
         self.finished = False
 
     @property
     def first_seq(self) -> int:
-        return self.last_seq - len(self.events) + 1
+        return self.last_seq - len(self.events) - len(self.kept) + 1
 
     def append(self, event: Event, size: int, maxlen: int, maxbytes: int) -> None:
         """Store ``event`` (``size`` bytes, at most ``maxbytes``), trimming the oldest to fit."""
         self.last_seq = event.seq
-        self.events.append(event)
         self.bytes += size
+        if self.finished:  # rare: an event after the end
+            kept = (*self.kept, event.json)
+            drop = 0
+            while len(kept) - drop > maxlen or self.bytes > maxbytes:
+                self.bytes -= len(kept[drop])
+                drop += 1
+            self.kept = kept[drop:]
+            return
         events = self.events
+        events.append(event)
         while len(events) > maxlen or self.bytes > maxbytes:
             self.bytes -= len(events.popleft().json)
+
+    def finish(self) -> None:
+        """The channel's first ``end`` is stored: from now on its history is kept as JSON.
+
+        A finished chat's history mostly waits out the ttl, and each :class:`Event` in it was an
+        object every pass of the garbage collector walked: counted with ``gc.get_objects`` at a
+        thousand chatting users (``bench --workload chats --chats 1000``), 54% of the oldest
+        generation and 42% of the middle one. A tuple of bytes is not tracked at all. Measured
+        at 400 and 1,000 users, A-B-A-B: the collector's time down 35-45%, the middle
+        generation's passes nearly gone, the server's RSS halved (the transports' frames go
+        too: written once, a late resume encodes again).
+        """
+        self.finished = True
+        self.kept = tuple([event.json for event in self.events])
+        self.events = _DRAINED
 
     def info(self) -> ChannelInfo:
         return ChannelInfo(self.name, self.epoch, self.first_seq, self.last_seq, self.finished, 0)
@@ -79,17 +112,23 @@ class _Channel:
             from_seq = after.seq + 1
         else:
             from_seq = info.first_seq
-        count = len(self.events)
         begin = from_seq - info.first_seq
+        if self.finished:
+            kept = self.kept
+            end = len(kept) if limit is None else min(len(kept), begin + limit)
+            restore, first = Event.restore, info.first_seq
+            return [restore(kept[i], first + i) for i in range(begin, end)]
+        events = self.events
+        count = len(events)
         end = count if limit is None else min(count, begin + limit)
         if begin >= end:
             return []
         if begin > count // 2:
             # Resumes near the newest (a live feed catching up): walk from that end.
-            tail = list(islice(reversed(self.events), count - end, count - begin))
+            tail = list(islice(reversed(events), count - end, count - begin))
             tail.reverse()
             return tail
-        return list(islice(self.events, begin, end))
+        return list(islice(events, begin, end))
 
 
 class MemoryBroker(Broker):
@@ -264,15 +303,11 @@ class MemoryBroker(Broker):
         if channel in self._subscribed:
             self.handler.on_event(channel, event)
         if type == END and not chan.finished:
-            chan.finished = True
+            chan.finish()
             # Followed or not, a finished channel expires ``ttl`` after its first ``end``.
             self._idle.pop(channel, None)
             self._ending[channel] = self._clock() + self.ttl
             self._arm()
-            # A finished channel's history is kept for resumes, rarely read again: keeping every
-            # event's transport frames with it doubled a finished chat's memory.
-            for kept in chan.events:
-                kept.shed()
         return event
 
     async def declare(self, channel: str, epoch: str | None = None) -> None:

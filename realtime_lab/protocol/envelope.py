@@ -119,19 +119,6 @@ class Event:
             encoded = self.cache["json"] = text.encode()
         return encoded
 
-    def shed(self) -> None:
-        """Drop the transports' cached encodings, keep the JSON (history's size is counted in it).
-
-        For events that are history more than traffic, such as a finished chat's: its frames were
-        written once, and a late resume encodes them again.
-        """
-        cache = self.cache
-        if len(cache) > 1 or (cache and "json" not in cache):
-            encoded = cache.get("json")
-            cache.clear()
-            if encoded is not None:
-                cache["json"] = encoded
-
     def to_dict(self) -> dict[str, Any]:
         """The envelope as a plain dict (``seq`` and the cache are not part of it)."""
         return {
@@ -173,6 +160,24 @@ class Event:
         except InvalidCursor as exc:
             raise InvalidEnvelope(str(exc)) from exc
         return cls(channel, event_id, kind, data, ts, seq)
+
+    @classmethod
+    def restore(cls, encoded: bytes, seq: int) -> Event:
+        """The event whose envelope this server encoded as ``encoded`` (its :attr:`json`).
+
+        For history kept as JSON: decoded without :meth:`from_json`'s checks, which the bytes
+        passed when they were made, and ``encoded`` is reused as the JSON, not encoded again.
+        """
+        value = json.loads(encoded)
+        return cls(
+            value["channel"],
+            value["id"],
+            value["type"],
+            value["data"],
+            value["ts"],
+            seq,
+            {"json": encoded},
+        )
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Event:

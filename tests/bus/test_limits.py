@@ -8,6 +8,7 @@ on conditions (bounded), never on bare sleeps.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -91,6 +92,23 @@ async def test_history_byte_cap_trims_the_oldest_events(make_bus: MakeBus) -> No
     other = new_channel()
     tiny = [await small.publish(other, "token", {"i": i}) for i in range(6)]
     assert [e.id for e in (await small.replay(other, None)).events] == [e.id for e in tiny[3:]]
+
+
+async def test_both_caps_hold_after_the_channel_ended(make_bus: MakeBus) -> None:
+    # A finished channel keeps its history in another form (memory://): the caps are the same.
+    cap = 1000
+    bus = await make_bus(history=6, history_bytes=cap)
+    channel = new_channel()
+    published = [await bus.publish(channel, "token", pad(10)), await bus.publish(channel, END, {})]
+    for i in range(12):
+        published.append(await bus.publish(channel, "note", pad(100 + 37 * (i % 5))))
+        replay = await bus.replay(channel, None)
+        assert [e.id for e in replay.events] == expected_retained(published, 6, cap)
+        assert [e.json for e in replay.events] == [
+            e.json for e in published if e.id in {r.id for r in replay.events}
+        ]
+    resumed = await bus.replay(channel, parse_id(published[-3].id))
+    assert [e.id for e in resumed.events] == [e.id for e in published[-2:]]
 
 
 async def test_an_event_larger_than_the_byte_cap_is_refused(make_bus: MakeBus) -> None:
@@ -475,15 +493,21 @@ async def test_the_bus_is_the_ticket_store_of_auth(make_bus: MakeBus) -> None:
     assert raised.value.code == "ticket-used"
 
 
-async def test_memory_a_finished_channel_keeps_its_json_not_its_frames(
+async def test_memory_a_finished_channel_keeps_no_event_objects(
     clocked: tuple[Bus, MemoryBroker, FakeClock],
 ) -> None:
     bus, _, _ = clocked
     token = await bus.publish("c", "token", {"text": "a"})
     token.cache["sse"] = b"written once"  # what a transport leaves on it
-    assert "sse" in token.cache
-    await bus.publish("c", "end", {})
-    kept, end = (await bus.replay("c", None)).events
-    assert kept is token
-    assert token.cache == {"json": token.json}
-    assert end.cache.keys() <= {"json"}
+    end = await bus.publish("c", END, {"reason": "done"})
+    published = [(e.id, e.type, e.data, e.ts, e.seq, e.json) for e in (token, end)]
+    del token, end
+    gc.collect()
+    # What the collector would walk on every pass for as long as the channel is kept.
+    assert not [o for o in gc.get_objects() if isinstance(o, Event) and o.channel == "c"]
+    replayed = (await bus.replay("c", None)).events
+    assert [(e.id, e.type, e.data, e.ts, e.seq, e.json) for e in replayed] == published
+    # Made again from what was kept: its JSON (not encoded again), none of its frames.
+    assert [e.cache["json"] for e in replayed] == [p[5] for p in published]
+    assert all(e.cache["json"] is p[5] for e, p in zip(replayed, published, strict=True))
+    assert all(e.cache.keys() == {"json"} for e in replayed)

@@ -41,16 +41,10 @@ def test_an_id_the_bus_did_not_make_is_escaped_as_json_escapes_it(event_id: str)
     assert event.json == dumps(event.to_dict())
 
 
-def test_shed_keeps_the_json_and_drops_the_transport_frames() -> None:
-    event = Event("c", "a-1", "token", {"text": "x"}, 1.5, 1)
+def test_restore_gives_back_the_event_and_reuses_its_json() -> None:
+    event = Event("chat-1", "a1b2c3d4-7", "token", {"text": "é\u2028", "index": 6}, 1.5e12 + 0.1, 7)
     encoded = event.json
-    event.cache["sse"] = b"frame"
-    event.cache["ws"] = b"frame"
-    event.shed()
-    assert event.cache == {"json": encoded}
-    event.shed()  # nothing left to drop
-    assert event.cache == {"json": encoded}
-    bare = Event("c", "a-2", "token", {}, 1.5, 2)
-    bare.cache["sse"] = b"frame"
-    bare.shed()
-    assert bare.cache == {}
+    again = Event.restore(encoded, 7)
+    assert again.to_dict() == event.to_dict()
+    assert (again.seq, again.ts) == (7, event.ts)
+    assert again.json is encoded  # not encoded a second time
