@@ -27,7 +27,7 @@ import pytest
 
 from realtime_lab.feed.llm import answer_text, answer_tokens
 from tests.conftest import free_port
-from tests.e2e.conftest import PANES, TEST_HOOK, VIEWPORT, Dashboard
+from tests.e2e.conftest import PANES, TEST_HOOK, VIEWPORT, WAIT_MS, Dashboard
 from tests.nginx.nginx_proxy import documented_blocks, lines_of, nginx_binary
 from tests.redis_server import redis_server_binary
 
@@ -40,6 +40,7 @@ BOUND: Final = 30.0  # two shared cores: three processes start at once
 #: streams it from the bus, and tells the one that does, so its abort grace does not cancel it).
 STREAMS: Final = ("sse", "ws", "fetch")
 MAX_ROUNDS: Final = 12
+MAX_CHATS: Final = 4  # about five rounds fit in one chat: MAX_ROUNDS fits in three
 UPSTREAM_LINE: Final = re.compile(r"^server 127\.0\.0\.1:8080;$")
 
 
@@ -173,6 +174,65 @@ def served_by_both(stats: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+async def cut_one_chat(
+    dash: Dashboard,
+    session: aiohttp.ClientSession,
+    cluster: Cluster,
+    rounds: int,
+    both: list[str],
+) -> tuple[int, list[str], dict[str, int]]:
+    """One chat on every pane, its streams cut on one process at a time until each kind was
+    served by both (``both`` so far) or the chat ended; then every pane must show the exact
+    answer, without a gap or a duplicate. Returns the rounds cut so far, the streams both
+    processes have served, and how often each stream reconnected in this chat."""
+    prompt, seed, max_tokens = "Two processes, one feed", 5, 84
+    expected = answer_text(prompt, seed, max_tokens=max_tokens)
+    tokens = len(answer_tokens(prompt, seed, max_tokens=max_tokens))
+    # 84 tokens, 450 ms apart: about 38 s of streaming for the cuts to land in (a round is a cut
+    # and the reconnects it causes; on two busy cores up to eight seconds each, when nginx shuns
+    # the cut process for its fail_timeout).
+    await dash.start_chat(
+        prompt, seed=seed, max_tokens=max_tokens, token_ms=450, ttft_ms=50, poll_ms=50
+    )
+    for key in PANES:
+        await dash.wait_tokens(key, 3)
+    reconnects = dict.fromkeys(STREAMS, 0)
+    while rounds < MAX_ROUNDS and set(both) != set(STREAMS):
+        if await dash.page.evaluate("() => window.lab.panes.some(p => p.ended)"):
+            break  # this chat ran out before the cuts were done: the next one goes on
+        rounds += 1
+        stats = [await process_stats(session, cluster.process_url(i)) for i in range(2)]
+        # The process holding most of the streams the other one has not served yet.
+        held = [[key for key in STREAMS if per[key]["open"]] for per in stats]
+        wanted = [[key for key in keys if key not in both] for keys in held]
+        victim = 0 if (len(wanted[0]), len(held[0])) >= (len(wanted[1]), len(held[1])) else 1
+        await drop(session, cluster.process_url(victim), [*STREAMS, "longpoll"])
+        for key in held[victim]:
+            # A stream whose last event was on its way when the stats were read ends instead.
+            await dash.page.wait_for_function(
+                """([key, n]) => {
+                    const pane = window.lab.panes.find(p => p.key === key);
+                    return pane.m.reconnects >= n || pane.ended;
+                }""",
+                arg=[key, reconnects[key] + 1],
+                timeout=WAIT_MS,
+            )
+            reconnects[key] = await dash.pane_value(key, "m.reconnects")
+        stats = [await process_stats(session, cluster.process_url(i)) for i in range(2)]
+        both = served_by_both(stats)
+
+    # The rest of a 38 s chat, whenever the cuts were done.
+    summary = await dash.wait_finished(timeout_ms=60_000)
+    dump = json.dumps(summary["panes"], indent=1, ensure_ascii=False)
+    for key in PANES:
+        pane = summary["panes"][key]
+        assert await dash.pane_text(key) == expected, f"{key}: {dump}"
+        assert pane["end"] == "done", dump
+        assert pane["tokens"] == tokens, dump
+        assert (pane["gaps"], pane["duplicates"], pane["out_of_order"]) == (0, 0, 0), dump
+    return rounds, both, reconnects
+
+
 @pytest.mark.e2e
 @pytest.mark.nginx
 async def test_the_dashboard_through_nginx_moves_between_processes_without_loss(
@@ -183,60 +243,23 @@ async def test_the_dashboard_through_nginx_moves_between_processes_without_loss(
     dash = Dashboard(await context.new_page(), cluster.url)
     try:
         await dash.open()
-        prompt, seed, max_tokens = "Two processes, one feed", 5, 84
-        expected = answer_text(prompt, seed, max_tokens=max_tokens)
-        tokens = len(answer_tokens(prompt, seed, max_tokens=max_tokens))
-        # 84 tokens, 450 ms apart: about 38 s of streaming for the cuts to land in (a round is a
-        # cut and the reconnects it causes; on two busy cores up to eight seconds each, when
-        # nginx shuns the cut process for its fail_timeout, and the chat must outlast them all,
-        # or a pane ends before both processes served it: at 300 ms, 25 s, it once ended after
-        # three rounds).
-        await dash.start_chat(
-            prompt, seed=seed, max_tokens=max_tokens, token_ms=450, ttft_ms=50, poll_ms=50
-        )
-        for key in PANES:
-            await dash.wait_tokens(key, 3)
-
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=BOUND)) as session:
-            # Cut the streams of one process; each reconnect goes wherever nginx sends it (round
-            # robin; nginx may also count the cut process as failed for a while: max_fails 1,
-            # fail_timeout 10 s). Until each stream kind was served by both processes.
-            rounds = 0
+            # Where a reconnect lands is nginx's choice (round robin, and it may shun a cut
+            # process for its fail_timeout), so how many cuts it takes until every stream kind
+            # was served by both processes is chance: a chat may end first. Then that chat is
+            # checked whole and the next one is cut, until both served all, at most MAX_ROUNDS.
+            rounds, chats = 0, 0
             both: list[str] = []
-            reconnects = dict.fromkeys(STREAMS, 0)
-            while rounds < MAX_ROUNDS and set(both) != set(STREAMS):
-                ended = await dash.page.evaluate("() => window.lab.panes.some(p => p.ended)")
-                if ended:
-                    panes = (await dash.summary())["panes"]
-                    notes = {key: (panes[key]["end"], await dash.note(key)) for key in PANES}
-                    raise AssertionError(f"a pane ended after {rounds} cuts: {notes}")
-                rounds += 1
-                stats = [await process_stats(session, cluster.process_url(i)) for i in range(2)]
-                # The process holding most of the streams the other one has not served yet.
-                held = [[key for key in STREAMS if per[key]["open"]] for per in stats]
-                wanted = [[key for key in keys if key not in both] for keys in held]
-                victim = (
-                    0 if (len(wanted[0]), len(held[0])) >= (len(wanted[1]), len(held[1])) else 1
-                )
-                await drop(session, cluster.process_url(victim), [*STREAMS, "longpoll"])
-                for key in held[victim]:
-                    reconnects[key] += 1
-                    await dash.wait_reconnected(key, reconnects[key])
-                stats = [await process_stats(session, cluster.process_url(i)) for i in range(2)]
-                both = served_by_both(stats)
-            assert set(both) == set(STREAMS), (rounds, stats)
-
-            # The rest of a 38 s chat, whenever the cuts were done.
-            summary = await dash.wait_finished(timeout_ms=60_000)
+            cut = dict.fromkeys(STREAMS, 0)
+            while set(both) != set(STREAMS):
+                assert rounds < MAX_ROUNDS, (rounds, chats, both)
+                assert chats < MAX_CHATS, (rounds, chats, both)
+                chats += 1
+                rounds, both, reconnects = await cut_one_chat(dash, session, cluster, rounds, both)
+                for key in STREAMS:
+                    cut[key] += reconnects[key]
             stats = [await process_stats(session, cluster.process_url(i)) for i in range(2)]
 
-        dump = json.dumps(summary["panes"], indent=1, ensure_ascii=False)
-        for key in PANES:
-            pane = summary["panes"][key]
-            assert await dash.pane_text(key) == expected, f"{key}: {dump}"
-            assert pane["end"] == "done", dump
-            assert pane["tokens"] == tokens, dump
-            assert (pane["gaps"], pane["duplicates"], pane["out_of_order"]) == (0, 0, 0), dump
         # Both processes delivered events of the streams, and every cut stream resumed from its
         # id on the process it landed on (a resume position is the bus's: the same on either).
         for i, per in enumerate(stats):
@@ -246,7 +269,7 @@ async def test_the_dashboard_through_nginx_moves_between_processes_without_loss(
         # one of them may have answered them all): they were answered, with events.
         assert sum(per["longpoll"]["events"] for per in stats) > 0, stats
         resumed = sum(per[key]["reconnects"] for per in stats for key in STREAMS)
-        assert resumed >= sum(reconnects.values()), (reconnects, stats)
+        assert resumed >= sum(cut.values()), (cut, stats)
         # nginx's word: the stream requests went to both upstreams.
         upstreams = {
             address
@@ -256,6 +279,6 @@ async def test_the_dashboard_through_nginx_moves_between_processes_without_loss(
         }
         assert upstreams == {f"127.0.0.1:{p}" for p in cluster.ports}, upstreams
         assert dash.errors(allow_network=True) == []
-        print(f"\n{rounds} cuts; reconnects per pane {reconnects}")
+        print(f"\n{rounds} cuts over {chats} chat(s); reconnects per pane {cut}")
     finally:
         await context.close()
