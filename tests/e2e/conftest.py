@@ -174,11 +174,17 @@ class Dashboard:
             f"key => window.lab.panes.find(p => p.key === key).{path}", transport
         )
 
-    async def wait_reconnected(self, transport: str, times: int = 1) -> None:
-        """Wait until a pane has re-established its connection ``times`` times."""
+    async def wait_reconnected(
+        self, transport: str, times: int = 1, *, or_ended: bool = False
+    ) -> None:
+        """Wait until a pane has re-established its connection ``times`` times (with
+        ``or_ended``, or has ended: a cut that came as its last event was on its way)."""
         await self.page.wait_for_function(
-            "([key, n]) => window.lab.panes.find(p => p.key === key).m.reconnects >= n",
-            arg=[transport, times],
+            """([key, n, orEnded]) => {
+                const pane = window.lab.panes.find(p => p.key === key);
+                return pane.m.reconnects >= n || (orEnded && pane.ended !== null);
+            }""",
+            arg=[transport, times, or_ended],
             timeout=WAIT_MS,
         )
 

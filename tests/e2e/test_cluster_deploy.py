@@ -27,7 +27,7 @@ import pytest
 
 from realtime_lab.feed.llm import answer_text, answer_tokens
 from tests.conftest import free_port
-from tests.e2e.conftest import PANES, TEST_HOOK, VIEWPORT, WAIT_MS, Dashboard
+from tests.e2e.conftest import PANES, TEST_HOOK, VIEWPORT, Dashboard
 from tests.nginx.nginx_proxy import documented_blocks, lines_of, nginx_binary
 from tests.redis_server import redis_server_binary
 
@@ -209,14 +209,7 @@ async def cut_one_chat(
         await drop(session, cluster.process_url(victim), [*STREAMS, "longpoll"])
         for key in held[victim]:
             # A stream whose last event was on its way when the stats were read ends instead.
-            await dash.page.wait_for_function(
-                """([key, n]) => {
-                    const pane = window.lab.panes.find(p => p.key === key);
-                    return pane.m.reconnects >= n || pane.ended;
-                }""",
-                arg=[key, reconnects[key] + 1],
-                timeout=WAIT_MS,
-            )
+            await dash.wait_reconnected(key, reconnects[key] + 1, or_ended=True)
             reconnects[key] = await dash.pane_value(key, "m.reconnects")
         stats = [await process_stats(session, cluster.process_url(i)) for i in range(2)]
         both = served_by_both(stats)
