@@ -16,6 +16,8 @@ Layout:
 - :mod:`.naive` - the tutorial handler ``--baseline naive`` compares with;
 - :mod:`.publisher` and :mod:`.fleet` - ``--publisher http``: the external publisher and the
   subscribers it feeds; :mod:`.scale` - the scale scenario (many source addresses);
+- ``floor.c`` and :mod:`.floor` - the bare C broadcaster ``--baseline floor`` compares the scale
+  scenario's subscribers with;
 - :mod:`.redisproc` and :mod:`.buses` - ``--bus redis,cluster``: private redis-server and Redis
   Cluster processes, several server processes on one bus, Redis's CPU;
 - :mod:`.proxy` and :mod:`.h2client` - ``--via h1,h2``: nginx with TLS in front, and the HTTP/2

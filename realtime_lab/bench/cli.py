@@ -262,11 +262,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument(
         "--baseline",
-        choices=("naive",),
+        choices=("naive", "floor"),
         default=None,
-        help="--workload chats: the same users against a tutorial aiohttp handler "
+        help="naive, with --workload chats: the same users against a tutorial aiohttp handler "
         "(realtime_lab/bench/naive.py: one GET per chat, sleep and write), in the same run, "
-        "and the ratios to it in the report",
+        "and the ratios to it in the report; floor, with --scenario scale: the same "
+        "subscribers against a bare C broadcaster (realtime_lab/bench/floor.c: one send() per "
+        "subscriber and nothing else), what this machine gives a fan-out at all",
     )
     p.add_argument("--workers", type=int, default=0, help="load worker processes (0: one per CPU)")
     p.add_argument(

@@ -21,6 +21,8 @@ from typing import Final
 from realtime_lab.errors import RealtimeLabError
 
 SOURCE: Final = Path(__file__).with_name("loadclient.c")
+#: The bare C broadcaster of ``--baseline floor`` (see the top of ``floor.c``), built the same way.
+FLOOR_SOURCE: Final = Path(__file__).with_name("floor.c")
 CFLAGS: Final = ("-O2", "-std=gnu11", "-Wall", "-Wextra")
 #: What the native client reads in the ticker workload: the streaming transports. Polls keep
 #: the asyncio clients (their cost is requests, not reads, and they are nowhere near a core at
@@ -65,15 +67,19 @@ def cache_dir() -> Path:
     return Path(base) / "realtime-lab"
 
 
-def build(cc: str | None = None, directory: Path | None = None) -> NativeClient:
-    """Build (or reuse) the native load client.
+def build(
+    cc: str | None = None, directory: Path | None = None, source: Path = SOURCE
+) -> NativeClient:
+    """Build (or reuse) the native load client, or another of the bench's C programs.
 
     Args:
         cc: the compiler; default ``$CC``, else ``cc``, else ``gcc``.
         directory: where to keep the binary; default :func:`cache_dir`.
+        source: what to build: the load client, or :data:`FLOOR_SOURCE`.
 
     Returns:
-        The binary. Hand ``path`` to the load workers (the ``native`` key of ``open``).
+        The binary. Hand the load client's ``path`` to the load workers (the ``native`` key of
+        ``open``); run the floor's with :class:`realtime_lab.bench.floor.Floor`.
 
     Raises:
         NativeBuildError: no compiler on ``PATH``, or it failed (its output is in the message);
@@ -83,10 +89,10 @@ def build(cc: str | None = None, directory: Path | None = None) -> NativeClient:
     found = shutil.which(compiler) if compiler else None
     if found is None:
         raise NativeBuildError("no C compiler found (set CC, or install gcc)")
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + found.encode() + " ".join(CFLAGS).encode()).hexdigest()
+    code = source.read_bytes()
+    digest = hashlib.sha256(code + found.encode() + " ".join(CFLAGS).encode()).hexdigest()
     directory = directory or cache_dir()
-    target = directory / f"loadclient-{digest[:16]}"
+    target = directory / f"{source.stem}-{digest[:16]}"
     if target.is_file() and os.access(target, os.X_OK):
         return NativeClient(target, found)
     directory.mkdir(parents=True, exist_ok=True)
@@ -95,7 +101,7 @@ def build(cc: str | None = None, directory: Path | None = None) -> NativeClient:
     os.close(fd)
     try:
         done = subprocess.run(
-            [found, *CFLAGS, "-o", tmp, str(SOURCE)],
+            [found, *CFLAGS, "-o", tmp, str(source)],
             capture_output=True,
             text=True,
             timeout=120,
@@ -134,6 +140,7 @@ def source_env(
 
 
 __all__ = [
+    "FLOOR_SOURCE",
     "NATIVE_CHATS",
     "NATIVE_CHAT_MODES",
     "NATIVE_TRANSPORTS",

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
 
-from realtime_lab.bench.server import _die_with_parent, cpu_seconds, free_port
+from realtime_lab.bench.server import _die_with_parent, cpu_seconds, free_port, stop_process
 from realtime_lab.errors import RealtimeLabError
 
 #: The configuration ``make h2`` runs (the repository's; the bench runs from a checkout).
@@ -266,13 +266,8 @@ class NginxProxy:
     def stop(self, timeout: float = 10.0) -> None:
         """Fast shutdown (SIGTERM), then SIGKILL if it does not exit in time. Idempotent."""
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            stop_process(proc, timeout)
 
     def __enter__(self) -> NginxProxy:
         self.start()

@@ -29,7 +29,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlencode
 
-from realtime_lab.bench.server import free_port
+from realtime_lab.bench.server import free_port, stop_process
 from realtime_lab.errors import RealtimeLabError
 
 START_TIMEOUT = 10.0
@@ -180,15 +180,7 @@ class RedisServer:
         process, self.process = self.process, None
         if process is None:
             return
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(STOP_TIMEOUT)
-        else:
-            process.wait()
+        stop_process(process, STOP_TIMEOUT)
 
     def stop(self) -> None:
         """Terminate the server (kill it if it lingers) and remove its directory."""

@@ -601,10 +601,15 @@ def check(config: BenchConfig) -> None:
                 f"{name} streams the chat its request starts, not the ticker: run it with "
                 "--workload chats"
             )
-    if config.baseline not in (None, "naive"):
-        raise BenchError(f"unknown baseline {config.baseline!r} (naive)")
-    if config.baseline and config.workload != "chats":
+    if config.baseline not in (None, "naive", "floor"):
+        raise BenchError(f"unknown baseline {config.baseline!r} (naive, floor)")
+    if config.baseline == "naive" and config.workload != "chats":
         raise BenchError("--baseline naive is a chats workload: add --workload chats")
+    if config.baseline == "floor" and not (config.scale and config.scale_subscribers > 0):
+        raise BenchError(
+            "--baseline floor compares the scale scenario's subscribers: add --scenario scale "
+            "(and --scale-subscribers above 0)"
+        )
     if config.readers < 1:
         raise BenchError("--readers must be at least 1")
     from realtime_lab.bench.buses import BUS_KINDS
@@ -653,7 +658,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     if publishing:
         steps += len(config.transports) * len(config.rates) * len(config.clients) * config.repeat
     if config.scale:
-        steps += (config.scale_subscribers > 0) + (config.scale_idle > 0)
+        subscribers = config.scale_subscribers > 0
+        steps += subscribers * (1 + (config.baseline == "floor")) + (config.scale_idle > 0)
     sections: dict[str, Any] = {}  # the publisher and scale results
     workers = config.workers or max(os.cpu_count() or 1, 1)
     load_client = _load_client(config.load_client)

@@ -6,7 +6,9 @@ Two parts, each on a fresh server:
    events/s (the ticker, or the external publisher with ``--publisher http``): delivered/s
    against offered (the events the channel actually got in the window x subscribers),
    latency p50/p99/max, lost/dup, server CPU, RSS per connection, and the accept rate while
-   they connected.
+   they connected. With ``--baseline floor``, the same subscribers then read ``floor.c``
+   (:mod:`.floor`), a bare C broadcaster: what a fan-out of one ``send()`` per subscriber
+   costs on this machine, whoever writes it, in the same run.
 2. **Idle**: ``scale_idle`` SSE connections to a channel nobody publishes to. The server's RSS
    per connection; the accept rate (connections/s, from the first connect to the last response
    head); and the heartbeat's cost: the server's CPU over a window with heartbeats out of the
@@ -22,10 +24,20 @@ the report says which limit cut it.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
 from realtime_lab.bench.buses import BusBackends
 from realtime_lab.bench.fleet import Capacity, Fleet, FleetError, env_cpus, plan
+from realtime_lab.bench.floor import HOST, Floor
+from realtime_lab.bench.native import FLOOR_SOURCE, NativeBuildError, build
+from realtime_lab.bench.publisher import (
+    CHANNEL,
+    PublisherProcess,
+    PublishError,
+    stream_path,
+)
 from realtime_lab.bench.server import http_json, machine_cpu
 from realtime_lab.bench.stats import latency_summary
 from realtime_lab.bench.target import BenchConfig, BenchError, Target, target
@@ -81,6 +93,21 @@ def _configure(tgt: Target, body: dict[str, Any]) -> None:
         http_json(url + "/api/config", "PATCH", body)
 
 
+@dataclass
+class _Measured:
+    """What the subscribers part reads of the server it measures (the lab's, or the floor)."""
+
+    cpu: Callable[[], float | None]
+    rss: Callable[[], int | None]
+    #: The channel's last sequence number (``None``: no event yet, or unknown).
+    last_seq: Callable[[], int | None]
+    #: Wait until the server holds ``n`` more connections than before the fleet opened.
+    wait_open: Callable[[int], object]
+    #: Make the channel publish ``rate``/s over ``(start, end)``; returns the external
+    #: publisher to wait for, if any.
+    feed: Callable[[float, float], PublisherProcess | None]
+
+
 def run_subscribers(
     config: BenchConfig, binary: str, bus: str = "memory", buses: BusBackends | None = None
 ) -> dict[str, Any]:
@@ -89,8 +116,6 @@ def run_subscribers(
     Raises:
         BenchError: the server or the load clients failed.
     """
-    from realtime_lab.bench.publisher import CHANNEL, PublisherProcess, PublishError, stream_path
-
     external = config.publisher == "http"
     channel = CHANNEL if external else "ticker"
     rate = config.scale_rate
@@ -101,38 +126,93 @@ def run_subscribers(
             tgt.set_ticker(0.0)
         before = tgt.open_count("sse")
         time.sleep(0.2)
-        rss0 = tgt.rss()
+
+        def feed(start: float, end: float) -> PublisherProcess | None:
+            if external:
+                return PublisherProcess(
+                    tgt.host, tgt.port, rate, (start, end), host_header=tgt.host_header
+                )
+            tgt.set_ticker(rate)
+            return None
+
+        measured = _Measured(
+            cpu=tgt.cpu,
+            rss=tgt.rss,
+            last_seq=lambda: _last_seq(tgt, channel),
+            wait_open=lambda n: _wait_open(tgt, before + n),
+            feed=feed,
+        )
         fleet = _fleet(binary, tgt, stream_path("sse", channel, "bench-scale"), capacity)
-        publisher = None
-        try:
-            with fleet:
-                accept_cpu0 = tgt.cpu()
-                opened = fleet.open()
-                _wait_open(tgt, before + int(opened["clients"]))
-                accept_cpu = _spent(accept_cpu0, tgt.cpu())
-                time.sleep(SETTLE_S)
-                rss1 = tgt.rss()
-                start = time.time() + config.warmup
-                end = start + config.duration
-                if external:
-                    publisher = PublisherProcess(
-                        tgt.host, tgt.port, rate, (start, end), host_header=tgt.host_header
-                    )
-                else:
-                    tgt.set_ticker(rate)
-                time.sleep(max(start - time.time(), 0.0))
-                fleet.start()
-                seq0 = _last_seq(tgt, channel)
-                cpu0, machine0 = tgt.cpu(), machine_cpu()
-                time.sleep(max(end - time.time(), 0.0))
-                cpu1, machine1 = tgt.cpu(), machine_cpu()
-                seq1 = _last_seq(tgt, channel)
-                got = fleet.stop()
-                published = publisher.wait() if publisher is not None else None
-        except (FleetError, PublishError) as exc:
-            if publisher is not None:
-                publisher.kill()
-            raise BenchError(str(exc)) from exc
+        result = _measure(config, fleet, measured, capacity)
+    return {
+        **result,
+        "bus": bus,
+        "processes": len(tgt.ports),
+        "feed": "publisher http" if external else "ticker",
+    }
+
+
+def run_floor(config: BenchConfig, binary: str, floor_binary: str) -> dict[str, Any]:
+    """Part 1 against ``floor.c`` (``--baseline floor``): the same subscribers, same windows.
+
+    Raises:
+        BenchError: the floor or the load clients failed.
+    """
+    capacity = _capacity(config, config.scale_subscribers, "memory")
+    with Floor(floor_binary, config.scale_rate) as floor:
+        measured = _Measured(
+            cpu=floor.cpu,
+            rss=floor.rss,
+            last_seq=floor.last_seq,
+            wait_open=lambda n: None,  # it takes a subscriber as it answers its request head
+            feed=lambda start, end: None,  # it publishes from its start, at its rate
+        )
+        fleet = Fleet(
+            binary,
+            HOST,
+            floor.port,
+            "sse",
+            stream_path("sse", "floor", "bench-floor"),
+            floor.host_header,
+            capacity.allowed,
+            capacity.processes,
+            capacity.sources,
+        )
+        result = _measure(config, fleet, measured, capacity)
+    return {**result, "bus": None, "processes": 1, "feed": "floor.c's timer"}
+
+
+def _measure(
+    config: BenchConfig, fleet: Fleet, server: _Measured, capacity: Capacity
+) -> dict[str, Any]:
+    """Open ``fleet``, feed the channel, measure one window: part 1's figures."""
+    rate = config.scale_rate
+    rss0 = server.rss()
+    publisher = None
+    try:
+        with fleet:
+            accept_cpu0 = server.cpu()
+            opened = fleet.open()
+            server.wait_open(int(opened["clients"]))
+            accept_cpu = _spent(accept_cpu0, server.cpu())
+            time.sleep(SETTLE_S)
+            rss1 = server.rss()
+            start = time.time() + config.warmup
+            end = start + config.duration
+            publisher = server.feed(start, end)
+            time.sleep(max(start - time.time(), 0.0))
+            fleet.start()
+            seq0 = server.last_seq()
+            cpu0, machine0 = server.cpu(), machine_cpu()
+            time.sleep(max(end - time.time(), 0.0))
+            cpu1, machine1 = server.cpu(), machine_cpu()
+            seq1 = server.last_seq()
+            got = fleet.stop()
+            published = publisher.wait() if publisher is not None else None
+    except (FleetError, PublishError) as exc:
+        if publisher is not None:
+            publisher.kill()
+        raise BenchError(str(exc)) from exc
     duration = config.duration
     clients = int(opened["clients"])
     if published is not None:
@@ -148,10 +228,7 @@ def run_subscribers(
     offered = channel_rate * clients
     return {
         "subscribers": config.scale_subscribers,
-        "bus": bus,
-        "processes": len(tgt.ports),
         "clients_open": clients,
-        "feed": "publisher http" if external else "ticker",
         "rate": rate,
         "channel_rate": channel_rate,
         "events_per_s": events / duration,
@@ -204,8 +281,6 @@ def run_idle(
     Raises:
         BenchError: the server or the load clients failed.
     """
-    from realtime_lab.bench.publisher import stream_path
-
     count = config.scale_idle
     options = {"ticker_rate": 0.0, "heartbeat": QUIET_HEARTBEAT_S}
     capacity = _capacity(config, count, bus)
@@ -288,6 +363,9 @@ def run_scale(
 ) -> dict[str, Any]:
     """Both parts (a part with a count of 0 is skipped); the scenario's results.
 
+    With ``config.baseline == "floor"`` the subscribers part runs against ``floor.c`` too,
+    right after the lab's server (``"floor"`` in the results).
+
     They run on the first bus of ``config.buses``: on ``redis`` or ``cluster`` (servers of
     ``buses``) with :meth:`BenchConfig.processes_on` processes, the connections are spread over
     all of them, so that together they hold more than one process's descriptor limit allows.
@@ -298,7 +376,7 @@ def run_scale(
     """
     if binary is None:
         raise BenchError("the scale scenario needs the native load client (a C compiler)")
-    result: dict[str, Any] = {"subscribers": None, "idle": None}
+    result: dict[str, Any] = {"subscribers": None, "floor": None, "idle": None}
     bus = config.buses[0] if config.buses else "memory"
     if config.scale_subscribers > 0:
         if progress is not None:
@@ -306,6 +384,16 @@ def run_scale(
         result["subscribers"] = run_subscribers(config, binary, bus, buses)
         if progress is not None:
             progress.update(1)
+        if config.baseline == "floor":
+            if progress is not None:
+                progress.set_description(f"scale: {config.scale_subscribers} on the floor")
+            try:
+                floor_binary = str(build(source=FLOOR_SOURCE).path)
+            except NativeBuildError as exc:
+                raise BenchError(f"--baseline floor: {exc}") from exc
+            result["floor"] = run_floor(config, binary, floor_binary)
+            if progress is not None:
+                progress.update(1)
     if config.scale_idle > 0:
         if progress is not None:
             progress.set_description(f"scale: {config.scale_idle} idle")
@@ -315,6 +403,23 @@ def run_scale(
     return result
 
 
+#: The subscribers table: (header, result key, format).
+_COLUMNS: Final = (
+    ("delivered/s", "events_per_s", "rate"),
+    ("offered/s", "offered_per_s", "rate"),
+    ("%", "delivered_pct", "pct"),
+    ("p50 ms", "p50_ms", "ms"),
+    ("p99 ms", "p99_ms", "ms"),
+    ("max ms", "max_ms", "ms"),
+    ("lost", "lost", "int"),
+    ("dup", "dup", "int"),
+    ("server CPU", "server_cpu_pct", "pct"),
+    ("machine busy", "machine_busy_pct", "pct"),
+    ("RSS KiB/conn", "rss_kb_per_conn", "num"),
+    ("accept/s", "accept_per_s", "num"),
+)
+
+
 def markdown(scale: dict[str, Any]) -> str:
     """The scale section of the report."""
     from realtime_lab.bench.report import fmt
@@ -322,35 +427,29 @@ def markdown(scale: dict[str, Any]) -> str:
     lines = ["## Scale", ""]
     subs = scale.get("subscribers")
     if subs:
+        floor = scale.get("floor")
+        rows = [("realtime-lab", subs)] + ([("floor.c (bare C fan-out)", floor)] if floor else [])
         lines += [
             f"**{subs['clients_open']:,} SSE subscribers** of one channel fed by the "
             f"{subs['feed']} at {subs['rate']:g}/s (the channel got "
             f"{subs['channel_rate']:.1f}/s), over {len(subs['sources'])} source address(es)"
-            f"{_servers(subs)}:",
-            "",
-            "| delivered/s | offered/s | % | p50 ms | p99 ms | max ms | lost | dup | server CPU "
-            "| machine busy | RSS KiB/conn | accept/s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-            "| "
-            + " | ".join(
-                [
-                    fmt(subs["events_per_s"], "rate"),
-                    fmt(subs["offered_per_s"], "rate"),
-                    fmt(subs["delivered_pct"], "pct"),
-                    fmt(subs["p50_ms"], "ms"),
-                    fmt(subs["p99_ms"], "ms"),
-                    fmt(subs["max_ms"], "ms"),
-                    fmt(subs["lost"], "int"),
-                    fmt(subs["dup"], "int"),
-                    fmt(subs["server_cpu_pct"], "pct"),
-                    fmt(subs["machine_busy_pct"], "pct"),
-                    fmt(subs["rss_kb_per_conn"], "num"),
-                    fmt(subs["accept_per_s"], "num"),
-                ]
+            f"{_servers(subs)}"
+            + (
+                f"; then {floor['clients_open']:,} of `floor.c`, one thread writing each event "
+                "with one `send()` per subscriber and nothing else (`--baseline floor`)"
+                if floor
+                else ""
             )
-            + " |",
+            + ":",
             "",
+            "| server | " + " | ".join(title for title, _, _ in _COLUMNS) + " |",
+            "| --- |" + " --- |" * len(_COLUMNS),
         ]
+        lines += [
+            f"| {name} | " + " | ".join(fmt(part[key], kind) for _, key, kind in _COLUMNS) + " |"
+            for name, part in rows
+        ]
+        lines.append("")
         lines += [f"Capped: {m}." for m in subs["limits"]]
     idle = scale.get("idle")
     if idle:
@@ -391,10 +490,12 @@ def _held(idle: dict[str, Any]) -> str:
 
 def bad_runs(scale: dict[str, Any]) -> list[str]:
     """What lost, duplicated or reordered events (the bench exits 1 for it)."""
-    subs = scale.get("subscribers")
-    if subs and (subs["lost"] or subs["dup"] or subs["reordered"]):
-        return [f"scale subscribers: lost {subs['lost']}, dup {subs['dup']}"]
-    return []
+    bad = []
+    for name in ("subscribers", "floor"):
+        part = scale.get(name)
+        if part and (part["lost"] or part["dup"] or part["reordered"]):
+            bad.append(f"scale {name}: lost {part['lost']}, dup {part['dup']}")
+    return bad
 
 
-__all__ = ["bad_runs", "markdown", "run_idle", "run_scale", "run_subscribers"]
+__all__ = ["bad_runs", "markdown", "run_floor", "run_idle", "run_scale", "run_subscribers"]

@@ -56,7 +56,8 @@ class BenchConfig:
     readers: int = 1
     chat_tokens: int = 200
     ttft_ms: float = 0.0
-    #: ``"naive"``: run the chats workload against :mod:`.naive`'s handler too (label ``naive``).
+    #: ``"naive"``: run the chats workload against :mod:`.naive`'s handler too (label ``naive``);
+    #: ``"floor"``: run the scale scenario's subscribers against ``floor.c`` too (:mod:`.floor`).
     baseline: str | None = None
     sweep: bool = True
     slow_subscriber: bool = False
@@ -84,7 +85,7 @@ class BenchConfig:
         """The sweep's points, in run order (transport, then rate, interval, clients; the
         baseline's first)."""
         out = []
-        baseline = [self.baseline] if self.baseline and self.workload == "chats" else []
+        baseline = ["naive"] if self.baseline == "naive" and self.workload == "chats" else []
         for transport in baseline + self.transports:
             intervals = self.poll_intervals if transport == "poll" else [self.poll_intervals[0]]
             for rate in self.rates:

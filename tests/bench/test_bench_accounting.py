@@ -170,6 +170,22 @@ def test_fetch_is_for_the_chats_workload(tmp_path: Path) -> None:
             runner.check(ticker)
     with pytest.raises(runner.BenchError, match="--workload chats"):
         runner.check(config_from_args(_args("--baseline", "naive")))
+    with pytest.raises(runner.BenchError, match="--scenario scale"):
+        runner.check(config_from_args(_args("--workload", "chats", "--baseline", "floor")))
+    with pytest.raises(runner.BenchError, match="--scale-subscribers above 0"):
+        runner.check(
+            config_from_args(
+                _args("--scenario", "scale", "--scale-subscribers", "0", "--baseline", "floor")
+            )
+        )
+    runner.check(config_from_args(_args("--scenario", "scale", "--baseline", "floor")))
+    # A floor run has no naive point: the baseline of the chats sweep is only ever naive.
+    assert (
+        config_from_args(_args("--workload", "chats", "--baseline", "floor")).points()[0][
+            "transport"
+        ]
+        != "floor"
+    )
     with pytest.raises(runner.BenchError, match="unknown"):
         runner.check(runner.BenchConfig(out=tmp_path, transports=["pigeon"]))
     assert runner.BenchConfig(out=tmp_path).transports == ["sse", "ws", "longpoll", "poll"]

@@ -148,6 +148,38 @@ def test_a_small_scale_run(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @needs_cc
+def test_the_scale_scenario_runs_its_subscribers_against_the_floor_too(tmp_path: Path) -> None:
+    config = _small(
+        tmp_path,
+        scale_subscribers=40,
+        scale_rate=20.0,
+        scale_idle=0,
+        sources=2,
+        baseline="floor",
+    )
+    result = scale.run_scale(config, str(native.build().path))
+    lab, floor = result["subscribers"], result["floor"]
+    assert result["idle"] is None
+    for part in (lab, floor):
+        assert part["errors"] == []
+        assert part["clients_open"] == 40
+        assert part["lost"] == part["dup"] == part["reordered"] == part["disconnects"] == 0
+        assert 15 <= part["channel_rate"] <= 25, part
+        assert 85 <= part["delivered_pct"] <= 115, part
+        assert part["p99_ms"] is not None
+    assert floor["feed"] == "floor.c's timer"
+    md = scale.markdown(result)
+    assert "| realtime-lab | " in md
+    assert "| floor.c (bare C fan-out) | " in md
+    assert "then 40 of `floor.c`" in md
+    assert scale.bad_runs(result) == []
+    assert scale.bad_runs({**result, "floor": {**floor, "dup": 2}}) == [
+        "scale floor: lost 0, dup 2"
+    ]
+
+
+@pytest.mark.slow
+@needs_cc
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
 def test_idle_connections_spread_over_the_processes_of_a_shared_bus(tmp_path: Path) -> None:
     from realtime_lab.bench.buses import BusBackends
