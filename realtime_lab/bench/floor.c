@@ -73,7 +73,7 @@ static void *grow(void *p, int *cap, int want, size_t size) {
         perror("floor: realloc");
         exit(1);
     }
-    if (size == sizeof(Pending *)) memset((Pending **)q + *cap, 0, (size_t)(n - *cap) * size);
+    memset((char *)q + (size_t)*cap * size, 0, (size_t)(n - *cap) * size); /* no stale slots */
     *cap = n;
     return q;
 }

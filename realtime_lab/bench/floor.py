@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import select
 import subprocess
-import time
 from pathlib import Path
-from typing import IO, Final
+from typing import Final
 
 from realtime_lab.bench.server import (
     _die_with_parent,
     cpu_seconds,
     http_json,
+    last_seq_at,
     rss_kb,
     stop_process,
 )
@@ -34,9 +34,8 @@ class Floor:
     :attr:`port`, :meth:`cpu`, :meth:`rss` and :meth:`last_seq` in between.
     """
 
-    def __init__(self, binary: Path | str, rate: float, log: IO[bytes] | None = None) -> None:
+    def __init__(self, binary: Path | str, rate: float) -> None:
         self.argv = [str(binary), f"{rate:g}"]
-        self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -53,23 +52,20 @@ class Floor:
         self.proc = subprocess.Popen(
             self.argv,
             stdout=subprocess.PIPE,
-            stderr=self.log or subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,  # the coordinator runs no threads (see runner)
         )
         try:
             self.port = self._read_port()
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while True:
-                try:
-                    http_json(self.url + "/api/health")
-                    return self
-                except OSError as exc:  # urllib's URLError is one
-                    if time.monotonic() > deadline:
-                        raise BenchError(f"floor: no answer on {self.url}: {exc}") from exc
-                    time.sleep(0.05)
+            # It prints its port once listening, so one request is the check, not a poll.
+            try:
+                http_json(self.url + "/api/health")
+            except OSError as exc:  # urllib's URLError is one
+                raise BenchError(f"floor: no answer on {self.url}: {exc}") from exc
         except BaseException:
             self.close()
             raise
+        return self
 
     def _read_port(self) -> int:
         assert self.proc is not None
@@ -108,12 +104,7 @@ class Floor:
 
     def last_seq(self) -> int | None:
         """The sequence number of the last event it sent (``None``: none yet)."""
-        info = http_json(self.url + "/api/channels/floor")
-        last = info.get("last_id") if isinstance(info, dict) else None
-        if not isinstance(last, str) or "-" not in last:
-            return None
-        seq = int(last.rsplit("-", 1)[1])
-        return seq or None
+        return last_seq_at(self.url + "/api/channels/floor") or None  # it counts from 1
 
 
 __all__ = ["Floor"]

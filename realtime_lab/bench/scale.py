@@ -38,7 +38,7 @@ from realtime_lab.bench.publisher import (
     PublishError,
     stream_path,
 )
-from realtime_lab.bench.server import http_json, machine_cpu
+from realtime_lab.bench.server import http_json, last_seq_at, machine_cpu
 from realtime_lab.bench.stats import latency_summary
 from realtime_lab.bench.target import BenchConfig, BenchError, Target, target
 
@@ -53,17 +53,6 @@ SETTLE_S: Final = 1.0  # after the last connection opened, before RSS is read
 
 def _wait_open(tgt: Target, count: int, timeout: float = 60.0) -> int:
     return tgt.wait_open("sse", count, timeout)
-
-
-def _last_seq(tgt: Target, channel: str) -> int | None:
-    try:
-        info = http_json(f"{tgt.url}/api/channels/{channel}")
-    except OSError:  # 404 before the first event (urllib's HTTPError is an OSError)
-        return None
-    last = info.get("last_id") if isinstance(info, dict) else None
-    if not isinstance(last, str) or "-" not in last:
-        return None
-    return int(last.rsplit("-", 1)[1])
 
 
 def _capacity(config: BenchConfig, count: int, bus: str) -> Capacity:
@@ -138,7 +127,7 @@ def run_subscribers(
         measured = _Measured(
             cpu=tgt.cpu,
             rss=tgt.rss,
-            last_seq=lambda: _last_seq(tgt, channel),
+            last_seq=lambda: last_seq_at(f"{tgt.url}/api/channels/{channel}"),
             wait_open=lambda n: _wait_open(tgt, before + n),
             feed=feed,
         )

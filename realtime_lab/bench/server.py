@@ -122,6 +122,21 @@ def http_json(url: str, method: str = "GET", body: Any = None, timeout: float = 
         return json.loads(response.read() or b"null")
 
 
+def last_seq_at(url: str) -> int | None:
+    """The sequence number of the last event ``GET url`` (``/api/channels/{name}``) reports.
+
+    ``None``: no event yet (a 404, or no ``last_id`` of the form ``<epoch>-<seq>``).
+    """
+    try:
+        info = http_json(url)
+    except OSError:  # 404 before the first event (urllib's HTTPError is an OSError)
+        return None
+    last = info.get("last_id") if isinstance(info, dict) else None
+    if not isinstance(last, str) or "-" not in last:
+        return None
+    return int(last.rsplit("-", 1)[1])
+
+
 class ServerProcess:
     """``realtime-lab serve`` on a free port of 127.0.0.1, started and stopped by the bench.
 
